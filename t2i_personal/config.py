@@ -1,0 +1,285 @@
+"""Validated run configuration: YAML presets plus dotted ``key.sub=value`` overrides.
+
+Each concern has its own small section class; unknown keys fail with the nearest valid key, and options that
+contradict each other fail once, here, before any file is written.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+LR_SCHEDULERS = (
+    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    pretrained: str = Field("builtin:tiny-sd", description="hub id, local diffusers folder, single .safetensors file or builtin:NAME")
+    family: Literal["auto", "sd", "sdxl"] = "auto"
+    config_dir: str | None = Field(None, description="single-file checkpoints: local diffusers folder (or hub id) holding the architecture configs")
+    revision: str | None = None
+    variant: str | None = None
+    allow_pickle: bool = Field(False, description="allow .bin/.ckpt/.pt weights (pickle can run code: only for files you trust)")
+
+
+class ConceptConfig(Section):
+    identifier: str = Field(..., description="rare token that names the subject, e.g. 'sks'")
+    class_noun: str = Field(..., description="what the subject is, e.g. 'dog'")
+    instance_dir: str
+    instance_prompt: str = "a photo of {V} {C}"
+    class_prompt: str = "a photo of {C}"
+    class_dir: str | None = Field(None, description="class (prior) images; missing ones are generated into it")
+    num_class_images: int = Field(100, ge=1)
+
+    @field_validator("identifier", "class_noun")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value.strip()
+
+
+class LoraConfig(Section):
+    rank: int = Field(4, ge=1)
+    alpha: float | None = Field(None, gt=0, description="defaults to rank (scale 1.0)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    unet_target_modules: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
+    text_encoder_target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+    @property
+    def effective_alpha(self) -> float:
+        return float(self.rank if self.alpha is None else self.alpha)
+
+
+class MethodConfig(Section):
+    name: Literal["dreambooth"] = "dreambooth"
+    adapter: Literal["full", "lora"] = "full"
+    train_unet: bool = True
+    train_text_encoder: bool = False
+    lora: LoraConfig = LoraConfig()
+    prior: Literal["none", "class_images", "base_prediction"] = "none"
+    prior_loss_weight: float = Field(1.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "MethodConfig":
+        if not (self.train_unet or self.train_text_encoder):
+            raise ValueError("nothing would train: set method.train_unet or method.train_text_encoder to true")
+        if self.adapter == "full" and "lora" in self.model_fields_set:
+            raise ValueError("method.lora is set but method.adapter is 'full': set method.adapter: lora or remove method.lora")
+        if self.prior == "none" and "prior_loss_weight" in self.model_fields_set:
+            raise ValueError("method.prior_loss_weight is set but method.prior is 'none': choose class_images or base_prediction")
+        return self
+
+
+class DataConfig(Section):
+    resolution: int = Field(512, ge=8)
+    center_crop: bool = True
+    random_flip: bool = False
+    num_workers: int = Field(0, ge=0)
+    max_image_pixels: int = Field(64_000_000, ge=1)
+    class_generation_steps: int = Field(25, ge=1)
+    class_generation_guidance: float = 7.5
+    class_generation_batch_size: int = Field(4, ge=1)
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError(f"{value} is not a multiple of 8 (the VAE downsamples by 8); try {value - value % 8 or 8}")
+        return value
+
+
+class ValidationConfig(Section):
+    prompts: list[str] = Field(default_factory=list, description="{V}/{C} are filled from the first concept")
+    negative_prompt: str | None = None
+    every_n_steps: int = Field(100, ge=1)
+    num_images_per_prompt: int = Field(2, ge=1)
+    num_inference_steps: int = Field(25, ge=1)
+    guidance_scale: float = 7.5
+    seed: int = 0
+
+
+class TrainingConfig(Section):
+    output_dir: str = "outputs/run"
+    seed: int = 0
+    max_train_steps: int = Field(400, ge=1)
+    train_batch_size: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(5e-6, gt=0)
+    text_encoder_learning_rate: float | None = Field(None, gt=0)
+    scale_lr: bool = Field(False, description="multiply learning rates by batch size x accumulation x processes")
+    lr_scheduler: Literal[LR_SCHEDULERS] = "constant"  # type: ignore[valid-type]
+    lr_warmup_steps: int = Field(0, ge=0)
+    lr_num_cycles: int = Field(1, ge=1)
+    lr_power: float = 1.0
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = Field(1e-2, ge=0)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    attention: Literal["auto", "sdpa", "xformers"] = Field("auto", description="auto: xformers when installed on CUDA, else SDPA")
+    allow_tf32: bool = False
+    prediction_type: Literal["epsilon", "v_prediction"] | None = Field(None, description="default: the base model's scheduler")
+    noise_offset: float = Field(0.0, ge=0)
+    snr_gamma: float | None = Field(None, gt=0, description="min-SNR weighting; 5.0 is the paper's value")
+    cache_latents: bool = False
+    cache_text_embeddings: bool = False
+    checkpointing_steps: int = Field(500, ge=1)
+    checkpoints_total_limit: int | None = Field(None, ge=1)
+    resume: str | None = Field(None, description="'latest' or a checkpoint folder")
+    stop_after_step: int | None = Field(None, ge=1, description="stop early after this step's checkpoint (resumable)")
+    report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    progress_bar: bool = True
+
+
+class ExportConfig(Section):
+    kohya_lora: bool = Field(True, description="LoRA: also write an A1111/ComfyUI (kohya keys) file")
+    save_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    inference_artifact_in_checkpoints: bool = True
+
+
+class TrainConfig(Section):
+    model: ModelConfig = ModelConfig()
+    concepts: list[ConceptConfig] = Field(..., min_length=1)
+    method: MethodConfig = MethodConfig()
+    data: DataConfig = DataConfig()
+    training: TrainingConfig = TrainingConfig()
+    validation: ValidationConfig = ValidationConfig()
+    export: ExportConfig = ExportConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        m, t, d = self.method, self.training, self.data
+        if t.cache_text_embeddings and m.train_text_encoder:
+            raise ValueError("training.cache_text_embeddings cannot be used with method.train_text_encoder: "
+                             "the embeddings change while the text encoder trains")
+        if t.cache_latents and not d.center_crop:
+            raise ValueError("training.cache_latents needs data.center_crop: true (a random crop gives a new latent every epoch)")
+        if t.stop_after_step is not None and t.stop_after_step >= t.max_train_steps:
+            raise ValueError(f"training.stop_after_step ({t.stop_after_step}) must be below training.max_train_steps ({t.max_train_steps})")
+        if t.text_encoder_learning_rate is not None and not m.train_text_encoder:
+            raise ValueError("training.text_encoder_learning_rate is set but method.train_text_encoder is false")
+        identifiers = [c.identifier for c in self.concepts]
+        if len(set(identifiers)) != len(identifiers):
+            raise ValueError(f"concept identifiers must be distinct, got {identifiers}")
+        return self
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _suggest(model: type[BaseModel], loc: tuple, bad_key: str) -> str:
+    """Nearest valid key for ``bad_key`` at ``loc`` (a path of field names and list indices)."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int) or current is None:
+            continue
+        field = current.model_fields.get(part)
+        if field is None:
+            current = None
+            break
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ())
+        candidates = [a for a in (annotation, *args) if isinstance(a, type) and issubclass(a, BaseModel)]
+        current = candidates[0] if candidates else None
+    if current is None:
+        return ""
+    close = difflib.get_close_matches(bad_key, list(current.model_fields), n=1, cutoff=0.5)
+    valid = ", ".join(current.model_fields)
+    return (f" Did you mean '{close[0]}'?" if close else "") + f" Valid keys here: {valid}."
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            hint = _suggest(TrainConfig, tuple(e["loc"][:-1]), str(e["loc"][-1]))
+            lines.append(f"  - unknown key '{path}'.{hint}")
+        elif e["type"] == "missing":
+            lines.append(f"  - '{path}' is required")
+        else:
+            value = e.get("input")
+            shown = repr(value) if not isinstance(value, dict) else "{...}"
+            lines.append(f"  - {path or 'config'}: {e['msg']} (got {shown})")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str | int], Any]:
+    """``training.learning_rate=1e-4`` -> (['training', 'learning_rate'], 1e-4); values are parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.sub=value, e.g. training.max_train_steps=200")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"override '{text}' has an empty key")
+    path: list[str | int] = [int(p) if p.isdigit() else p for p in key.strip().split(".")]
+    return path, yaml.safe_load(raw) if raw.strip() else None
+
+
+def _apply(tree: dict, path: list[str | int], value: Any, original: str) -> None:
+    node: Any = tree
+    for i, part in enumerate(path[:-1]):
+        nxt = path[i + 1]
+        if isinstance(node, list):
+            if not isinstance(part, int) or part >= len(node):
+                raise ConfigError(f"override '{original}': index {part} is out of range (list has {len(node)} items)")
+            node = node[part]
+            continue
+        if part not in node or node[part] is None:
+            node[part] = [] if isinstance(nxt, int) else {}
+        node = node[part]
+    last = path[-1]
+    if isinstance(node, list):
+        if not isinstance(last, int) or last > len(node):
+            raise ConfigError(f"override '{original}': index {last} is out of range")
+        if last == len(node):
+            node.append(value)
+        else:
+            node[last] = value
+    else:
+        node[last] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict | None = None) -> TrainConfig:
+    """Read a YAML preset, apply dotted overrides, validate. Relative paths in the YAML stay relative to the CWD."""
+    tree: dict = copy.deepcopy(base or {})
+    source = "overrides"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must contain a mapping at the top level, got {type(loaded).__name__}")
+        tree.update(loaded)
+    for text in overrides or []:
+        key_path, value = parse_override(text)
+        _apply(tree, key_path, value, text)
+    try:
+        return TrainConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def config_to_dict(config: TrainConfig) -> dict:
+    return config.model_dump(mode="json")

@@ -1,0 +1,143 @@
+"""One entry point for base models: ``builtin:NAME``, a hub id, a local diffusers folder or a single file.
+
+Weights are read from safetensors only unless ``allow_pickle`` is set: a pickle (``.bin``, ``.ckpt``, ``.pt``,
+``.pth``) can execute arbitrary code when loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from ..config import ModelConfig
+from ..errors import ModelLoadError
+from .components import Components
+from .tiny import build_tiny
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+SDXL_SINGLE_FILE_KEY = "conditioner.embedders.1.model"  # the second (OpenCLIP bigG) text encoder
+
+
+def load_components(cfg: ModelConfig | str, dtype: torch.dtype | None = None) -> Components:
+    """Resolve ``cfg.pretrained`` and return the model's components (on CPU, ``dtype`` or as saved)."""
+    if isinstance(cfg, str):
+        cfg = ModelConfig(pretrained=cfg)
+    src = cfg.pretrained.strip()
+    if src.startswith("builtin:"):
+        comps = build_tiny(src[len("builtin:"):])
+    elif Path(src).expanduser().is_dir():
+        comps = _from_pipeline(str(Path(src).expanduser()), cfg, dtype, local=True)
+    elif src.lower().endswith(SINGLE_FILE_SUFFIXES):
+        comps = _from_single_file(Path(src).expanduser(), cfg, dtype)
+    elif HUB_ID.match(src):
+        comps = _from_pipeline(src, cfg, dtype, local=False)
+    else:
+        raise ModelLoadError(
+            f"model.pretrained = {src!r} is not a folder, a .safetensors file, a hub id (org/name) or a built-in "
+            "name (builtin:tiny-sd, builtin:tiny-sd2, builtin:tiny-sdxl).")
+    if cfg.family != "auto" and comps.family != cfg.family:
+        raise ModelLoadError(f"model.family is {cfg.family!r} but {src} is an {comps.family!r} model; set model.family: auto")
+    if dtype is not None:
+        for module in (comps.unet, comps.vae, *comps.text_encoders):
+            module.to(dtype)
+    return comps
+
+
+def _check_no_pickle_only(folder: Path) -> None:
+    """Refuse a diffusers folder whose component holds pickle weights but no safetensors."""
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        files = [f.name for f in sub.iterdir() if f.is_file()]
+        pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+        if pickles and not any(f.endswith(".safetensors") for f in files):
+            raise ModelLoadError(
+                f"{sub} holds only pickle weights ({', '.join(pickles)}), which can run arbitrary code when loaded. "
+                "Convert them to safetensors, or set model.allow_pickle: true if you trust this file.")
+
+
+def _family_of_pipeline(class_name: str) -> str:
+    return "sdxl" if "XL" in class_name else "sd"
+
+
+def _from_pipeline(src: str, cfg: ModelConfig, dtype, local: bool) -> Components:
+    if local:
+        index = Path(src) / "model_index.json"
+        if not index.is_file():
+            raise ModelLoadError(f"{src} is a folder but not a diffusers pipeline (no model_index.json). Point "
+                                 "model.pretrained at the folder that contains model_index.json, unet/, vae/, ...")
+        if not cfg.allow_pickle:
+            _check_no_pickle_only(Path(src))
+        class_name = json.loads(index.read_text())["_class_name"]
+    else:
+        class_name = None
+    kwargs = dict(revision=cfg.revision, variant=cfg.variant, torch_dtype=dtype,
+                  use_safetensors=None if cfg.allow_pickle else True)
+    try:
+        if class_name is None:
+            class_name = DiffusionPipeline.load_config(src, revision=cfg.revision)["_class_name"]
+        cls = StableDiffusionXLPipeline if _family_of_pipeline(class_name) == "sdxl" else StableDiffusionPipeline
+        if cls is StableDiffusionPipeline:
+            kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe = cls.from_pretrained(src, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        if local:
+            raise ModelLoadError(f"could not load the diffusers folder {src}: {exc}") from exc
+        raise _offline_error(src, exc) from exc
+    return _components_from_pipeline(pipe, src)
+
+
+def _offline_error(model_id: str, exc: Exception) -> ModelLoadError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    why = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached (this machine may be offline)"
+    return ModelLoadError(
+        f"could not load model {model_id!r} from the Hugging Face hub: {why}, and it is not in the local cache.\n"
+        f"On a machine with internet: `huggingface-cli download {model_id} --local-dir /path/to/{model_id.split('/')[-1]}` "
+        f"(safetensors files only are needed), copy the folder here and set model.pretrained: /path/to/{model_id.split('/')[-1]}.\n"
+        f"Underlying error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+
+
+def _components_from_pipeline(pipe, source: str) -> Components:
+    family = "sdxl" if isinstance(pipe, StableDiffusionXLPipeline) else "sd"
+    return Components(
+        family=family, unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+        scheduler=pipe.scheduler, text_encoder_2=getattr(pipe, "text_encoder_2", None),
+        tokenizer_2=getattr(pipe, "tokenizer_2", None), source=source,
+    )
+
+
+def _single_file_family(path: Path) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return "sdxl" if any(k.startswith(SDXL_SINGLE_FILE_KEY) for k in f.keys()) else "sd"
+
+
+def _from_single_file(path: Path, cfg: ModelConfig, dtype) -> Components:
+    if not path.is_file():
+        raise ModelLoadError(f"model.pretrained file {path} does not exist")
+    if path.suffix.lower() in PICKLE_SUFFIXES and not cfg.allow_pickle:
+        raise ModelLoadError(
+            f"{path} is a pickle checkpoint ({path.suffix}), which can run arbitrary code when loaded. Convert it to "
+            ".safetensors, or set model.allow_pickle: true if you trust this file.")
+    family = cfg.family if cfg.family != "auto" else (
+        _single_file_family(path) if path.suffix.lower() == ".safetensors" else "sd")
+    cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    kwargs: dict = dict(torch_dtype=dtype)
+    if cfg.config_dir:
+        kwargs["config"] = cfg.config_dir
+    if cls is StableDiffusionPipeline:
+        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    try:
+        pipe = cls.from_single_file(str(path), **kwargs)
+    except (OSError, ValueError) as exc:
+        hint = ("" if cfg.config_dir else
+                " Single-file checkpoints need the architecture's configs: set model.config_dir to a local diffusers "
+                "folder of the same architecture (e.g. a downloaded stable-diffusion-v1-5 without its weights).")
+        raise ModelLoadError(f"could not load single-file checkpoint {path}: {exc}.{hint}") from exc
+    return _components_from_pipeline(pipe, str(path))

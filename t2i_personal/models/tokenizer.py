@@ -1,0 +1,81 @@
+"""CLIP tokenizer built offline from the BPE vocabulary that ships inside open_clip.
+
+Every Stable Diffusion text encoder (SD 1.x, SD 2.x, both SDXL encoders) uses the same 49,408-token CLIP
+vocabulary. open_clip bundles its merge list (``bpe_simple_vocab_16e6.txt.gz``), so we can write the
+``vocab.json`` / ``merges.txt`` pair that ``transformers.CLIPTokenizer`` reads without touching the hub.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+from transformers import CLIPTokenizer
+
+NUM_MERGES = 49152 - 256 - 2
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def _bpe_vocab_path() -> Path:
+    import open_clip
+
+    path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"open_clip's BPE vocabulary is missing at {path}; reinstall open-clip-torch.")
+    return path
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    # GPT-2/CLIP byte-level alphabet: printable bytes map to themselves (listed first), the rest to code
+    # points from 256 up, so every byte sequence is representable without whitespace or control characters.
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def write_clip_tokenizer_files(out_dir: str | os.PathLike) -> Path:
+    """Write ``vocab.json`` and ``merges.txt`` for the standard CLIP tokenizer into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = gzip.open(_bpe_vocab_path()).read().decode("utf-8").split("\n")
+    merges = lines[1 : NUM_MERGES + 1]
+    symbols = list(_byte_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges] + [BOS, EOS]
+    files = {
+        "vocab.json": json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False),
+        "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",
+    }
+    for name, text in files.items():
+        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, out_dir / name)
+    return out_dir
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("T2I_PERSONAL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "t2i-personal")
+    return Path(root) / "clip-tokenizer"
+
+
+@lru_cache(maxsize=1)
+def _tokenizer_files() -> Path:
+    folder = _cache_dir()
+    if not ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
+        write_clip_tokenizer_files(folder)
+    return folder
+
+
+def build_clip_tokenizer(max_length: int = 77, pad_token: str = EOS) -> CLIPTokenizer:
+    """The real CLIP tokenizer (SD 1.x pads with EOS; SDXL's second tokenizer pads with ``"!"``)."""
+    folder = _tokenizer_files()
+    return CLIPTokenizer(
+        str(folder / "vocab.json"),
+        str(folder / "merges.txt"),
+        model_max_length=max_length,
+        pad_token=pad_token,
+    )
