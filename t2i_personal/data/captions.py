@@ -1,0 +1,86 @@
+"""Prompt templates (``{V}`` identifier, ``{C}`` class noun) and per-image caption files."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Union
+
+__all__ = [
+    "PLACEHOLDERS",
+    "caption_path_for",
+    "prompt_for_image",
+    "read_caption",
+    "render_prompt",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+PLACEHOLDERS: dict[str, str] = {"V": "identifier", "C": "class noun"}
+
+_PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
+
+
+def _valid_placeholders() -> str:
+    return ", ".join(f"{{{k}}} ({v})" for k, v in PLACEHOLDERS.items())
+
+
+def render_prompt(template: str, identifier: str, class_noun: str) -> str:
+    """Fill ``{V}``/``{C}`` in ``template`` and collapse whitespace.
+
+    Raises ``ValueError`` for any other ``{...}`` placeholder.
+    """
+    values = {"V": identifier, "C": class_noun}
+
+    unknown = [m.group(0) for m in _PLACEHOLDER_RE.finditer(template) if m.group(1) not in values]
+    if unknown:
+        raise ValueError(
+            f"Prompt template {template!r} has unknown placeholder(s) "
+            f"{', '.join(dict.fromkeys(unknown))}; valid placeholders are "
+            f"{_valid_placeholders()}."
+        )
+    # One pass, so an identifier that itself contains "{C}" is not expanded again.
+    rendered = _PLACEHOLDER_RE.sub(lambda m: values[m.group(1)], template)
+    return " ".join(rendered.split())
+
+
+def caption_path_for(image_path: PathLike) -> Path:
+    """The caption file for an image: same folder and stem, ``.txt`` suffix."""
+    return Path(image_path).with_suffix(".txt")
+
+
+def read_caption(image_path: PathLike) -> str | None:
+    """Caption next to ``image_path``: its first non-empty line, stripped; ``None`` if absent/empty.
+
+    Raises ``ValueError`` naming the caption file if it is not valid UTF-8.
+    """
+    caption_file = caption_path_for(image_path)
+    if not caption_file.is_file():
+        return None
+    data = caption_file.read_bytes()
+    try:
+        # utf-8-sig: editors on Windows often prepend a BOM that must not reach the prompt.
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"Caption file {caption_file} is not valid UTF-8 ({exc}); re-save it as UTF-8."
+        ) from exc
+    for line in text.splitlines():
+        line = line.strip()
+        if line:
+            return line
+    return None
+
+
+def prompt_for_image(
+    image_path: PathLike, template: str, identifier: str, class_noun: str
+) -> str:
+    """Prompt for one training image: its caption file (templated) if any, else ``template``."""
+    caption = read_caption(image_path)
+    if caption is None:
+        return render_prompt(template, identifier, class_noun)
+    try:
+        return render_prompt(caption, identifier, class_noun)
+    except ValueError as exc:
+        raise ValueError(f"In caption file {caption_path_for(image_path)}: {exc}") from exc

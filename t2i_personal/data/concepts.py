@@ -1,0 +1,137 @@
+"""Concept data: instance images (+ per-image captions) and prior samples, as a deterministic dataset.
+
+Every random choice (crop, flip) is drawn from a ``random.Random`` seeded by (seed, epoch, index), and the
+sampler yields ``(index, epoch)`` pairs, so any micro-batch can be rebuilt from its position in the stream:
+that is what makes resuming bit-exact.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .captions import prompt_for_image, render_prompt
+from .images import ImageTransform, load_image_folder
+
+
+@dataclass
+class Example:
+    image: Image.Image
+    path: Path
+    prompt: str
+    concept: int
+    is_prior: bool
+
+
+def load_instance_examples(concepts, max_pixels: int) -> list[Example]:
+    examples = []
+    for ci, concept in enumerate(concepts):
+        for path, image in load_image_folder(concept.instance_dir, what=f"instance images of concept '{concept.identifier}'",
+                                             max_pixels=max_pixels):
+            prompt = prompt_for_image(path, concept.instance_prompt, concept.identifier, concept.class_noun)
+            examples.append(Example(image, path, prompt, ci, False))
+    return examples
+
+
+def class_prompt(concept) -> str:
+    return render_prompt(concept.class_prompt, concept.identifier, concept.class_noun)
+
+
+class ConceptDataset(torch.utils.data.Dataset):
+    """Item ``(index, epoch)`` -> instance sample (+ the paired prior sample of the same concept)."""
+
+    def __init__(self, instances: list[Example], priors: list[list[Example]] | None, transform: ImageTransform,
+                 prompt_index: dict[str, int], seed: int, with_pixels: bool = True):
+        self.instances, self.priors = instances, priors
+        self.transform, self.prompt_index, self.seed, self.with_pixels = transform, prompt_index, seed, with_pixels
+        prior_total = sum(len(p) for p in priors) if priors else 0
+        self.length = max(len(instances), prior_total)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def example_keys(self) -> list[tuple[bool, int]]:
+        """Every (is_prior, position) this dataset can emit; latents are cached per key."""
+        keys = [(False, i) for i in range(len(self.instances))]
+        if self.priors:
+            offset = 0
+            for group in self.priors:
+                keys += [(True, offset + j) for j in range(len(group))]
+                offset += len(group)
+        return keys
+
+    def example(self, key: tuple[bool, int]) -> Example:
+        is_prior, pos = key
+        if not is_prior:
+            return self.instances[pos]
+        for group in self.priors:
+            if pos < len(group):
+                return group[pos]
+            pos -= len(group)
+        raise IndexError(key)
+
+    def _sample(self, key, rng: random.Random) -> dict:
+        ex = self.example(key)
+        out = self.transform(ex.image, rng)
+        return {"key": key, "prompt": self.prompt_index[ex.prompt], "is_prior": ex.is_prior,
+                "pixels": out.pixels if self.with_pixels else None, "flipped": out.flipped,
+                "original_size": out.original_size, "crop_top_left": out.crop_top_left}
+
+    def __getitem__(self, item: tuple[int, int]) -> list[dict]:
+        index, epoch = item
+        rng = random.Random(f"{self.seed}/{epoch}/{index}")
+        inst_pos = index % len(self.instances)
+        samples = [self._sample((False, inst_pos), rng)]
+        if self.priors:
+            concept = self.instances[inst_pos].concept
+            offset = sum(len(g) for g in self.priors[:concept])
+            group = self.priors[concept]
+            samples.append(self._sample((True, offset + index % len(group)), rng))
+        return samples
+
+
+def collate(items: list[list[dict]]) -> dict:
+    """Instances first, then their prior samples (as diffusers' DreamBooth concatenates them)."""
+    flat = [s for item in items for s in item if not s["is_prior"]] + [s for item in items for s in item if s["is_prior"]]
+    batch = {k: [s[k] for s in flat] for k in ("key", "prompt", "flipped", "original_size", "crop_top_left")}
+    batch["is_prior"] = torch.tensor([s["is_prior"] for s in flat])
+    batch["pixels"] = torch.stack([s["pixels"] for s in flat]) if flat[0]["pixels"] is not None else None
+    return batch
+
+
+class StreamBatchSampler(torch.utils.data.Sampler):
+    """Micro-batches from an endless stream of per-epoch permutations, starting at any micro-batch.
+
+    Global micro-batch ``m`` covers stream positions ``[m*B*P, (m+1)*B*P)``; process ``r`` of ``P`` takes its
+    contiguous share. Position ``p`` is ``permutation(seed, p // N)[p % N]``.
+    """
+
+    def __init__(self, length: int, batch_size: int, seed: int, start: int = 0, num_processes: int = 1, rank: int = 0):
+        self.length, self.batch_size, self.seed, self.start = length, batch_size, seed, start
+        self.num_processes, self.rank = num_processes, rank
+        self._perm_cache: dict[int, list[int]] = {}
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perm_cache:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            if len(self._perm_cache) > 4:
+                self._perm_cache.clear()
+            self._perm_cache[epoch] = torch.randperm(self.length, generator=g).tolist()
+        return self._perm_cache[epoch]
+
+    def batch(self, micro_step: int) -> list[tuple[int, int]]:
+        first = (micro_step * self.num_processes + self.rank) * self.batch_size
+        return [(self._perm(p // self.length)[p % self.length], p // self.length) for p in range(first, first + self.batch_size)]
+
+    def __iter__(self):
+        m = self.start
+        while True:
+            yield self.batch(m)
+            m += 1
+
+    def __len__(self) -> int:  # endless; DataLoader only needs it for progress estimates
+        return 2**62

@@ -1,0 +1,111 @@
+"""The interface between the trainer and a personalization method.
+
+The trainer runs the denoising forward pass and knows nothing of papers. A method says which parameters train
+(``prepare`` + ``trainable_parameters``), which loss terms it adds (``loss_terms`` returns named terms that the
+trainer sums and logs by key) and how its result is written and read back (``save`` / ``load_into``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..models.components import Components
+
+
+@dataclass
+class Conditioning:
+    encoder_hidden_states: torch.Tensor
+    pooled: torch.Tensor | None = None  # SDXL
+    time_ids: torch.Tensor | None = None  # SDXL
+
+    def select(self, mask: torch.Tensor) -> "Conditioning":
+        pick = lambda x: None if x is None else x[mask]  # noqa: E731
+        return Conditioning(self.encoder_hidden_states[mask], pick(self.pooled), pick(self.time_ids))
+
+
+def denoise(unet, noisy_latents, timesteps, cond: Conditioning) -> torch.Tensor:
+    added = None
+    if cond.pooled is not None:
+        added = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
+    return unet(noisy_latents, timesteps, encoder_hidden_states=cond.encoder_hidden_states,
+                added_cond_kwargs=added, return_dict=False)[0]
+
+
+@dataclass
+class TrainStep:
+    """Everything the trainer computed for one micro-batch; methods read what they need."""
+
+    model_pred: torch.Tensor
+    target: torch.Tensor
+    noisy_latents: torch.Tensor
+    timesteps: torch.Tensor
+    cond: Conditioning
+    input_ids: list[torch.Tensor]  # per tokenizer
+    is_prior: torch.Tensor  # bool [B]
+    loss_weights: torch.Tensor  # per-sample weights [B] (min-SNR), ones otherwise
+    extras: dict = field(default_factory=dict)
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Mean over samples of ``weight * mean((pred - target)^2)``; the loss is computed in float32."""
+    per_sample = (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))
+    return (per_sample * weights).mean()
+
+
+class Method:
+    """Base class: subclasses override what differs. ``components`` are the unwrapped modules."""
+
+    name = "base"
+
+    def __init__(self, config):
+        self.config = config
+        self.trained: list[str] = []  # components holding trainable parameters, set by ``prepare``
+
+    def prepare(self, components: Components) -> None:
+        """Freeze everything, then make trainable (and inject adapters into) what this method trains."""
+        for module in (components.unet, components.vae, *components.text_encoders):
+            module.requires_grad_(False)
+
+    def trainable_parameters(self, components: Components, lr: float, text_encoder_lr: float) -> list[dict]:
+        raise NotImplementedError
+
+    def loss_terms(self, step: TrainStep, components: Components) -> dict[str, torch.Tensor]:
+        instance = ~step.is_prior
+        return {"denoise": weighted_mse(step.model_pred[instance], step.target[instance], step.loss_weights[instance])}
+
+    def trainable_state_dict(self, components: Components) -> dict[str, torch.Tensor]:
+        """Every trainable tensor, keyed ``component.param_name`` (what a resumable checkpoint must hold)."""
+        state = {}
+        for name in self.trained:
+            for pname, p in getattr(components, name).named_parameters():
+                if p.requires_grad:
+                    state[f"{name}.{pname}"] = p.detach()
+        return state
+
+    def load_trainable_state_dict(self, components: Components, state: dict[str, torch.Tensor]) -> None:
+        expected = self.trainable_state_dict(components)
+        missing, unexpected = set(expected) - set(state), set(state) - set(expected)
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not match this method's trainable parameters: "
+                             f"{len(missing)} missing (e.g. {sorted(missing)[:3]}), {len(unexpected)} unexpected "
+                             f"(e.g. {sorted(unexpected)[:3]})")
+        with torch.no_grad():
+            for key, tensor in expected.items():
+                tensor.copy_(state[key])
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        """Extra frozen modules the method owns (e.g. a reference copy); the trainer places and casts them."""
+        return []
+
+    def save(self, components: Components, out_dir: Path, dtype: torch.dtype, kohya: bool = True) -> dict:
+        """Write the inference artifact into ``out_dir``; return its description for personalization.json."""
+        raise NotImplementedError
+
+    @classmethod
+    def load_into(cls, pipeline, folder: Path, record: dict):
+        """Apply a saved artifact to a base pipeline (inverse of ``save``); return the pipeline."""
+        raise NotImplementedError
+

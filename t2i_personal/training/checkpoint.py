@@ -1,0 +1,99 @@
+"""Checkpoint folders, atomic writes and the ``personalization.json`` record.
+
+A checkpoint is ``checkpoints/checkpoint-NNNNNN/`` holding accelerate's optimizer/scheduler state, the
+trainable tensors (``trainable.safetensors``), ``trainer_state.json`` and a ready-to-use ``inference/``
+artifact. It is written under a temporary name and renamed, so a folder with the final name is always complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .. import __version__
+
+RECORD_NAME = "personalization.json"
+CHECKPOINT_PREFIX = "checkpoint-"
+FORMAT_VERSION = 1
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def make_record(config, artifact: dict, components_family: str, step: int) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "t2i_personal_version": __version__,
+        "base_model": config.model.model_dump(mode="json"),
+        "family": components_family,
+        "method": config.method.name,
+        "adapter": getattr(config.method, "adapter", None),
+        "artifact": artifact,
+        "concepts": [{"identifier": c.identifier, "class_noun": c.class_noun, "instance_prompt": c.instance_prompt}
+                     for c in config.concepts],
+        "steps": step,
+        "seed": config.training.seed,
+        "config": config.model_dump(mode="json"),
+    }
+
+
+def checkpoint_dir(output_dir: Path, step: int) -> Path:
+    return output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:06d}"
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    root = output_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+             and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None  # nothing to resume: start fresh, as diffusers does
+    path = Path(resume)
+    if not (path / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"training.resume = {resume!r} is not a complete checkpoint folder (no trainer_state.json); "
+                                f"use 'latest' or one of {[str(p) for p in list_checkpoints(output_dir)]}")
+    return path
+
+
+def prune_checkpoints(output_dir: Path, keep: int | None) -> None:
+    if keep is None:
+        return
+    for old in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Atomically give a fully written folder its final name."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def move_contents(src: Path, dst: Path) -> None:
+    """Move every entry of ``src`` into ``dst`` (replacing), then remove ``src``."""
+    for entry in src.iterdir():
+        target = dst / entry.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        os.replace(entry, target)
+    src.rmdir()

@@ -1,0 +1,434 @@
+"""The training loop. It knows losses only through ``Method.loss_terms`` and parameters only through
+``Method.trainable_parameters``; everything specific to a paper lives in ``t2i_personal/methods``.
+
+Reproducibility: the data stream, the noise, the timesteps and any dropout of micro-step ``m`` are derived from
+``(seed, m, process)``, so stopping after a checkpoint and resuming replays exactly what an uninterrupted run does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from contextlib import ExitStack, nullcontext
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import compute_snr
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..config import TrainConfig
+from ..data.captions import render_prompt
+from ..data.concepts import (ConceptDataset, Example, StreamBatchSampler, class_prompt, collate,
+                             load_instance_examples)
+from ..data.images import ImageTransform, load_image_folder, make_image_grid, save_image_atomic
+from ..data.priors import default_class_dir, ensure_class_images
+from ..errors import ConfigError
+from ..methods import Conditioning, TrainStep, build_method, denoise
+from ..models.components import Components, sdxl_time_ids
+from ..models.loading import load_components
+from . import checkpoint as ckpt
+
+logger = logging.getLogger(__name__)
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+          "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def micro_step_seed(seed: int, micro_step: int, rank: int) -> int:
+    return (seed * 1_000_003 + micro_step * 7_919 + rank) % (2**63 - 1)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.output_dir = Path(config.training.output_dir)
+
+    # ------------------------------------------------------------------ setup
+
+    def _check_output_dir(self) -> Path | None:
+        t = self.config.training
+        resume = ckpt.resolve_resume(self.output_dir, t.resume)
+        if (self.output_dir / ckpt.RECORD_NAME).exists() and resume is None:
+            raise ConfigError(f"{self.output_dir} already holds a finished run ({ckpt.RECORD_NAME} exists). Choose a new "
+                              "training.output_dir, or resume: latest to continue from its last checkpoint.")
+        return resume
+
+    def _setup_accelerator(self) -> Accelerator:
+        t = self.config.training
+        report = None if t.report_to == "none" else t.report_to
+        accelerator = Accelerator(
+            mixed_precision=t.mixed_precision, log_with=report,
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
+        )
+        if t.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+        return accelerator
+
+    def _prompts(self, components: Components, instances: list[Example], priors) -> tuple[list[str], dict[str, int]]:
+        prompts = sorted({e.prompt for e in instances} | {e.prompt for group in (priors or []) for e in group})
+        index = {p: i for i, p in enumerate(prompts)}
+        return prompts, index
+
+    def _prior_examples(self, components: Components, instances: list[Example], accelerator) -> list[list[Example]] | None:
+        cfg, d = self.config, self.config.data
+        if cfg.method.prior == "none":
+            return None
+        groups = []
+        for ci, concept in enumerate(cfg.concepts):
+            prompt = class_prompt(concept)
+            if cfg.method.prior == "base_prediction":
+                groups.append([Example(e.image, e.path, prompt, ci, True) for e in instances if e.concept == ci])
+                continue
+            folder = Path(concept.class_dir) if concept.class_dir else default_class_dir(
+                components.source, prompt, d.resolution, d.class_generation_steps, d.class_generation_guidance)
+            if accelerator.is_main_process:
+                made = ensure_class_images(
+                    lambda: components.pipeline(), folder, prompt, concept.num_class_images,
+                    resolution=d.resolution, steps=d.class_generation_steps, guidance=d.class_generation_guidance,
+                    batch_size=d.class_generation_batch_size, seed=cfg.training.seed, device=accelerator.device,
+                    autocast_dtype=None if cfg.training.mixed_precision == "no" else DTYPES[cfg.training.mixed_precision])
+                if made:
+                    logger.info("generated %d class images for %r in %s", made, prompt, folder)
+            accelerator.wait_for_everyone()
+            loaded = load_image_folder(folder, what=f"class images of concept '{concept.identifier}'", max_pixels=d.max_image_pixels)
+            groups.append([Example(img, path, prompt, ci, True) for path, img in loaded[: concept.num_class_images]])
+        return groups
+
+    def _place(self, components: Components, method, accelerator, weight_dtype) -> None:
+        device = accelerator.device
+        t = self.config.training
+        vae_dtype = torch.float32 if (components.family == "sdxl" and weight_dtype == torch.float16) else weight_dtype
+        modules = {"unet": components.unet, "vae": components.vae, "text_encoder": components.text_encoder,
+                   "text_encoder_2": components.text_encoder_2}
+        for name, module in modules.items():
+            if module is None:
+                continue
+            if name in method.trained:
+                # Trainable tensors stay float32 (mixed precision autocasts); frozen ones (LoRA's base) are cast.
+                module.to(device)
+                for p in module.parameters():
+                    if not p.requires_grad:
+                        p.data = p.data.to(weight_dtype)
+            else:
+                module.to(device, dtype=vae_dtype if name == "vae" else weight_dtype)
+        for module in method.frozen_modules():
+            module.to(device, dtype=weight_dtype)
+        if t.gradient_checkpointing:
+            if "unet" in method.trained:
+                components.unet.enable_gradient_checkpointing()
+            for name in ("text_encoder", "text_encoder_2"):
+                if name in method.trained:
+                    getattr(components, name).gradient_checkpointing_enable()
+        self._set_attention(components, accelerator)
+
+    def _set_attention(self, components: Components, accelerator) -> None:
+        choice = self.config.training.attention
+        try:
+            import xformers  # noqa: F401
+
+            have_xformers = True
+        except ImportError:
+            have_xformers = False
+        if choice == "xformers" and not have_xformers:
+            raise ConfigError("training.attention is 'xformers' but xformers is not installed: "
+                              "pip install 't2i-personal[xformers]' (CUDA only), or use attention: sdpa")
+        if choice == "xformers" or (choice == "auto" and have_xformers and accelerator.device.type == "cuda"):
+            components.unet.enable_xformers_memory_efficient_attention()
+        # else: diffusers' default processors already use torch's scaled_dot_product_attention
+
+    def _optimizer(self, param_groups: list[dict]):
+        t = self.config.training
+        kwargs = dict(betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
+        if t.optimizer == "adamw_8bit":
+            try:
+                import bitsandbytes as bnb
+            except ImportError as exc:
+                raise ConfigError("training.optimizer is 'adamw_8bit' but bitsandbytes is not installed: "
+                                  "pip install 't2i-personal[bnb]', or use optimizer: adamw") from exc
+            return bnb.optim.AdamW8bit(param_groups, **kwargs)
+        return torch.optim.AdamW(param_groups, **kwargs)
+
+    # ------------------------------------------------------------------ caches
+
+    @torch.no_grad()
+    def _cache_latents(self, components, dataset: ConceptDataset, accelerator, vae_dtype) -> dict:
+        """(mean, std) of the VAE posterior per (example, flipped); sampling stays per step as without caching."""
+        cache, flips = {}, (False, True) if self.config.data.random_flip else (False,)
+        transform = dataset.transform
+        import random
+
+        for key in tqdm(dataset.example_keys(), desc="caching latents", disable=not accelerator.is_local_main_process):
+            ex = dataset.example(key)
+            pixels = transform(ex.image, random.Random(0)).pixels  # center crop: deterministic
+            for flipped in flips:
+                px = pixels.flip(-1) if flipped else pixels
+                dist = components.vae.encode(px[None].to(accelerator.device, vae_dtype)).latent_dist
+                cache[(key, flipped)] = (dist.mean[0], dist.std[0])
+        return cache
+
+    @torch.no_grad()
+    def _cache_text(self, components, input_ids) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return components.encode(input_ids)
+
+    # ------------------------------------------------------------------ run
+
+    def train(self) -> Path:
+        cfg, t, d = self.config, self.config.training, self.config.data
+        resume_from = self._check_output_dir()
+        instances = load_instance_examples(cfg.concepts, d.max_image_pixels)  # bad images fail before any output
+        accelerator = self._setup_accelerator()
+        weight_dtype = DTYPES[t.mixed_precision]
+        components = load_components(cfg.model)
+        priors = self._prior_examples(components, instances, accelerator)
+        prompts, prompt_index = self._prompts(components, instances, priors)
+        prompt_ids = components.tokenize(prompts)  # raises on prompts longer than the encoder's window
+        validation_prompts = [render_prompt(p, cfg.concepts[0].identifier, cfg.concepts[0].class_noun)
+                              for p in cfg.validation.prompts]
+        components.tokenize(validation_prompts)
+
+        method = build_method(cfg.method)
+        method.prepare(components)
+        prediction_type = t.prediction_type or components.scheduler.config.prediction_type
+        noise_scheduler = components.noise_scheduler(prediction_type)
+
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if accelerator.is_main_process:
+            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        self._place(components, method, accelerator, weight_dtype)
+        vae_dtype = next(components.vae.parameters()).dtype
+
+        dataset = ConceptDataset(instances, priors, ImageTransform(d.resolution, d.center_crop, d.random_flip),
+                                 prompt_index, t.seed, with_pixels=not t.cache_latents)
+        latent_cache = self._cache_latents(components, dataset, accelerator, vae_dtype) if t.cache_latents else None
+        text_cache = self._cache_text(components, prompt_ids) if t.cache_text_embeddings else None
+
+        scale = t.train_batch_size * t.gradient_accumulation_steps * accelerator.num_processes if t.scale_lr else 1
+        lr, te_lr = t.learning_rate * scale, (t.text_encoder_learning_rate or t.learning_rate) * scale
+        groups = method.trainable_parameters(components, lr, te_lr)
+        for g in groups:
+            n = sum(p.numel() for p in g["params"])
+            logger.info("training %s: %d tensors, %s parameters, lr %g", g["name"], len(g["params"]), f"{n:,}", g["lr"])
+        trainable = [p for g in groups for p in g["params"]]
+        optimizer = self._optimizer([{k: v for k, v in g.items() if k != "name"} for g in groups])
+        lr_scheduler = get_scheduler(
+            t.lr_scheduler, optimizer=optimizer, num_warmup_steps=t.lr_warmup_steps * accelerator.num_processes,
+            num_training_steps=t.max_train_steps * accelerator.num_processes, num_cycles=t.lr_num_cycles, power=t.lr_power)
+
+        trained_names = list(method.trained)
+        prepared = accelerator.prepare(*[getattr(components, n) for n in trained_names], optimizer, lr_scheduler)
+        wrapped = dict(zip(trained_names, prepared[: len(trained_names)]))
+        optimizer, lr_scheduler = prepared[len(trained_names):]
+        accelerator.register_save_state_pre_hook(lambda models, weights, out: weights.clear())
+        accelerator.register_load_state_pre_hook(lambda models, inp: models.clear())
+
+        global_step = 0
+        if resume_from is not None:
+            accelerator.load_state(str(resume_from))
+            method.load_trainable_state_dict(components, load_file(str(resume_from / "trainable.safetensors")))
+            global_step = int(json.loads((resume_from / "trainer_state.json").read_text())["global_step"])
+            logger.info("resumed from %s at step %d", resume_from, global_step)
+
+        if accelerator.is_main_process and t.report_to != "none":
+            flat = {k: v for k, v in _flatten(cfg.model_dump(mode="json")).items() if isinstance(v, (int, float, str, bool))}
+            accelerator.init_trackers("t2i-personal", config=flat)
+
+        sampler = StreamBatchSampler(len(dataset), t.train_batch_size, t.seed, start=global_step * t.gradient_accumulation_steps,
+                                     num_processes=accelerator.num_processes, rank=accelerator.process_index)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=d.num_workers,
+                                             persistent_workers=d.num_workers > 0)
+        batches = iter(loader)
+
+        for name in trained_names:
+            wrapped[name].train()
+        stop_at = t.stop_after_step or t.max_train_steps
+        bar = tqdm(total=t.max_train_steps, initial=global_step, desc="training", unit="step",
+                   disable=not (t.progress_bar and accelerator.is_local_main_process))
+        step_ctx = dict(components=components, method=method, wrapped=wrapped, noise_scheduler=noise_scheduler,
+                        prompt_ids=prompt_ids, latent_cache=latent_cache, text_cache=text_cache,
+                        accelerator=accelerator, vae_dtype=vae_dtype, prediction_type=prediction_type)
+        started = time.perf_counter()
+        while global_step < stop_at:
+            logs = {}
+            for micro in range(t.gradient_accumulation_steps):
+                micro_step = global_step * t.gradient_accumulation_steps + micro
+                torch.manual_seed(micro_step_seed(t.seed, micro_step, accelerator.process_index))
+                batch = next(batches)
+                last = micro == t.gradient_accumulation_steps - 1
+                with ExitStack() as stack:
+                    if not last:
+                        for name in trained_names:
+                            stack.enter_context(accelerator.no_sync(wrapped[name]))
+                    terms = self._micro_step(batch, **step_ctx)
+                    loss = sum(terms.values())
+                    accelerator.backward(loss / t.gradient_accumulation_steps)
+                for k, v in terms.items():
+                    logs[k] = logs.get(k, 0.0) + v.detach().item() / t.gradient_accumulation_steps
+            if t.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(trainable, t.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            global_step += 1
+            logs["loss"] = sum(v for k, v in logs.items())
+            logs["lr"] = lr_scheduler.get_last_lr()[0]
+            bar.update(1)
+            bar.set_postfix(loss=f"{logs['loss']:.4f}")
+            if t.report_to != "none":
+                accelerator.log(logs, step=global_step)
+            self.last_logs = logs
+
+            if validation_prompts and global_step % cfg.validation.every_n_steps == 0 and global_step < t.max_train_steps:
+                self._validate(components, validation_prompts, accelerator, weight_dtype, global_step)
+            if global_step % t.checkpointing_steps == 0 or global_step == stop_at:
+                if global_step < t.max_train_steps:
+                    self._save_checkpoint(components, method, accelerator, global_step)
+        bar.close()
+        self.seconds = time.perf_counter() - started
+
+        if global_step < t.max_train_steps:
+            logger.info("stopped after step %d (training.stop_after_step); resume with training.resume=latest", global_step)
+            accelerator.end_training()
+            return self.output_dir
+        if validation_prompts:
+            self._validate(components, validation_prompts, accelerator, weight_dtype, global_step)
+        if accelerator.is_main_process:
+            self._export_final(components, method, global_step)
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return self.output_dir
+
+    def _micro_step(self, batch, *, components, method, wrapped, noise_scheduler, prompt_ids, latent_cache, text_cache,
+                    accelerator, vae_dtype, prediction_type) -> dict[str, torch.Tensor]:
+        t, device = self.config.training, accelerator.device
+        with torch.no_grad():
+            if latent_cache is not None:
+                means, stds = zip(*(latent_cache[(k, f)] for k, f in zip(batch["key"], batch["flipped"])))
+                mean, std = torch.stack(means), torch.stack(stds)
+                latents = mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
+            else:
+                latents = components.vae.encode(batch["pixels"].to(device, vae_dtype)).latent_dist.sample()
+            latents = latents.float() * components.vae.config.scaling_factor
+        bsz = latents.shape[0]
+        noise = torch.randn_like(latents)
+        if t.noise_offset:
+            noise = noise + t.noise_offset * torch.randn(bsz, latents.shape[1], 1, 1, device=device)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=device).long()
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+
+        index = torch.tensor(batch["prompt"])
+        input_ids = [ids[index] for ids in prompt_ids]
+        if text_cache is not None:
+            hidden, pooled = text_cache[0][index.to(text_cache[0].device)], (
+                None if text_cache[1] is None else text_cache[1][index.to(text_cache[1].device)])
+        else:
+            encoders = [wrapped.get(n, getattr(components, n)) for n in ("text_encoder", "text_encoder_2")
+                        if getattr(components, n) is not None]
+            with nullcontext() if any(n.startswith("text_encoder") for n in method.trained) else torch.no_grad():
+                hidden, pooled = components.encode(input_ids, encoders)
+        time_ids = None
+        if components.family == "sdxl":
+            res = self.config.data.resolution
+            time_ids = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], [(res, res)] * bsz, hidden.dtype, device)
+        cond = Conditioning(hidden, pooled, time_ids)
+
+        unet = wrapped.get("unet", components.unet)
+        with accelerator.autocast():
+            model_pred = denoise(unet, noisy, timesteps, cond)
+        target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
+        if t.snr_gamma is not None:
+            snr = compute_snr(noise_scheduler, timesteps)
+            weights = torch.clamp(snr, max=t.snr_gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
+        else:
+            weights = torch.ones(bsz, device=device)
+        step = TrainStep(model_pred=model_pred, target=target, noisy_latents=noisy, timesteps=timesteps, cond=cond,
+                         input_ids=input_ids, is_prior=batch["is_prior"].to(device), loss_weights=weights)
+        with accelerator.autocast():
+            return method.loss_terms(step, components)
+
+    # ------------------------------------------------------------------ outputs
+
+    @torch.no_grad()
+    def _validate(self, components, prompts, accelerator, weight_dtype, step) -> Path | None:
+        if not accelerator.is_main_process:
+            return None
+        v, res = self.config.validation, self.config.data.resolution
+        pipe = components.pipeline()
+        pipe.set_progress_bar_config(disable=True)
+        images = []
+        for i, prompt in enumerate(prompts):
+            generator = torch.Generator().manual_seed(v.seed + i)
+            with accelerator.autocast():
+                images += pipe(prompt, negative_prompt=v.negative_prompt, num_images_per_prompt=v.num_images_per_prompt,
+                               num_inference_steps=v.num_inference_steps, guidance_scale=v.guidance_scale,
+                               height=res, width=res, generator=generator).images
+        grid = make_image_grid(images, rows=len(prompts))
+        path = save_image_atomic(grid, self.output_dir / "validation" / f"step-{step:06d}.png")
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                import numpy as np
+
+                tracker.writer.add_images("validation", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.log({"validation": [wandb.Image(im, caption=p) for im, p in
+                                            zip(images, [p for p in prompts for _ in range(v.num_images_per_prompt)])]})
+        return path
+
+    def _write_artifact(self, components, method, folder: Path, step: int) -> None:
+        e = self.config.export
+        artifact = method.save(components, folder, DTYPES[e.save_dtype], kohya=e.kohya_lora)
+        ckpt.write_json_atomic(folder / ckpt.RECORD_NAME, ckpt.make_record(self.config, artifact, components.family, step))
+
+    def _save_checkpoint(self, components, method, accelerator, step: int) -> None:
+        final = ckpt.checkpoint_dir(self.output_dir, step)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-")) if accelerator.is_main_process else None
+        tmp = Path(accelerator.gather_for_metrics([str(tmp)])[0]) if accelerator.num_processes > 1 else tmp
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            state = {k: v.detach().to("cpu").contiguous() for k, v in method.trainable_state_dict(components).items()}
+            save_file(state, str(tmp / "trainable.safetensors"))
+            if self.config.export.inference_artifact_in_checkpoints:
+                self._write_artifact(components, method, tmp / "inference", step)
+            ckpt.write_json_atomic(tmp / "trainer_state.json", {"global_step": step, "seed": self.config.training.seed})
+            ckpt.publish_dir(tmp, final)
+            ckpt.prune_checkpoints(self.output_dir, self.config.training.checkpoints_total_limit)
+        accelerator.wait_for_everyone()
+
+    def _export_final(self, components, method, step: int) -> None:
+        tmp = Path(tempfile.mkdtemp(dir=self.output_dir, prefix=".final-"))
+        try:
+            e = self.config.export
+            artifact = method.save(components, tmp, DTYPES[e.save_dtype], kohya=e.kohya_lora)
+            ckpt.move_contents(tmp, self.output_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        # Written last: its presence is what marks the output folder as complete.
+        ckpt.write_json_atomic(self.output_dir / ckpt.RECORD_NAME, ckpt.make_record(self.config, artifact, components.family, step))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        elif isinstance(v, list):
+            out[key] = str(v)
+        else:
+            out[key] = v
+    return out
+
+
+def train(config: TrainConfig) -> Path:
+    return Trainer(config).train()

@@ -1,0 +1,46 @@
+"""Train a personalized model.
+
+    accelerate launch train/train.py --config configs/quickstart.yaml [key.sub=value ...]
+
+(plain ``python train/train.py ...`` works too on one device). See README.md for every config key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from t2i_personal.config import load_config  # noqa: E402
+from t2i_personal.errors import ConfigError, ModelLoadError  # noqa: E402
+from t2i_personal.data.images import ImageLoadError  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML preset, e.g. configs/quickstart.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.max_train_steps=200")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        config = load_config(args.config, args.overrides)
+        for override in args.overrides:
+            logging.info("override: %s", override)
+        from t2i_personal.training.trainer import train
+
+        out = train(config)
+    except (ConfigError, ModelLoadError, ImageLoadError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"done: results in {out}/ (validation grids in {out}/validation/, load with "
+          f"t2i_personal.load_personalized('{out}'))")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
