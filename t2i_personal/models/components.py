@@ -60,6 +60,8 @@ class Components:
     def tokenize(self, prompts: list[str]) -> list[torch.Tensor]:
         """Token ids per tokenizer; a prompt longer than the encoder's window is an error, not a silent cut."""
         ids = []
+        if not prompts:
+            return [torch.zeros(0, tok.model_max_length, dtype=torch.long) for tok in self.tokenizers]
         for tok in self.tokenizers:
             limit = tok.model_max_length
             for prompt in prompts:

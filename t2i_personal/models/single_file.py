@@ -2,8 +2,9 @@
 
 What it writes
 --------------
-The CompVis/Stability "LDM" key layout that AUTOMATIC1111, ComfyUI, Forge, kohya's scripts and
-``diffusers``' ``from_single_file`` all read:
+The CompVis/Stability "LDM" key layout of the official SD 1.x / 2.x / SDXL release files, the "checkpoint"
+format AUTOMATIC1111, ComfyUI and kohya's sd-scripts load and ``diffusers``' ``from_single_file`` converts
+(only the diffusers loader is exercised by the tests):
 
 * UNet          -> ``model.diffusion_model.{input_blocks,middle_block,output_blocks,time_embed,label_emb,out}.*``
 * VAE           -> ``first_stage_model.{encoder,decoder,quant_conv,post_quant_conv}.*`` (mid-block attention
@@ -49,6 +50,10 @@ Limits
 * SDXL: diffusers tells its two text encoders apart by hidden size; if both have the same width (only
   possible with toy models) ``from_single_file`` would load the wrong one, so that raises.
   The refiner layout (OpenCLIP only, at ``conditioner.embedders.0.model``) is not written.
+* Only learned parameters are written: no ``...embeddings.position_ids`` (a non-persistent buffer in current
+  transformers) and no OpenCLIP ``logit_scale`` (unused for text-to-image). With full-size configs the file
+  has exactly the official key sets minus those: SD 1.5 1130 keys (686 UNet, 248 VAE, 196 CLIP), SDXL base
+  2513; ``infer_diffusers_model_type`` reports ``v1`` / ``v2`` / ``xl_base`` for them.
 * No EMA weights, no ``model_ema.*``, no VAE-only or UNet-only files.
 """
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_snr
@@ -64,6 +65,9 @@ class Trainer:
     def _setup_accelerator(self) -> Accelerator:
         t = self.config.training
         report = None if t.report_to == "none" else t.report_to
+        # accelerate keeps mixed precision in a process-wide singleton; the demo and tests train several times in
+        # one process, so forget the previous run's choice (the distributed state itself is kept).
+        AcceleratorState._reset_state(reset_partial_state=False)
         accelerator = Accelerator(
             mixed_precision=t.mixed_precision, log_with=report,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
@@ -196,6 +200,7 @@ class Trainer:
 
         method = build_method(cfg.method)
         method.prepare(components)
+        self.components, self.method = components, method  # kept for callers (tests, the demo) after train()
         prediction_type = t.prediction_type or components.scheduler.config.prediction_type
         noise_scheduler = components.noise_scheduler(prediction_type)
 

@@ -1,0 +1,65 @@
+import copy
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Class images and the tokenizer files go to a per-session cache, never the user's."""
+    os.environ["T2I_PERSONAL_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def concept_dir(tmp_path_factory) -> Path:
+    from t2i_personal.data.examples import write_examples
+
+    folder = tmp_path_factory.mktemp("toy-dog")
+    write_examples(folder, count=3, size=48)
+    return folder
+
+
+def base_config(concept_dir, out_dir, **sections) -> dict:
+    """A few-step run on builtin:tiny-sd at 32 px (8x8 latents)."""
+    cfg = {
+        "model": {"pretrained": "builtin:tiny-sd"},
+        "concepts": [{"identifier": "sks", "class_noun": "dog", "instance_dir": str(concept_dir), "num_class_images": 2}],
+        "method": {"name": "dreambooth"},
+        "data": {"resolution": 32, "class_generation_steps": 2, "class_generation_batch_size": 2},
+        "training": {"output_dir": str(out_dir), "max_train_steps": 3, "train_batch_size": 2, "learning_rate": 1e-3,
+                     "checkpointing_steps": 1000, "report_to": "none", "progress_bar": False, "seed": 0},
+        "export": {"kohya_lora": True},
+    }
+    for section, values in sections.items():
+        if section in cfg and isinstance(cfg[section], dict):
+            cfg[section] = {**cfg[section], **values}
+        else:
+            cfg[section] = values
+    return copy.deepcopy(cfg)
+
+
+def run_training(cfg: dict):
+    from t2i_personal.config import TrainConfig
+    from t2i_personal.training.trainer import Trainer
+
+    trainer = Trainer(TrainConfig.model_validate(cfg))
+    trainer.train()
+    return trainer
+
+
+def python_subprocess_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["HF_HUB_OFFLINE"] = "1"
+    return env
+
+
+PYTHON = sys.executable
