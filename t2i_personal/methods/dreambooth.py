@@ -20,7 +20,7 @@ import copy
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..models.components import Components
 from .base import Method, TrainStep, denoise, weighted_mse
@@ -137,7 +137,7 @@ class DreamBooth(Method):
         return {"type": "pipeline", "path": "."}
 
     def _save_lora(self, components: Components, out_dir: Path, dtype: torch.dtype, kohya: bool) -> dict:
-        from diffusers.utils import convert_all_state_dict_to_peft, convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+        from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
         pipeline_cls = type(components.pipeline())
@@ -151,16 +151,28 @@ class DreamBooth(Method):
         artifact = {"type": "lora", "path": LORA_WEIGHTS, "rank": self.config.lora.rank,
                     "alpha": self.config.lora.effective_alpha}
         if kohya:
-            kohya_state = convert_state_dict_to_kohya(convert_all_state_dict_to_peft(load_file(str(out_dir / LORA_WEIGHTS))))
-            # diffusers writes alpha = rank (scale 1); record the alpha we trained with so A1111/ComfyUI scale right.
-            for key in [k for k in kohya_state if k.endswith(".alpha")]:
-                kohya_state[key] = torch.tensor(self.config.lora.effective_alpha, dtype=dtype)
-            save_file({k: v.contiguous() for k, v in kohya_state.items()}, str(out_dir / KOHYA_WEIGHTS),
-                      metadata={"ss_network_dim": str(self.config.lora.rank),
-                                "ss_network_alpha": str(self.config.lora.effective_alpha),
-                                "ss_base_model": components.source, "format": "pt"})
+            self._save_kohya(components, out_dir / KOHYA_WEIGHTS, dtype)
             artifact["kohya_path"] = KOHYA_WEIGHTS
         return artifact
+
+    def _save_kohya(self, components: Components, path: Path, dtype: torch.dtype) -> None:
+        """A1111 / ComfyUI / kohya keys (``lora_unet_*``, ``lora_te_*`` or SDXL's ``lora_te1_*``/``lora_te2_*``)."""
+        from diffusers.utils import convert_state_dict_to_kohya
+        from peft.utils import get_peft_model_state_dict
+
+        peft_state = {f"{name}.{k}": v for name in self.trained
+                      for k, v in get_peft_model_state_dict(getattr(components, name)).items()}
+        kohya_state = convert_state_dict_to_kohya(peft_state)
+        alpha = self.config.lora.effective_alpha
+        out = {}
+        for key, value in kohya_state.items():
+            if components.family == "sd":  # single text encoder: A1111's SD 1.x/2.x prefix has no index
+                key = key.replace("lora_te1_", "lora_te_")
+            # diffusers writes alpha = rank (scale 1); store the alpha we trained with so other UIs scale right.
+            out[key] = torch.tensor(alpha) if key.endswith(".alpha") else value
+        save_file({k: v.to(dtype).contiguous() for k, v in out.items()}, str(path),
+                  metadata={"ss_network_dim": str(self.config.lora.rank), "ss_network_alpha": str(alpha),
+                            "ss_base_model": components.source, "format": "pt"})
 
     @classmethod
     def load_into(cls, pipeline, folder: Path, record: dict):

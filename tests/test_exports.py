@@ -1,0 +1,127 @@
+"""Exported artifacts load in plain diffusers (a separate process that never imports t2i_personal) and
+reproduce the in-memory tuned model exactly: diffusers LoRA file, kohya LoRA file, full pipeline folder."""
+
+import json
+import subprocess
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import PYTHON, base_config, python_subprocess_env, run_training
+from t2i_personal import load_personalized
+from t2i_personal.models.loading import load_components
+
+PROMPT = "a photo of sks dog"
+
+PLAIN_DIFFUSERS = textwrap.dedent("""
+    import sys, numpy as np, torch
+    assert "t2i_personal" not in sys.modules
+    from diffusers import DiffusionPipeline
+    base, out, weight_name, npy = sys.argv[1:5]
+    pipe = DiffusionPipeline.from_pretrained(base)
+    pipe.set_progress_bar_config(disable=True)
+    def run():
+        g = torch.Generator().manual_seed(0)
+        return pipe("a photo of sks dog", num_inference_steps=3, height=32, width=32, generator=g, output_type="np").images
+    before = run()
+    if weight_name == "pipeline":
+        pipe = DiffusionPipeline.from_pretrained(out)
+        pipe.set_progress_bar_config(disable=True)
+    else:
+        pipe.load_lora_weights(out, weight_name=weight_name)
+    np.save(npy, np.stack([before, run()]))
+    assert "t2i_personal" not in sys.modules
+""")
+
+
+def generate(pipe) -> np.ndarray:
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    return pipe(PROMPT, num_inference_steps=3, height=32, width=32, generator=g, output_type="np").images
+
+
+def plain_diffusers(tmp_path, base, out, weight_name) -> tuple[np.ndarray, np.ndarray]:
+    script, npy = tmp_path / "plain.py", tmp_path / f"{weight_name}.npy"
+    script.write_text(PLAIN_DIFFUSERS)
+    subprocess.run([PYTHON, str(script), str(base), str(out), weight_name, str(npy)], check=True,
+                   env=python_subprocess_env(), cwd=tmp_path)
+    before, after = np.load(npy)
+    return before, after
+
+
+@pytest.fixture(scope="module")
+def saved_bases(tmp_path_factory):
+    """The tiny bases written as ordinary diffusers folders, so plain diffusers can open them."""
+    root = tmp_path_factory.mktemp("bases")
+    for name in ("tiny-sd", "tiny-sdxl"):
+        load_components(f"builtin:{name}").pipeline().save_pretrained(root / name)
+    return root
+
+
+@pytest.mark.parametrize("model,train_te", [("tiny-sd", False), ("tiny-sd", True), ("tiny-sdxl", True)])
+def test_lora_exports_match_in_memory_model_in_plain_diffusers(model, train_te, saved_bases, concept_dir, tmp_path):
+    base = saved_bases / model
+    out = tmp_path / "out"
+    # alpha != rank: the classic trap where a loader assumes scale 1.0
+    cfg = base_config(concept_dir, out, model={"pretrained": str(base)},
+                      method={"name": "dreambooth", "adapter": "lora", "train_text_encoder": train_te,
+                              "lora": {"rank": 4, "alpha": 8}},
+                      training={"learning_rate": 5e-3, "max_train_steps": 4})
+    trainer = run_training(cfg)
+    in_memory = generate(trainer.components.pipeline())
+
+    before, diffusers_lora = plain_diffusers(tmp_path, base, out, "pytorch_lora_weights.safetensors")
+    _, kohya_lora = plain_diffusers(tmp_path, base, out, "pytorch_lora_weights_kohya.safetensors")
+    assert np.abs(diffusers_lora - before).max() > 1e-3, "the LoRA must change the output"
+    np.testing.assert_allclose(diffusers_lora, in_memory, atol=2e-5)
+    np.testing.assert_allclose(kohya_lora, in_memory, atol=2e-5)
+    np.testing.assert_allclose(generate(load_personalized(out)), in_memory, atol=2e-5)
+
+
+def test_kohya_file_uses_a1111_keys_and_the_trained_alpha(concept_dir, tmp_path):
+    from safetensors import safe_open
+
+    out = tmp_path / "out"
+    run_training(base_config(concept_dir, out, method={"name": "dreambooth", "adapter": "lora", "train_text_encoder": True,
+                                                       "lora": {"rank": 2, "alpha": 6}}, training={"max_train_steps": 1}))
+    with safe_open(str(out / "pytorch_lora_weights_kohya.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        alphas = {float(f.get_tensor(k)) for k in keys if k.endswith(".alpha")}
+        assert f.metadata()["ss_network_alpha"] == "6.0"
+    assert any(k.startswith("lora_unet_") and k.endswith(".lora_down.weight") for k in keys)
+    assert any(k.startswith("lora_te_") and k.endswith(".lora_up.weight") for k in keys)
+    assert alphas == {6.0}
+
+
+def test_full_finetune_is_a_plain_diffusers_pipeline(saved_bases, concept_dir, tmp_path):
+    out = tmp_path / "out"
+    cfg = base_config(concept_dir, out, model={"pretrained": str(saved_bases / "tiny-sd")},
+                      method={"name": "dreambooth", "adapter": "full", "train_text_encoder": True})
+    trainer = run_training(cfg)
+    in_memory = generate(trainer.components.pipeline())
+    before, after = plain_diffusers(tmp_path, saved_bases / "tiny-sd", out, "pipeline")
+    assert np.abs(after - before).max() > 1e-4
+    np.testing.assert_allclose(after, in_memory, atol=1e-5)
+    np.testing.assert_allclose(generate(load_personalized(out)), in_memory, atol=1e-5)
+
+
+def test_checkpoint_holds_a_ready_to_use_artifact(concept_dir, tmp_path):
+    out = tmp_path / "out"
+    run_training(base_config(concept_dir, out, method={"name": "dreambooth", "adapter": "lora"},
+                             training={"max_train_steps": 4, "checkpointing_steps": 2}))
+    ckpt = out / "checkpoints" / "checkpoint-000002"
+    record = json.loads((ckpt / "inference" / "personalization.json").read_text())
+    assert record["steps"] == 2
+    pipe = load_personalized(ckpt)  # the checkpoint folder itself is accepted
+    final = load_personalized(out)
+    assert not np.allclose(generate(pipe), generate(final)), "step 2 and step 4 weights differ"
+
+
+def test_load_personalized_refuses_an_unfinished_folder(tmp_path):
+    from t2i_personal.errors import ModelLoadError
+
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(ModelLoadError, match="personalization.json"):
+        load_personalized(tmp_path)
