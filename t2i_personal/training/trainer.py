@@ -199,6 +199,7 @@ class Trainer:
         components.tokenize(validation_prompts)
 
         method = build_method(cfg.method)
+        torch.manual_seed(t.seed)  # adapter initialisation must not depend on what ran before (e.g. class images)
         method.prepare(components)
         self.components, self.method = components, method  # kept for callers (tests, the demo) after train()
         prediction_type = t.prediction_type or components.scheduler.config.prediction_type
