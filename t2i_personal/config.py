@@ -150,6 +150,8 @@ class TrainingConfig(Section):
 class ExportConfig(Section):
     kohya_lora: bool = Field(True, description="LoRA: also write an A1111/ComfyUI (kohya keys) file")
     save_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    single_file: bool = Field(False, description="full fine-tunes: also write model.safetensors in the original "
+                              "SD checkpoint layout (A1111 / ComfyUI)")
     inference_artifact_in_checkpoints: bool = True
 
 

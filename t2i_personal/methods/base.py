@@ -100,8 +100,9 @@ class Method:
         """Extra frozen modules the method owns (e.g. a reference copy); the trainer places and casts them."""
         return []
 
-    def save(self, components: Components, out_dir: Path, dtype: torch.dtype, kohya: bool = True) -> dict:
-        """Write the inference artifact into ``out_dir``; return its description for personalization.json."""
+    def save(self, components: Components, out_dir: Path, export) -> dict:
+        """Write the inference artifact into ``out_dir`` as ``export`` (an ExportConfig) asks; return its
+        description for personalization.json."""
         raise NotImplementedError
 
     @classmethod

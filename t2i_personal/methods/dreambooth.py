@@ -27,6 +27,7 @@ from .base import Method, TrainStep, denoise, weighted_mse
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHTS = "pytorch_lora_weights_kohya.safetensors"
+SINGLE_FILE = "model.safetensors"  # original (A1111 / ComfyUI) checkpoint layout
 
 
 class DreamBooth(Method):
@@ -120,13 +121,14 @@ class DreamBooth(Method):
 
     # ------------------------------------------------------------------ artifacts
 
-    def save(self, components: Components, out_dir: Path, dtype: torch.dtype, kohya: bool = True) -> dict:
+    def save(self, components: Components, out_dir: Path, export) -> dict:
         out_dir.mkdir(parents=True, exist_ok=True)
+        dtype = getattr(torch, export.save_dtype)
         if self.config.adapter == "full":
-            return self._save_pipeline(components, out_dir, dtype)
-        return self._save_lora(components, out_dir, dtype, kohya)
+            return self._save_pipeline(components, out_dir, dtype, export.single_file)
+        return self._save_lora(components, out_dir, dtype, export.kohya_lora)
 
-    def _save_pipeline(self, components: Components, out_dir: Path, dtype: torch.dtype) -> dict:
+    def _save_pipeline(self, components: Components, out_dir: Path, dtype: torch.dtype, single_file: bool) -> dict:
         copies = {}
         for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
             module = getattr(components, name)
@@ -134,20 +136,30 @@ class DreamBooth(Method):
                 copies[name] = module if next(module.parameters()).dtype == dtype else copy.deepcopy(module).to(dtype)
         saved = Components(**{**components.__dict__, **copies})
         saved.pipeline().save_pretrained(out_dir, safe_serialization=True)
-        return {"type": "pipeline", "path": "."}
+        artifact = {"type": "pipeline", "path": "."}
+        if single_file:
+            from ..models.single_file import save_original_sd_checkpoint, save_original_sdxl_checkpoint
+
+            meta = {"base_model": components.source}
+            if components.family == "sdxl":
+                save_original_sdxl_checkpoint(saved.unet, saved.vae, saved.text_encoder, saved.text_encoder_2,
+                                              out_dir / SINGLE_FILE, metadata=meta)
+            else:
+                save_original_sd_checkpoint(saved.unet, saved.vae, saved.text_encoder, out_dir / SINGLE_FILE, metadata=meta)
+            artifact["single_file"] = SINGLE_FILE
+        return artifact
 
     def _save_lora(self, components: Components, out_dir: Path, dtype: torch.dtype, kohya: bool) -> dict:
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        pipeline_cls = type(components.pipeline())
         layers, metadata = {}, {}
         for name in self.trained:
             module = getattr(components, name)
             state = get_peft_model_state_dict(module)
             layers[f"{name}_lora_layers"] = {k: v.to(dtype) for k, v in convert_state_dict_to_diffusers(state).items()}
             metadata[f"{name}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
-        pipeline_cls.save_lora_weights(out_dir, weight_name=LORA_WEIGHTS, safe_serialization=True, **layers, **metadata)
+        components.pipeline_class.save_lora_weights(out_dir, weight_name=LORA_WEIGHTS, safe_serialization=True, **layers, **metadata)
         artifact = {"type": "lora", "path": LORA_WEIGHTS, "rank": self.config.lora.rank,
                     "alpha": self.config.lora.effective_alpha}
         if kohya:

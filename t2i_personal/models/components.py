@@ -42,6 +42,10 @@ class Components:
         kwargs = {"prediction_type": prediction_type} if prediction_type else {}
         return DDPMScheduler.from_config(self.scheduler.config, **kwargs)
 
+    @property
+    def pipeline_class(self) -> type:
+        return StableDiffusionXLPipeline if self.family == "sdxl" else StableDiffusionPipeline
+
     def pipeline(self, scheduler=None):
         """A diffusers pipeline sharing these modules (no copies)."""
         scheduler = scheduler or self.scheduler

@@ -39,8 +39,7 @@ from ..models.loading import load_components
 from . import checkpoint as ckpt
 
 logger = logging.getLogger(__name__)
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
-          "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def micro_step_seed(seed: int, micro_step: int, rank: int) -> int:
@@ -133,30 +132,31 @@ class Trainer:
                     getattr(components, name).gradient_checkpointing_enable()
         self._set_attention(components, accelerator)
 
-    def _set_attention(self, components: Components, accelerator) -> None:
-        choice = self.config.training.attention
-        try:
-            import xformers  # noqa: F401
-
-            have_xformers = True
-        except ImportError:
-            have_xformers = False
-        if choice == "xformers" and not have_xformers:
+    def _check_optional_dependencies(self) -> None:
+        """Fail before anything is written when an option needs a package that is not installed."""
+        t = self.config.training
+        if t.attention == "xformers" and not _importable("xformers"):
             raise ConfigError("training.attention is 'xformers' but xformers is not installed: "
                               "pip install 't2i-personal[xformers]' (CUDA only), or use attention: sdpa")
-        if choice == "xformers" or (choice == "auto" and have_xformers and accelerator.device.type == "cuda"):
+        if t.optimizer == "adamw_8bit" and not _importable("bitsandbytes"):
+            raise ConfigError("training.optimizer is 'adamw_8bit' but bitsandbytes is not installed: "
+                              "pip install 't2i-personal[bnb]', or use optimizer: adamw")
+        if t.report_to == "wandb" and not _importable("wandb"):
+            raise ConfigError("training.report_to is 'wandb' but wandb is not installed: pip install wandb, "
+                              "or use report_to: tensorboard")
+
+    def _set_attention(self, components: Components, accelerator) -> None:
+        choice = self.config.training.attention
+        if choice == "xformers" or (choice == "auto" and _importable("xformers") and accelerator.device.type == "cuda"):
             components.unet.enable_xformers_memory_efficient_attention()
-        # else: diffusers' default processors already use torch's scaled_dot_product_attention
+        # otherwise diffusers' default processors already use torch's scaled_dot_product_attention
 
     def _optimizer(self, param_groups: list[dict]):
         t = self.config.training
         kwargs = dict(betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
         if t.optimizer == "adamw_8bit":
-            try:
-                import bitsandbytes as bnb
-            except ImportError as exc:
-                raise ConfigError("training.optimizer is 'adamw_8bit' but bitsandbytes is not installed: "
-                                  "pip install 't2i-personal[bnb]', or use optimizer: adamw") from exc
+            import bitsandbytes as bnb
+
             return bnb.optim.AdamW8bit(param_groups, **kwargs)
         return torch.optim.AdamW(param_groups, **kwargs)
 
@@ -187,6 +187,7 @@ class Trainer:
     def train(self) -> Path:
         cfg, t, d = self.config, self.config.training, self.config.data
         resume_from = self._check_output_dir()
+        self._check_optional_dependencies()
         instances = load_instance_examples(cfg.concepts, d.max_image_pixels)  # bad images fail before any output
         accelerator = self._setup_accelerator()
         weight_dtype = DTYPES[t.mixed_precision]
@@ -390,8 +391,7 @@ class Trainer:
         return path
 
     def _write_artifact(self, components, method, folder: Path, step: int) -> None:
-        e = self.config.export
-        artifact = method.save(components, folder, DTYPES[e.save_dtype], kohya=e.kohya_lora)
+        artifact = method.save(components, folder, self.config.export)
         ckpt.write_json_atomic(folder / ckpt.RECORD_NAME, ckpt.make_record(self.config, artifact, components.family, step))
 
     def _save_checkpoint(self, components, method, accelerator, step: int) -> None:
@@ -413,14 +413,19 @@ class Trainer:
     def _export_final(self, components, method, step: int) -> None:
         tmp = Path(tempfile.mkdtemp(dir=self.output_dir, prefix=".final-"))
         try:
-            e = self.config.export
-            artifact = method.save(components, tmp, DTYPES[e.save_dtype], kohya=e.kohya_lora)
+            artifact = method.save(components, tmp, self.config.export)
             ckpt.move_contents(tmp, self.output_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         # Written last: its presence is what marks the output folder as complete.
         ckpt.write_json_atomic(self.output_dir / ckpt.RECORD_NAME, ckpt.make_record(self.config, artifact, components.family, step))
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
