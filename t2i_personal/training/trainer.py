@@ -121,9 +121,9 @@ class Trainer:
                     if not p.requires_grad:
                         p.data = p.data.to(weight_dtype)
             else:
-                module.to(device, dtype=vae_dtype if name == "vae" else weight_dtype)
+                _move(module, device, vae_dtype if name == "vae" else weight_dtype)
         for module in method.frozen_modules():
-            module.to(device, dtype=weight_dtype)
+            _move(module, device, weight_dtype)
         if t.gradient_checkpointing:
             if "unet" in method.trained:
                 components.unet.enable_gradient_checkpointing()
@@ -266,8 +266,8 @@ class Trainer:
             logs = {}
             for micro in range(t.gradient_accumulation_steps):
                 micro_step = global_step * t.gradient_accumulation_steps + micro
-                torch.manual_seed(micro_step_seed(t.seed, micro_step, accelerator.process_index))
                 batch = next(batches)
+                torch.manual_seed(micro_step_seed(t.seed, micro_step, accelerator.process_index))
                 last = micro == t.gradient_accumulation_steps - 1
                 with ExitStack() as stack:
                     if not last:
@@ -324,7 +324,8 @@ class Trainer:
                 latents = components.vae.encode(batch["pixels"].to(device, vae_dtype)).latent_dist.sample()
             latents = latents.float() * components.vae.config.scaling_factor
         bsz = latents.shape[0]
-        noise = torch.randn_like(latents)
+        # randn_like would follow the memory layout of a (non-contiguous) VAE posterior and draw differently
+        noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype)
         if t.noise_offset:
             noise = noise + t.noise_offset * torch.randn(bsz, latents.shape[1], 1, 1, device=device)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=device).long()
@@ -420,6 +421,14 @@ class Trainer:
             raise
         # Written last: its presence is what marks the output folder as complete.
         ckpt.write_json_atomic(self.output_dir / ckpt.RECORD_NAME, ckpt.make_record(self.config, artifact, components.family, step))
+
+
+def _move(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
+    # Only cast when needed: diffusers warns on (and some models special-case) explicit dtype casts.
+    if next(module.parameters()).dtype == dtype:
+        module.to(device)
+    else:
+        module.to(device, dtype=dtype)
 
 
 def _importable(name: str) -> bool:
