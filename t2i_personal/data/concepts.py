@@ -76,9 +76,9 @@ class ConceptDataset(torch.utils.data.Dataset):
 
     def _sample(self, key, rng: random.Random) -> dict:
         ex = self.example(key)
-        out = self.transform(ex.image, rng)
+        out = self.transform(ex.image, rng) if self.with_pixels else self.transform.plan(ex.image.size, rng)
         return {"key": key, "prompt": self.prompt_index[ex.prompt], "is_prior": ex.is_prior,
-                "pixels": out.pixels if self.with_pixels else None, "flipped": out.flipped,
+                "pixels": out.pixels, "flipped": out.flipped,
                 "original_size": out.original_size, "crop_top_left": out.crop_top_left}
 
     def __getitem__(self, item: tuple[int, int]) -> list[dict]:

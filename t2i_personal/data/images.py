@@ -264,10 +264,11 @@ class TransformedImage:
     ``crop_top_left`` is measured in the resized, un-flipped image (SDXL micro-conditioning).
     """
 
-    pixels: torch.Tensor  # float32, (3, resolution, resolution), in [-1, 1]
+    pixels: torch.Tensor | None  # float32, (3, resolution, resolution), in [-1, 1]; None from ``plan``
     original_size: tuple[int, int]  # (h, w) before resizing
     crop_top_left: tuple[int, int]  # (top, left)
     flipped: bool
+    resized_size: tuple[int, int] | None = None  # (w, h) after resizing the shorter side
 
 
 class ImageTransform:
@@ -286,41 +287,40 @@ class ImageTransform:
             f"random_flip={self.random_flip})"
         )
 
+    def plan(self, size: tuple[int, int], rng: random.Random) -> TransformedImage:
+        """The geometry (resized size, crop, flip) for an image of ``size`` = (width, height), without pixels.
+
+        Draws from ``rng`` exactly as ``__call__`` does, so cached-latent training sees the same flips."""
+        res = self.resolution
+        width, height = size
+        scale = res / min(width, height)
+        new_w, new_h = max(res, round(width * scale)), max(res, round(height * scale))
+        if self.center_crop:
+            # Same rounding as the diffusers training scripts, so crop coords match.
+            top, left = int(round((new_h - res) / 2.0)), int(round((new_w - res) / 2.0))
+        else:
+            # Always draw both so rng consumption does not depend on the aspect ratio.
+            top, left = rng.randint(0, new_h - res), rng.randint(0, new_w - res)
+        flipped = bool(self.random_flip and rng.random() < 0.5)
+        return TransformedImage(pixels=None, original_size=(height, width), crop_top_left=(top, left),
+                                flipped=flipped, resized_size=(new_w, new_h))
+
     def __call__(self, image: Image.Image, rng: random.Random) -> TransformedImage:
         if image.mode != "RGB":
             image = image.convert("RGB")
-        res = self.resolution
-        width, height = image.size
-        scale = res / min(width, height)
-        new_w = max(res, round(width * scale))
-        new_h = max(res, round(height * scale))
-        if (new_w, new_h) != (width, height):
+        plan = self.plan(image.size, rng)
+        res, (top, left) = self.resolution, plan.crop_top_left
+        if plan.resized_size != image.size:
             # PIL's bilinear filter widens its support when downscaling (antialiased).
-            image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
-
-        if self.center_crop:
-            # Same rounding as the diffusers training scripts, so crop coords match.
-            top = int(round((new_h - res) / 2.0))
-            left = int(round((new_w - res) / 2.0))
-        else:
-            # Always draw both so rng consumption does not depend on the aspect ratio.
-            top = rng.randint(0, new_h - res)
-            left = rng.randint(0, new_w - res)
+            image = image.resize(plan.resized_size, Image.Resampling.BILINEAR)
         image = image.crop((left, top, left + res, top + res))
-
-        flipped = bool(self.random_flip and rng.random() < 0.5)
-
         arr = np.asarray(image, dtype=np.uint8)
         pixels = torch.from_numpy(arr.copy()).permute(2, 0, 1).to(torch.float32)
         pixels = pixels / 127.5 - 1.0
-        if flipped:
+        if plan.flipped:
             pixels = pixels.flip(-1)
-        return TransformedImage(
-            pixels=pixels.contiguous(),
-            original_size=(height, width),
-            crop_top_left=(top, left),
-            flipped=flipped,
-        )
+        return TransformedImage(pixels=pixels.contiguous(), original_size=plan.original_size,
+                                crop_top_left=plan.crop_top_left, flipped=plan.flipped, resized_size=plan.resized_size)
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,36 @@
+"""Every shipped preset validates, and the quickstart's data exists on a fresh checkout."""
+
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from t2i_personal.config import load_config
+
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_presets_exist():
+    names = {p.name for p in CONFIGS}
+    assert {"quickstart.yaml", "dreambooth.yaml", "dreambooth_lora.yaml", "dreambooth_lora_sdxl.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_preset_validates(path):
+    cfg = load_config(path)
+    assert cfg.concepts and cfg.training.max_train_steps > 0
+
+
+def test_quickstart_runs_offline_on_shipped_data():
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml")
+    assert cfg.model.pretrained.startswith("builtin:")
+    folder = ROOT / cfg.concepts[0].instance_dir
+    assert len(list(folder.glob("*.png"))) >= 3
+
+
+def test_overrides_reach_nested_keys_and_lists():
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml",
+                      ["training.max_train_steps=7", "method.lora.rank=2", "concepts.0.class_noun=cat",
+                       "validation.prompts=[\"a {V} {C}\"]"])
+    assert (cfg.training.max_train_steps, cfg.method.lora.rank, cfg.concepts[0].class_noun) == (7, 2, "cat")
+    assert cfg.validation.prompts == ["a {V} {C}"]
