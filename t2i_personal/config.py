@@ -29,19 +29,19 @@ class ModelConfig(Section):
     pretrained: str = Field("builtin:tiny-sd", description="hub id, local diffusers folder, single .safetensors file or builtin:NAME")
     family: Literal["auto", "sd", "sdxl"] = "auto"
     config_dir: str | None = Field(None, description="single-file checkpoints: local diffusers folder (or hub id) holding the architecture configs")
-    revision: str | None = None
-    variant: str | None = None
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
+    variant: str | None = Field(None, description="weights variant, e.g. fp16")
     allow_pickle: bool = Field(False, description="allow .bin/.ckpt/.pt weights (pickle can run code: only for files you trust)")
 
 
 class ConceptConfig(Section):
     identifier: str = Field(..., description="rare token that names the subject, e.g. 'sks'")
     class_noun: str = Field(..., description="what the subject is, e.g. 'dog'")
-    instance_dir: str
-    instance_prompt: str = "a photo of {V} {C}"
-    class_prompt: str = "a photo of {C}"
+    instance_dir: str = Field(..., description="folder of 3-20 photos; an optional .txt next to an image is its caption ({V}/{C} allowed)")
+    instance_prompt: str = Field("a photo of {V} {C}", description="{V} = identifier, {C} = class noun")
+    class_prompt: str = Field("a photo of {C}", description="prompt of the prior samples")
     class_dir: str | None = Field(None, description="class (prior) images; missing ones are generated into it")
-    num_class_images: int = Field(100, ge=1)
+    num_class_images: int = Field(100, ge=1, description="prior: class_images uses (and generates up to) this many")
 
     @field_validator("identifier", "class_noun")
     @classmethod
@@ -52,11 +52,11 @@ class ConceptConfig(Section):
 
 
 class LoraConfig(Section):
-    rank: int = Field(4, ge=1)
+    rank: int = Field(4, ge=1, description="LoRA rank r")
     alpha: float | None = Field(None, gt=0, description="defaults to rank (scale 1.0)")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    unet_target_modules: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
-    text_encoder_target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "out_proj"]
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA branch")
+    unet_target_modules: list[str] = Field(["to_q", "to_k", "to_v", "to_out.0"], description="UNet module names that get LoRA")
+    text_encoder_target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "out_proj"], description="text-encoder module names that get LoRA")
 
     @property
     def effective_alpha(self) -> float:
@@ -64,13 +64,13 @@ class LoraConfig(Section):
 
 
 class MethodConfig(Section):
-    name: Literal["dreambooth"] = "dreambooth"
-    adapter: Literal["full", "lora"] = "full"
-    train_unet: bool = True
-    train_text_encoder: bool = False
+    name: Literal["dreambooth"] = Field("dreambooth", description="the personalization method")
+    adapter: Literal["full", "lora"] = Field("full", description="train the weights themselves or a LoRA (peft) on them")
+    train_unet: bool = Field(True, description="train the UNet")
+    train_text_encoder: bool = Field(False, description="also train the text encoder(s) (both for SDXL)")
     lora: LoraConfig = LoraConfig()
-    prior: Literal["none", "class_images", "base_prediction"] = "none"
-    prior_loss_weight: float = Field(1.0, ge=0.0)
+    prior: Literal["none", "class_images", "base_prediction"] = Field("none", description="prior preservation: generated/supplied class images, or the frozen base model's prediction as target")
+    prior_loss_weight: float = Field(1.0, ge=0.0, description="lambda of the prior term")
 
     @model_validator(mode="after")
     def _consistent(self) -> "MethodConfig":
@@ -84,14 +84,14 @@ class MethodConfig(Section):
 
 
 class DataConfig(Section):
-    resolution: int = Field(512, ge=8)
-    center_crop: bool = True
-    random_flip: bool = False
-    num_workers: int = Field(0, ge=0)
-    max_image_pixels: int = Field(64_000_000, ge=1)
-    class_generation_steps: int = Field(25, ge=1)
-    class_generation_guidance: float = 7.5
-    class_generation_batch_size: int = Field(4, ge=1)
+    resolution: int = Field(512, ge=8, description="square training size in pixels (multiple of 8)")
+    center_crop: bool = Field(True, description="center crop after resizing (false: random crop)")
+    random_flip: bool = Field(False, description="horizontal flip with probability 0.5")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    max_image_pixels: int = Field(64_000_000, ge=1, description="larger images are refused (decompression bombs)")
+    class_generation_steps: int = Field(25, ge=1, description="sampling steps for generated class images")
+    class_generation_guidance: float = Field(7.5, description="CFG scale for generated class images")
+    class_generation_batch_size: int = Field(4, ge=1, description="images per generation batch")
 
     @field_validator("resolution")
     @classmethod
@@ -103,56 +103,56 @@ class DataConfig(Section):
 
 class ValidationConfig(Section):
     prompts: list[str] = Field(default_factory=list, description="{V}/{C} are filled from the first concept")
-    negative_prompt: str | None = None
-    every_n_steps: int = Field(100, ge=1)
-    num_images_per_prompt: int = Field(2, ge=1)
-    num_inference_steps: int = Field(25, ge=1)
-    guidance_scale: float = 7.5
-    seed: int = 0
+    negative_prompt: str | None = Field(None, description="negative prompt for validation images")
+    every_n_steps: int = Field(100, ge=1, description="validation grid every N steps (and at the end)")
+    num_images_per_prompt: int = Field(2, ge=1, description="grid columns")
+    num_inference_steps: int = Field(25, ge=1, description="sampling steps")
+    guidance_scale: float = Field(7.5, description="CFG scale")
+    seed: int = Field(0, description="validation images use seeds seed, seed+1, ... per prompt")
 
 
 class TrainingConfig(Section):
-    output_dir: str = "outputs/run"
-    seed: int = 0
-    max_train_steps: int = Field(400, ge=1)
-    train_batch_size: int = Field(1, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    learning_rate: float = Field(5e-6, gt=0)
-    text_encoder_learning_rate: float | None = Field(None, gt=0)
+    output_dir: str = Field("outputs/run", description="results, checkpoints/, validation/, logs/")
+    seed: int = Field(0, description="seeds data order, augmentation, noise, timesteps and adapter init")
+    max_train_steps: int = Field(400, ge=1, description="optimizer steps")
+    train_batch_size: int = Field(1, ge=1, description="instance images per step per process (prior samples are added)")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    learning_rate: float = Field(5e-6, gt=0, description="UNet learning rate (use ~1e-4 for LoRA)")
+    text_encoder_learning_rate: float | None = Field(None, gt=0, description="defaults to learning_rate")
     scale_lr: bool = Field(False, description="multiply learning rates by batch size x accumulation x processes")
     lr_scheduler: Literal[LR_SCHEDULERS] = "constant"  # type: ignore[valid-type]
-    lr_warmup_steps: int = Field(0, ge=0)
-    lr_num_cycles: int = Field(1, ge=1)
-    lr_power: float = 1.0
-    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
+    lr_warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
+    lr_num_cycles: int = Field(1, ge=1, description="cosine_with_restarts cycles")
+    lr_power: float = Field(1.0, description="polynomial decay power")
+    optimizer: Literal["adamw", "adamw_8bit"] = Field("adamw", description="adamw_8bit needs bitsandbytes")
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
-    adam_weight_decay: float = Field(1e-2, ge=0)
+    adam_weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay")
     adam_epsilon: float = Field(1e-8, gt=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    gradient_checkpointing: bool = False
+    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping (null: off)")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="trainable weights stay float32; frozen ones are cast")
+    gradient_checkpointing: bool = Field(False, description="recompute activations: less memory, ~30% slower")
     attention: Literal["auto", "sdpa", "xformers"] = Field("auto", description="auto: xformers when installed on CUDA, else SDPA")
-    allow_tf32: bool = False
+    allow_tf32: bool = Field(False, description="TF32 matmuls on Ampere+ GPUs")
     prediction_type: Literal["epsilon", "v_prediction"] | None = Field(None, description="default: the base model's scheduler")
-    noise_offset: float = Field(0.0, ge=0)
+    noise_offset: float = Field(0.0, ge=0, description="offset noise strength (0.05-0.1 helps very dark/bright images)")
     snr_gamma: float | None = Field(None, gt=0, description="min-SNR weighting; 5.0 is the paper's value")
-    cache_latents: bool = False
-    cache_text_embeddings: bool = False
-    checkpointing_steps: int = Field(500, ge=1)
-    checkpoints_total_limit: int | None = Field(None, ge=1)
+    cache_latents: bool = Field(False, description="encode every image (and its flip) once; needs center_crop")
+    cache_text_embeddings: bool = Field(False, description="encode every prompt once; not with train_text_encoder")
+    checkpointing_steps: int = Field(500, ge=1, description="resumable checkpoint (with an inference artifact) every N steps")
+    checkpoints_total_limit: int | None = Field(None, ge=1, description="keep only the newest N checkpoints")
     resume: str | None = Field(None, description="'latest' or a checkpoint folder")
     stop_after_step: int | None = Field(None, ge=1, description="stop early after this step's checkpoint (resumable)")
-    report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
-    progress_bar: bool = True
+    report_to: Literal["tensorboard", "wandb", "none"] = Field("tensorboard", description="logs go to output_dir/logs")
+    progress_bar: bool = Field(True, description="tqdm bar with the loss")
 
 
 class ExportConfig(Section):
     kohya_lora: bool = Field(True, description="LoRA: also write an A1111/ComfyUI (kohya keys) file")
-    save_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    save_dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="dtype of exported weights")
     single_file: bool = Field(False, description="full fine-tunes: also write model.safetensors in the original "
                               "SD checkpoint layout (A1111 / ComfyUI)")
-    inference_artifact_in_checkpoints: bool = True
+    inference_artifact_in_checkpoints: bool = Field(True, description="each checkpoint also holds inference/ (load_personalized works on it)")
 
 
 class TrainConfig(Section):
@@ -285,3 +285,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def config_to_dict(config: TrainConfig) -> dict:
     return config.model_dump(mode="json")
+
+
+def config_reference_markdown() -> str:
+    """Every config key with its default and help text, as Markdown (the README's reference is generated from this)."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    sections = [("model", ModelConfig), ("concepts[]", ConceptConfig), ("method", MethodConfig),
+                ("method.lora", LoraConfig), ("data", DataConfig), ("training", TrainingConfig),
+                ("validation", ValidationConfig), ("export", ExportConfig)]
+    for prefix, cls in sections:
+        for name, field in cls.model_fields.items():
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                continue
+            default = "required" if field.is_required() else (
+                "[]" if field.default_factory is not None else repr(field.default).replace("|", "\\|"))
+            help_text = (field.description or "").replace("|", "\\|")
+            annotation = getattr(field.annotation, "__args__", None)
+            if annotation and all(isinstance(a, str) for a in annotation):
+                help_text = (help_text + " " if help_text else "") + "one of: " + ", ".join(annotation)
+            lines.append(f"| `{prefix}.{name}` | `{default}` | {help_text} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(config_reference_markdown())

@@ -1,0 +1,18 @@
+"""The README documents every config key and shows the three commands CI runs."""
+
+from conftest import ROOT
+from t2i_personal.config import config_reference_markdown
+
+
+def test_readme_config_reference_is_current():
+    readme = (ROOT / "README.md").read_text()
+    assert config_reference_markdown() in readme, "regenerate the reference: python -m t2i_personal.config"
+
+
+def test_readme_top_commands():
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("```bash", 1)[1].split("```", 1)[0].strip().splitlines()
+    assert block == ['pip install -e ".[dev]"', "accelerate launch train/train.py --config configs/quickstart.yaml",
+                     "python -m pytest -q"]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert block[0] in ci and block[2] in ci
