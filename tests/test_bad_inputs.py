@@ -154,3 +154,11 @@ def test_unrecognised_model_source():
         load_components("not a model")
     with pytest.raises(ModelLoadError, match="unknown built-in"):
         load_components("builtin:huge")
+
+
+def test_lora_targets_that_match_nothing(concept_dir, tmp_path):
+    cfg = base_config(concept_dir, tmp_path / "out", method={"name": "dreambooth", "adapter": "lora",
+                                                             "lora": {"unet_target_modules": ["no_such_layer"]}})
+    with pytest.raises(ConfigError, match="unet_target_modules"):
+        run_training(cfg)
+    assert not (tmp_path / "out" / "personalization.json").exists()

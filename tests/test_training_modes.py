@@ -25,6 +25,8 @@ MODES = {
     "full+te": ({"adapter": "full", "train_text_encoder": True}, {"unet", "text_encoder"}, "tiny-sd"),
     "lora": ({"adapter": "lora", "lora": {"rank": 2}}, {"unet:lora"}, "tiny-sd"),
     "lora+te": ({"adapter": "lora", "train_text_encoder": True}, {"unet:lora", "text_encoder:lora"}, "tiny-sd"),
+    "lora+te-checkpointing": ({"adapter": "lora", "train_text_encoder": True}, {"unet:lora", "text_encoder:lora"},
+                              "tiny-sd"),
     "te-only-lora": ({"adapter": "lora", "train_unet": False, "train_text_encoder": True}, {"text_encoder:lora"}, "tiny-sd"),
     "sdxl-lora": ({"adapter": "lora"}, {"unet:lora"}, "tiny-sdxl"),
     "sdxl-lora+te": ({"adapter": "lora", "train_text_encoder": True},
@@ -42,6 +44,8 @@ def test_mode_trains_only_what_it_should(mode, concept_dir, tmp_path):
     method, trained, model = MODES[mode]
     cfg = base_config(concept_dir, tmp_path / "out", method={"name": "dreambooth", **method},
                       model={"pretrained": f"builtin:{model}"})
+    if "checkpointing" in mode:
+        cfg["training"]["gradient_checkpointing"] = True
     if model == "tiny-sd2":
         cfg["training"].update(snr_gamma=5.0, noise_offset=0.05)
     trainer = run_training(cfg)

@@ -32,7 +32,8 @@ def read_record(folder: str | Path) -> tuple[Path, dict]:
     return folder, record
 
 
-def load_personalized_components(output_dir: str | Path, dtype: torch.dtype | None = None) -> tuple[Components, dict]:
+def load_personalized_components(output_dir: str | Path, dtype: torch.dtype | None = None) -> tuple[Components, Path, dict]:
+    """The base (or fully fine-tuned) components of a result, the folder holding its artifact, and its record."""
     folder, record = read_record(output_dir)
     artifact = record["artifact"]
     if artifact["type"] == "pipeline":
@@ -40,13 +41,12 @@ def load_personalized_components(output_dir: str | Path, dtype: torch.dtype | No
     else:
         base = {k: v for k, v in record["base_model"].items() if k in ModelConfig.model_fields}
         components = load_components(ModelConfig(**base), dtype=dtype)
-    return components, record
+    return components, folder, record
 
 
 def load_personalized(output_dir: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
     """A ready diffusers pipeline for a trained result: a finished output folder or a checkpoint folder."""
-    components, record = load_personalized_components(output_dir, dtype)
-    folder, _ = read_record(output_dir)
+    components, folder, record = load_personalized_components(output_dir, dtype)
     pipe = components.pipeline()
     method = METHODS.get(record["method"])
     if method is None:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..errors import ConfigError
 from ..models.components import Components
 from .base import Method, TrainStep, denoise, weighted_mse
 
@@ -54,18 +55,23 @@ class DreamBooth(Method):
             for name in self.trained:
                 getattr(components, name).requires_grad_(True)
             return
+        if self.config.train_unet:
+            self._add_lora(components.unet, "unet_target_modules")
+        if self.config.train_text_encoder:
+            for name in self._text_encoder_names(components):
+                self._add_lora(getattr(components, name), "text_encoder_target_modules")
+
+    def _add_lora(self, module: torch.nn.Module, targets_key: str) -> None:
         from peft import LoraConfig
 
         lora = self.config.lora
-        if self.config.train_unet:
-            components.unet.add_adapter(LoraConfig(
-                r=lora.rank, lora_alpha=lora.effective_alpha, lora_dropout=lora.dropout,
-                init_lora_weights="gaussian", target_modules=list(lora.unet_target_modules)))
-        if self.config.train_text_encoder:
-            for name in self._text_encoder_names(components):
-                getattr(components, name).add_adapter(LoraConfig(
-                    r=lora.rank, lora_alpha=lora.effective_alpha, lora_dropout=lora.dropout,
-                    init_lora_weights="gaussian", target_modules=list(lora.text_encoder_target_modules)))
+        targets = list(getattr(lora, targets_key))
+        try:
+            module.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.effective_alpha, lora_dropout=lora.dropout,
+                                          init_lora_weights="gaussian", target_modules=targets))
+        except ValueError as exc:  # peft: no module matched
+            raise ConfigError(f"method.lora.{targets_key} = {targets} matches no module of the "
+                              f"{type(module).__name__}: {exc}") from exc
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         return list(self._frozen.values())

@@ -79,11 +79,12 @@ class Components:
     def encode(self, input_ids: list[torch.Tensor], text_encoders: list | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(encoder_hidden_states, pooled) exactly as the matching diffusers pipeline conditions the UNet."""
         encoders = text_encoders or self.text_encoders
+        # next(parameters()) rather than .device: the encoder may be wrapped (DistributedDataParallel)
         if self.family == "sd":
-            return encoders[0](input_ids[0].to(encoders[0].device))[0], None
+            return encoders[0](input_ids[0].to(next(encoders[0].parameters()).device))[0], None
         hidden, pooled = [], None
         for encoder, ids in zip(encoders, input_ids):
-            out = encoder(ids.to(encoder.device), output_hidden_states=True)
+            out = encoder(ids.to(next(encoder.parameters()).device), output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
             pooled = out[0]  # the last encoder's projected pooled output
         return torch.cat(hidden, dim=-1), pooled

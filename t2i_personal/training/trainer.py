@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import time
 from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,6 +47,22 @@ def micro_step_seed(seed: int, micro_step: int, rank: int) -> int:
     return (seed * 1_000_003 + micro_step * 7_919 + rank) % (2**63 - 1)
 
 
+@dataclass
+class _StepState:
+    """What every micro-step reads, fixed once training starts."""
+
+    components: Components
+    method: object
+    wrapped: dict  # trained modules as accelerate prepared them (DDP-wrapped on several GPUs)
+    noise_scheduler: object
+    prediction_type: str
+    prompt_ids: list[torch.Tensor]
+    latent_cache: dict | None
+    text_cache: tuple | None
+    accelerator: Accelerator
+    vae_dtype: torch.dtype
+
+
 class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = config
@@ -74,11 +91,6 @@ class Trainer:
         if t.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
         return accelerator
-
-    def _prompts(self, components: Components, instances: list[Example], priors) -> tuple[list[str], dict[str, int]]:
-        prompts = sorted({e.prompt for e in instances} | {e.prompt for group in (priors or []) for e in group})
-        index = {p: i for i, p in enumerate(prompts)}
-        return prompts, index
 
     def _prior_examples(self, components: Components, instances: list[Example], accelerator) -> list[list[Example]] | None:
         cfg, d = self.config, self.config.data
@@ -129,7 +141,9 @@ class Trainer:
                 components.unet.enable_gradient_checkpointing()
             for name in ("text_encoder", "text_encoder_2"):
                 if name in method.trained:
-                    getattr(components, name).gradient_checkpointing_enable()
+                    # non-reentrant: with frozen embeddings the reentrant variant would give LoRA no gradient
+                    getattr(components, name).gradient_checkpointing_enable(
+                        gradient_checkpointing_kwargs={"use_reentrant": False})
         self._set_attention(components, accelerator)
 
     def _check_optional_dependencies(self) -> None:
@@ -181,10 +195,6 @@ class Trainer:
                 cache[(key, flipped)] = (dist.mean[0], dist.std[0])
         return cache
 
-    @torch.no_grad()
-    def _cache_text(self, components, input_ids) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return components.encode(input_ids)
-
     # ------------------------------------------------------------------ run
 
     def train(self) -> Path:
@@ -196,7 +206,8 @@ class Trainer:
         weight_dtype = DTYPES[t.mixed_precision]
         components = load_components(cfg.model)
         priors = self._prior_examples(components, instances, accelerator)
-        prompts, prompt_index = self._prompts(components, instances, priors)
+        prompts = sorted({e.prompt for e in instances} | {e.prompt for group in (priors or []) for e in group})
+        prompt_index = {p: i for i, p in enumerate(prompts)}
         prompt_ids = components.tokenize(prompts)  # raises on prompts longer than the encoder's window
         validation_prompts = [render_prompt(p, cfg.concepts[0].identifier, cfg.concepts[0].class_noun)
                               for p in cfg.validation.prompts]
@@ -218,7 +229,8 @@ class Trainer:
         dataset = ConceptDataset(instances, priors, ImageTransform(d.resolution, d.center_crop, d.random_flip),
                                  prompt_index, t.seed, with_pixels=not t.cache_latents)
         latent_cache = self._cache_latents(components, dataset, accelerator, vae_dtype) if t.cache_latents else None
-        text_cache = self._cache_text(components, prompt_ids) if t.cache_text_embeddings else None
+        with torch.no_grad():
+            text_cache = components.encode(prompt_ids) if t.cache_text_embeddings else None
 
         scale = t.train_batch_size * t.gradient_accumulation_steps * accelerator.num_processes if t.scale_lr else 1
         lr, te_lr = t.learning_rate * scale, (t.text_encoder_learning_rate or t.learning_rate) * scale
@@ -261,9 +273,8 @@ class Trainer:
         stop_at = t.stop_after_step or t.max_train_steps
         bar = tqdm(total=t.max_train_steps, initial=global_step, desc="training", unit="step",
                    disable=not (t.progress_bar and accelerator.is_local_main_process))
-        step_ctx = dict(components=components, method=method, wrapped=wrapped, noise_scheduler=noise_scheduler,
-                        prompt_ids=prompt_ids, latent_cache=latent_cache, text_cache=text_cache,
-                        accelerator=accelerator, vae_dtype=vae_dtype, prediction_type=prediction_type)
+        self._step_state = _StepState(components, method, wrapped, noise_scheduler, prediction_type, prompt_ids,
+                                      latent_cache, text_cache, accelerator, vae_dtype)
         self.step_seconds: list[float] = []  # per optimizer step (loss.item() synchronises), for benchmarks
         while global_step < stop_at:
             step_started = time.perf_counter()
@@ -277,7 +288,7 @@ class Trainer:
                     if not last:
                         for name in trained_names:
                             stack.enter_context(accelerator.no_sync(wrapped[name]))
-                    terms = self._micro_step(batch, **step_ctx)
+                    terms = self._micro_step(batch)
                     loss = sum(terms.values())
                     accelerator.backward(loss / t.gradient_accumulation_steps)
                 for k, v in terms.items():
@@ -316,16 +327,19 @@ class Trainer:
         accelerator.end_training()
         return self.output_dir
 
-    def _micro_step(self, batch, *, components, method, wrapped, noise_scheduler, prompt_ids, latent_cache, text_cache,
-                    accelerator, vae_dtype, prediction_type) -> dict[str, torch.Tensor]:
-        t, device = self.config.training, accelerator.device
+    def _micro_step(self, batch) -> dict[str, torch.Tensor]:
+        """One forward pass: latents, noise, timesteps, conditioning, prediction; the method turns it into loss terms."""
+        st, t = self._step_state, self.config.training
+        components, method, wrapped, noise_scheduler = st.components, st.method, st.wrapped, st.noise_scheduler
+        accelerator, device, prediction_type = st.accelerator, st.accelerator.device, st.prediction_type
+        latent_cache, text_cache, prompt_ids = st.latent_cache, st.text_cache, st.prompt_ids
         with torch.no_grad():
             if latent_cache is not None:
                 means, stds = zip(*(latent_cache[(k, f)] for k, f in zip(batch["key"], batch["flipped"])))
                 mean, std = torch.stack(means), torch.stack(stds)
                 latents = mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
             else:
-                latents = components.vae.encode(batch["pixels"].to(device, vae_dtype)).latent_dist.sample()
+                latents = components.vae.encode(batch["pixels"].to(device, st.vae_dtype)).latent_dist.sample()
             latents = latents.float() * components.vae.config.scaling_factor
         bsz = latents.shape[0]
         # randn_like would follow the memory layout of a (non-contiguous) VAE posterior and draw differently
