@@ -73,3 +73,14 @@ def test_stream_sampler_is_a_pure_function_of_the_step():
     assert sorted(seen[:5]) == list(range(5)), "each epoch is a permutation"
     shards = [StreamBatchSampler(5, 2, 7, num_processes=2, rank=r).batch(0) for r in (0, 1)]
     assert shards[0] + shards[1] == StreamBatchSampler(5, 4, 7).batch(0), "processes split one global batch"
+
+
+def test_8bit_adamw_keeps_quantised_state(concept_dir, tmp_path):
+    bnb = pytest.importorskip("bitsandbytes", reason="the [dev] extra installs bitsandbytes")
+    trainer = run_training(base_config(concept_dir, tmp_path / "out", method={"name": "dreambooth", "adapter": "full"},
+                                       training={"optimizer": "adamw_8bit", "max_train_steps": 2}))
+    assert (tmp_path / "out" / "personalization.json").exists()
+    states = [st for st in trainer.optimizer.optimizer.state.values() if "state1" in st]
+    # bitsandbytes keeps tensors under 4096 elements in 32 bits; the large conv kernels must be 8-bit
+    assert states and any(st["state1"].dtype == torch.uint8 for st in states), "moments must be stored in 8 bits"
+    assert isinstance(trainer.optimizer.optimizer, bnb.optim.AdamW8bit)

@@ -248,6 +248,7 @@ class Trainer:
         prepared = accelerator.prepare(*[getattr(components, n) for n in trained_names], optimizer, lr_scheduler)
         wrapped = dict(zip(trained_names, prepared[: len(trained_names)]))
         optimizer, lr_scheduler = prepared[len(trained_names):]
+        self.optimizer = optimizer
         accelerator.register_save_state_pre_hook(lambda models, weights, out: weights.clear())
         accelerator.register_load_state_pre_hook(lambda models, inp: models.clear())
 
