@@ -405,20 +405,13 @@ def _sdxl_pipeline(tokenizer_files) -> StableDiffusionXLPipeline:
     # carries the `resblocks.9` key diffusers uses to recognise an SDXL base checkpoint.
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **{**SD1_UNET, "cross_attention_dim": 32 + 48},
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         transformer_layers_per_block=(1, 2),
         projection_class_embeddings_input_dim=6 * 8 + 32,
-        cross_attention_dim=32 + 48,
         norm_num_groups=1,
     )
     torch.manual_seed(1)

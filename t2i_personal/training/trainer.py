@@ -431,6 +431,7 @@ class Trainer:
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-")) if accelerator.is_main_process else None
         tmp = Path(accelerator.gather_for_metrics([str(tmp)])[0]) if accelerator.num_processes > 1 else tmp
         accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()  # every rank has written its part before the folder is published
         if accelerator.is_main_process:
             state = {k: v.detach().to("cpu").contiguous() for k, v in method.trainable_state_dict(components).items()}
             save_file(state, str(tmp / "trainable.safetensors"))
