@@ -92,7 +92,13 @@ def test_contradictory_options(overrides, message):
         load_config(None, overrides, base=base)
 
 
-def test_missing_optional_packages_fail_before_writing(concept_dir, tmp_path):
+def test_unavailable_options_fail_before_writing(concept_dir, tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="fp16.*needs a GPU"):
+            run_training(base_config(concept_dir, tmp_path / "out", training={"mixed_precision": "fp16"}))
+        assert_not_complete(tmp_path / "out")
     for key, value, package in [("attention", "xformers", "xformers"), ("optimizer", "adamw_8bit", "bitsandbytes")]:
         try:
             __import__(package)

@@ -84,3 +84,14 @@ def test_8bit_adamw_keeps_quantised_state(concept_dir, tmp_path):
     # bitsandbytes keeps tensors under 4096 elements in 32 bits; the large conv kernels must be 8-bit
     assert states and any(st["state1"].dtype == torch.uint8 for st in states), "moments must be stored in 8 bits"
     assert isinstance(trainer.optimizer.optimizer, bnb.optim.AdamW8bit)
+
+
+def test_dataloader_workers_do_not_change_the_result(concept_dir, tmp_path):
+    """Items are pure functions of (index, epoch, seed): worker processes see exactly what the main process would."""
+    common = dict(method={"name": "dreambooth", "adapter": "lora"})
+    a = run_training(base_config(concept_dir, tmp_path / "a", **common,
+                                 data={"resolution": 32, "random_flip": True, "center_crop": False}))
+    b = run_training(base_config(concept_dir, tmp_path / "b", **common,
+                                 data={"resolution": 32, "random_flip": True, "center_crop": False, "num_workers": 2}))
+    sa, sb = lora_state(a), lora_state(b)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)

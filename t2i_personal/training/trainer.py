@@ -155,6 +155,8 @@ class Trainer:
         if t.optimizer == "adamw_8bit" and not _importable("bitsandbytes"):
             raise ConfigError("training.optimizer is 'adamw_8bit' but bitsandbytes is not installed: "
                               "pip install 't2i-personal[bnb]', or use optimizer: adamw")
+        if t.mixed_precision == "fp16" and not (torch.cuda.is_available() or torch.backends.mps.is_available()):
+            raise ConfigError("training.mixed_precision is 'fp16', which needs a GPU; on a CPU use bf16 or no")
         if t.report_to == "wandb" and not _importable("wandb"):
             raise ConfigError("training.report_to is 'wandb' but wandb is not installed: pip install wandb, "
                               "or use report_to: tensorboard")
