@@ -10,41 +10,61 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from ..inference.sampling import generate
 from .images import list_image_files, save_image_atomic
 
+GENERATED = re.compile(r"^\d{5}-[0-9a-f]{16}\.png$")
 
-def default_class_dir(source: str, prompt: str, resolution: int, steps: int, guidance: float) -> Path:
+
+def default_class_dir(source: str, prompt: str, resolution: int, steps: int, guidance: float, *,
+                      revision: str | None = None, variant: str | None = None, seed: int = 0) -> Path:
     """Cache folder keyed by everything that changes the generated images."""
     root = os.environ.get("T2I_PERSONAL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "t2i-personal")
-    key = hashlib.sha1(f"{source}|{prompt}|{resolution}|{steps}|{guidance}".encode()).hexdigest()[:16]
+    key = hashlib.sha1(f"{source}|{revision}|{variant}|{prompt}|{resolution}|{steps}|{guidance}|{seed}".encode()).hexdigest()[:16]
     slug = "".join(ch if ch.isalnum() else "-" for ch in prompt.lower()).strip("-")[:40]
     return Path(root) / "class-images" / f"{slug}-{key}"
 
 
+def missing_indices(folder: Path, num_images: int) -> list[int]:
+    """Indices of generated images still absent; user-supplied files (other names) count towards the total."""
+    present, supplied = set(), 0
+    for path in list_image_files(folder) if folder.is_dir() else []:
+        if GENERATED.match(path.name):
+            present.add(int(path.name[:5]))
+        else:
+            supplied += 1
+    return [i for i in range(max(0, num_images - supplied)) if i not in present]
+
+
 def ensure_class_images(pipeline_factory, folder: Path, prompt: str, num_images: int, *, resolution: int,
                         steps: int, guidance: float, batch_size: int, seed: int, device: torch.device,
-                        autocast_dtype: torch.dtype | None = None) -> int:
-    """Generate the missing class images into ``folder``; return how many were generated."""
+                        autocast_dtype: torch.dtype | None = None, rank: int = 0, world_size: int = 1,
+                        barrier=lambda: None) -> int:
+    """Generate this process's share of the missing class images into ``folder``; return how many it made.
+
+    Every process lists the folder before any writes (``barrier``), then takes every ``world_size``-th missing
+    index, so several GPUs split the work and the result does not depend on how many there were.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    existing = len(list_image_files(folder))
-    missing = num_images - existing
-    if missing <= 0:
+    missing = missing_indices(folder, num_images)
+    barrier()
+    mine = missing[rank::world_size]
+    if not mine:
         return 0
-    pipe = pipeline_factory()
+    pipe = pipeline_factory().to(device)
     pipe.set_progress_bar_config(disable=True)
-    indices = list(range(existing, num_images))
-    bar = tqdm(total=missing, desc=f"class images '{prompt}'", unit="img")
-    for start in range(0, missing, batch_size):
-        chunk = indices[start:start + batch_size]
+    bar = tqdm(total=len(mine), desc=f"class images '{prompt}'", unit="img", disable=rank != 0)
+    for start in range(0, len(mine), batch_size):
+        chunk = mine[start:start + batch_size]
         generators = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in chunk]
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            images = pipe([prompt] * len(chunk), num_inference_steps=steps, guidance_scale=guidance,
-                          height=resolution, width=resolution, generator=generators).images
+        images = generate(pipe, [prompt] * len(chunk), generators=generators, autocast_dtype=autocast_dtype,
+                          num_inference_steps=steps, guidance_scale=guidance, height=resolution, width=resolution)
         for i, image in zip(chunk, images):
             buf = io.BytesIO()
             image.save(buf, format="PNG")
@@ -52,4 +72,4 @@ def ensure_class_images(pipeline_factory, folder: Path, prompt: str, num_images:
             save_image_atomic(image, folder / f"{i:05d}-{digest}.png")
         bar.update(len(chunk))
     bar.close()
-    return missing
+    return len(mine)

@@ -14,27 +14,65 @@ import tempfile
 from pathlib import Path
 
 from .. import __version__
+from ..errors import ConfigError
 
 RECORD_NAME = "personalization.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 FORMAT_VERSION = 1
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2))
+
+
+# Keys that may change between a stop and a resume without changing what is computed.
+RESUME_FREE_KEYS = {"training.output_dir", "training.resume", "training.stop_after_step", "training.checkpointing_steps",
+                    "training.checkpoints_total_limit", "training.report_to", "training.progress_bar",
+                    "data.num_workers"}
+RESUME_FREE_SECTIONS = ("validation.", "export.")
+
+
+def check_resume_config(checkpoint: Path, config) -> None:
+    """A resume must continue the same computation: refuse settings that differ from the checkpoint's."""
+    saved = json.loads((checkpoint / "trainer_state.json").read_text()).get("config")
+    if saved is None:
+        return
+    flat_old, flat_new = flatten(saved), flatten(config.model_dump(mode="json"))
+    changed = sorted(k for k in set(flat_old) | set(flat_new)
+                     if flat_old.get(k) != flat_new.get(k) and k not in RESUME_FREE_KEYS
+                     and not k.startswith(RESUME_FREE_SECTIONS))
+    if changed:
+        details = "; ".join(f"{k}: {flat_old.get(k)!r} -> {flat_new.get(k)!r}" for k in changed[:8])
+        raise ConfigError(f"training.resume = {checkpoint} was trained with different settings ({details}). Resume with "
+                          "the same config (only output, checkpointing, logging, validation and export keys may change), "
+                          "or start a new run.")
+
+
+def flatten(tree, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def make_record(config, artifact: dict, components_family: str, step: int) -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "t2i_personal_version": __version__,
-        "base_model": config.model.model_dump(mode="json"),
+        "base_model": _portable_model(config.model.model_dump(mode="json")),
         "family": components_family,
         "method": config.method.name,
         "adapter": getattr(config.method, "adapter", None),
@@ -45,6 +83,15 @@ def make_record(config, artifact: dict, components_family: str, step: int) -> di
         "seed": config.training.seed,
         "config": config.model_dump(mode="json"),
     }
+
+
+def _portable_model(model: dict) -> dict:
+    """Local model paths made absolute, so a result loads from any working directory."""
+    for key in ("pretrained", "config_dir"):
+        value = model.get(key)
+        if value and not value.startswith("builtin:") and Path(value).expanduser().exists():
+            model[key] = str(Path(value).expanduser().resolve())
+    return model
 
 
 def checkpoint_dir(output_dir: Path, step: int) -> Path:

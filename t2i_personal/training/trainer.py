@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
+import os
 import shutil
 import tempfile
 import time
@@ -21,7 +21,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_snr
 from safetensors.torch import load_file, save_file
@@ -34,6 +34,7 @@ from ..data.concepts import (ConceptDataset, Example, StreamBatchSampler, class_
 from ..data.images import ImageTransform, load_image_folder, make_image_grid, save_image_atomic
 from ..data.priors import default_class_dir, ensure_class_images
 from ..errors import ConfigError
+from ..inference.sampling import generate
 from ..methods import Conditioning, TrainStep, build_method, denoise
 from ..models.components import Components, sdxl_time_ids
 from ..models.loading import load_components
@@ -67,16 +68,21 @@ class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = config
         self.output_dir = Path(config.training.output_dir)
+        launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION")
+        if "mixed_precision" not in config.training.model_fields_set and launcher_precision:
+            # `accelerate config` / `accelerate launch --mixed_precision` decide unless the YAML says otherwise
+            config.training.mixed_precision = launcher_precision
 
     # ------------------------------------------------------------------ setup
 
     def _check_output_dir(self) -> Path | None:
         t = self.config.training
-        resume = ckpt.resolve_resume(self.output_dir, t.resume)
-        if (self.output_dir / ckpt.RECORD_NAME).exists() and resume is None:
-            raise ConfigError(f"{self.output_dir} already holds a finished run ({ckpt.RECORD_NAME} exists). Choose a new "
-                              "training.output_dir, or resume: latest to continue from its last checkpoint.")
-        return resume
+        if (self.output_dir / ckpt.RECORD_NAME).exists():
+            raise ConfigError(
+                f"{self.output_dir} already holds a finished run ({ckpt.RECORD_NAME} exists) and is never overwritten. "
+                "Choose a new training.output_dir; to train on from one of its checkpoints, also set training.resume "
+                f"to that folder, e.g. {self.output_dir / 'checkpoints' / 'checkpoint-000100'}.")
+        return ckpt.resolve_resume(self.output_dir, t.resume)
 
     def _setup_accelerator(self) -> Accelerator:
         t = self.config.training
@@ -84,8 +90,10 @@ class Trainer:
         # accelerate keeps mixed precision in a process-wide singleton; the demo and tests train several times in
         # one process, so forget the previous run's choice (the distributed state itself is kept).
         AcceleratorState._reset_state(reset_partial_state=False)
+        # SDXL conditions on text_encoder's penultimate layer, so its last layer gets no gradient: DDP must allow it
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=self.config.method.train_text_encoder)
         accelerator = Accelerator(
-            mixed_precision=t.mixed_precision, log_with=report,
+            mixed_precision=t.mixed_precision, log_with=report, kwargs_handlers=[ddp],
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
         )
         if t.allow_tf32 and torch.cuda.is_available():
@@ -103,15 +111,16 @@ class Trainer:
                 groups.append([Example(e.image, e.path, prompt, ci, True) for e in instances if e.concept == ci])
                 continue
             folder = Path(concept.class_dir) if concept.class_dir else default_class_dir(
-                components.source, prompt, d.resolution, d.class_generation_steps, d.class_generation_guidance)
-            if accelerator.is_main_process:
-                made = ensure_class_images(
-                    lambda: components.pipeline(), folder, prompt, concept.num_class_images,
-                    resolution=d.resolution, steps=d.class_generation_steps, guidance=d.class_generation_guidance,
-                    batch_size=d.class_generation_batch_size, seed=cfg.training.seed, device=accelerator.device,
-                    autocast_dtype=None if cfg.training.mixed_precision == "no" else DTYPES[cfg.training.mixed_precision])
-                if made:
-                    logger.info("generated %d class images for %r in %s", made, prompt, folder)
+                components.source, prompt, d.resolution, d.class_generation_steps, d.class_generation_guidance,
+                revision=cfg.model.revision, variant=cfg.model.variant, seed=cfg.training.seed)
+            made = ensure_class_images(
+                components.pipeline, folder, prompt, concept.num_class_images, resolution=d.resolution,
+                steps=d.class_generation_steps, guidance=d.class_generation_guidance,
+                batch_size=d.class_generation_batch_size, seed=cfg.training.seed, device=accelerator.device,
+                autocast_dtype=None if cfg.training.mixed_precision == "no" else DTYPES[cfg.training.mixed_precision],
+                rank=accelerator.process_index, world_size=accelerator.num_processes, barrier=accelerator.wait_for_everyone)
+            if made:
+                logger.info("generated %d class images for %r in %s", made, prompt, folder)
             accelerator.wait_for_everyone()
             loaded = load_image_folder(folder, what=f"class images of concept '{concept.identifier}'", max_pixels=d.max_image_pixels)
             groups.append([Example(img, path, prompt, ci, True) for path, img in loaded[: concept.num_class_images]])
@@ -127,11 +136,10 @@ class Trainer:
             if module is None:
                 continue
             if name in method.trained:
-                # Trainable tensors stay float32 (mixed precision autocasts); frozen ones (LoRA's base) are cast.
+                # Trainable tensors are float32 (mixed precision autocasts); frozen ones (LoRA's base) are cast.
                 module.to(device)
                 for p in module.parameters():
-                    if not p.requires_grad:
-                        p.data = p.data.to(weight_dtype)
+                    p.data = p.data.to(torch.float32 if p.requires_grad else weight_dtype)
             else:
                 _move(module, device, vae_dtype if name == "vae" else weight_dtype)
         for module in method.frozen_modules():
@@ -174,10 +182,14 @@ class Trainer:
             import bitsandbytes as bnb
 
             return bnb.optim.AdamW8bit(param_groups, **kwargs)
-        try:  # the fused kernel (CPU and CUDA) updates every tensor in one pass instead of a Python loop
-            return torch.optim.AdamW(param_groups, **kwargs, fused=True)
-        except RuntimeError:
-            return torch.optim.AdamW(param_groups, **kwargs)
+        # The fused kernel (CPU and CUDA) updates every tensor in one pass instead of a Python loop. Not under fp16:
+        # there it hides skipped (overflow) steps from accelerate, so the LR schedule would advance anyway.
+        if t.mixed_precision != "fp16":
+            try:
+                return torch.optim.AdamW(param_groups, **kwargs, fused=True)
+            except RuntimeError:
+                pass
+        return torch.optim.AdamW(param_groups, **kwargs)
 
     # ------------------------------------------------------------------ caches
 
@@ -206,7 +218,7 @@ class Trainer:
         instances = load_instance_examples(cfg.concepts, d.max_image_pixels)  # bad images fail before any output
         accelerator = self._setup_accelerator()
         weight_dtype = DTYPES[t.mixed_precision]
-        components = load_components(cfg.model)
+        components = load_components(cfg.model, dtype=torch.float32)  # master weights; mixed precision casts later
         priors = self._prior_examples(components, instances, accelerator)
         prompts = sorted({e.prompt for e in instances} | {e.prompt for group in (priors or []) for e in group})
         prompt_index = {p: i for i, p in enumerate(prompts)}
@@ -219,12 +231,17 @@ class Trainer:
         torch.manual_seed(t.seed)  # adapter initialisation must not depend on what ran before (e.g. class images)
         method.prepare(components)
         self.components, self.method = components, method  # kept for callers (tests, the demo) after train()
-        prediction_type = t.prediction_type or components.scheduler.config.prediction_type
+        if t.prediction_type:  # validation, class images and exports must sample with what the UNet learns
+            components.scheduler = type(components.scheduler).from_config(components.scheduler.config,
+                                                                          prediction_type=t.prediction_type)
+        prediction_type = components.scheduler.config.prediction_type
         noise_scheduler = components.noise_scheduler(prediction_type)
 
+        if resume_from is not None:
+            ckpt.check_resume_config(resume_from, cfg)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if accelerator.is_main_process:
-            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+            ckpt.write_text_atomic(self.output_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         self._place(components, method, accelerator, weight_dtype)
         vae_dtype = next(components.vae.parameters()).dtype
 
@@ -262,7 +279,8 @@ class Trainer:
             logger.info("resumed from %s at step %d", resume_from, global_step)
 
         if accelerator.is_main_process and t.report_to != "none":
-            flat = {k: v for k, v in _flatten(cfg.model_dump(mode="json")).items() if isinstance(v, (int, float, str, bool))}
+            flat = {k: str(v) if isinstance(v, list) else v for k, v in ckpt.flatten(cfg.model_dump(mode="json")).items()
+                    if v is not None}
             accelerator.init_trackers("t2i-personal", config=flat)
 
         sampler = StreamBatchSampler(len(dataset), t.train_batch_size, t.seed, start=global_step * t.gradient_accumulation_steps,
@@ -402,13 +420,21 @@ class Trainer:
         v, res = self.config.validation, self.config.data.resolution
         pipe = components.pipeline()
         pipe.set_progress_bar_config(disable=True)
+        modes = {m: m.training for m in (components.unet, *components.text_encoders)}
+        for m in modes:
+            m.eval()  # no (LoRA) dropout while sampling
         images = []
-        for i, prompt in enumerate(prompts):
-            generator = torch.Generator().manual_seed(v.seed + i)
-            with accelerator.autocast():
-                images += pipe(prompt, negative_prompt=v.negative_prompt, num_images_per_prompt=v.num_images_per_prompt,
-                               num_inference_steps=v.num_inference_steps, guidance_scale=v.guidance_scale,
-                               height=res, width=res, generator=generator).images
+        try:
+            for i, prompt in enumerate(prompts):
+                generators = [torch.Generator().manual_seed(v.seed + i * 1000 + j) for j in range(v.num_images_per_prompt)]
+                images += generate(pipe, [prompt] * v.num_images_per_prompt, generators=generators,
+                                   autocast_dtype=None if weight_dtype == torch.float32 else weight_dtype,
+                                   negative_prompt=None if v.negative_prompt is None else [v.negative_prompt] * len(generators),
+                                   num_inference_steps=v.num_inference_steps, guidance_scale=v.guidance_scale,
+                                   height=res, width=res)
+        finally:
+            for m, was_training in modes.items():
+                m.train(was_training)
         grid = make_image_grid(images, rows=len(prompts))
         path = save_image_atomic(grid, self.output_dir / "validation" / f"step-{step:06d}.png")
         for tracker in accelerator.trackers:
@@ -423,8 +449,19 @@ class Trainer:
                                             zip(images, [p for p in prompts for _ in range(v.num_images_per_prompt)])]})
         return path
 
+    def _export_view(self, components: Components, method) -> Components:
+        """Components as they should be exported: modules that were cast for mixed precision but not trained are
+        replaced by float32 copies of the base (loaded once, on the CPU), so exports never hold degraded weights."""
+        cast = [n for n in ("vae", "text_encoder", "text_encoder_2") if getattr(components, n) is not None
+                and n not in method.trained and next(getattr(components, n).parameters()).dtype != torch.float32]
+        if not cast:
+            return components
+        if getattr(self, "_pristine", None) is None:
+            self._pristine = load_components(self.config.model, dtype=torch.float32)
+        return Components(**{**components.__dict__, **{n: getattr(self._pristine, n) for n in cast}})
+
     def _write_artifact(self, components, method, folder: Path, step: int) -> None:
-        artifact = method.save(components, folder, self.config.export)
+        artifact = method.save(self._export_view(components, method), folder, self.config.export)
         ckpt.write_json_atomic(folder / ckpt.RECORD_NAME, ckpt.make_record(self.config, artifact, components.family, step))
 
     def _save_checkpoint(self, components, method, accelerator, step: int) -> None:
@@ -439,7 +476,7 @@ class Trainer:
             save_file(state, str(tmp / "trainable.safetensors"))
             if self.config.export.inference_artifact_in_checkpoints:
                 self._write_artifact(components, method, tmp / "inference", step)
-            ckpt.write_json_atomic(tmp / "trainer_state.json", {"global_step": step, "seed": self.config.training.seed})
+            ckpt.write_json_atomic(tmp / "trainer_state.json", {"global_step": step, "config": self.config.model_dump(mode="json")})
             ckpt.publish_dir(tmp, final)
             ckpt.prune_checkpoints(self.output_dir, self.config.training.checkpoints_total_limit)
         accelerator.wait_for_everyone()
@@ -447,7 +484,7 @@ class Trainer:
     def _export_final(self, components, method, step: int) -> None:
         tmp = Path(tempfile.mkdtemp(dir=self.output_dir, prefix=".final-"))
         try:
-            artifact = method.save(components, tmp, self.config.export)
+            artifact = method.save(self._export_view(components, method), tmp, self.config.export)
             ckpt.move_contents(tmp, self.output_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -468,19 +505,6 @@ def _importable(name: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(name) is not None
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        elif isinstance(v, list):
-            out[key] = str(v)
-        else:
-            out[key] = v
-    return out
 
 
 def train(config: TrainConfig) -> Path:
