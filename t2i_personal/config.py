@@ -230,7 +230,15 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
     if not key.strip():
         raise ConfigError(f"override '{text}' has an empty key")
     path: list[str | int] = [int(p) if p.isdigit() else p for p in key.strip().split(".")]
-    return path, yaml.safe_load(raw) if raw.strip() else None
+    if not raw.strip():
+        return path, None
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return path, raw  # e.g. "{V} {C} at the beach": not YAML, meant as text
+    if isinstance(value, dict) and ("{V}" in raw or "{C}" in raw):
+        return path, raw  # "{V}" alone parses as a YAML mapping; a prompt template is meant
+    return path, value
 
 
 def _apply(tree: dict, path: list[str | int], value: Any, original: str) -> None:

@@ -12,11 +12,16 @@ from conftest import ROOT, base_config, python_subprocess_env
 
 
 @pytest.mark.slow
-def test_two_process_training_with_accumulation_and_checkpoints(concept_dir, tmp_path):
+@pytest.mark.parametrize("model,method", [
+    ("tiny-sd", {"adapter": "lora", "prior": "class_images"}),
+    # SDXL conditions on text_encoder's penultimate layer: DDP must tolerate its unused last layer
+    ("tiny-sdxl", {"adapter": "lora", "train_text_encoder": True}),
+])
+def test_two_process_training_with_accumulation_and_checkpoints(model, method, concept_dir, tmp_path):
     accelerate = Path(sys.executable).with_name("accelerate")  # the CLI installed beside this interpreter
     assert accelerate.exists(), "accelerate's CLI is installed with the package"
     out = tmp_path / "out"
-    cfg = base_config(concept_dir, out, method={"name": "dreambooth", "adapter": "lora", "prior": "class_images"},
+    cfg = base_config(concept_dir, out, model={"pretrained": f"builtin:{model}"}, method={"name": "dreambooth", **method},
                       training={"max_train_steps": 4, "train_batch_size": 1, "gradient_accumulation_steps": 2,
                                 "checkpointing_steps": 2},
                       validation={"prompts": ["a photo of {V} {C}"], "every_n_steps": 2, "num_inference_steps": 2})

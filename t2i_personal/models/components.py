@@ -47,8 +47,8 @@ class Components:
         return StableDiffusionXLPipeline if self.family == "sdxl" else StableDiffusionPipeline
 
     def pipeline(self, scheduler=None):
-        """A diffusers pipeline sharing these modules (no copies)."""
-        scheduler = scheduler or self.scheduler
+        """A diffusers pipeline sharing these modules (no copies) with its own scheduler (schedulers hold state)."""
+        scheduler = scheduler or type(self.scheduler).from_config(self.scheduler.config)
         if self.family == "sdxl":
             return StableDiffusionXLPipeline(
                 vae=self.vae, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2,

@@ -95,8 +95,9 @@ def _from_pipeline(src: str, cfg: ModelConfig, dtype, local: bool) -> Components
 def _offline_error(model_id: str, exc: Exception) -> ModelLoadError:
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     why = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached (this machine may be offline)"
+    local = f"There is no local folder {Path(model_id).resolve()} either. " if "/" in model_id else ""
     return ModelLoadError(
-        f"could not load model {model_id!r} from the Hugging Face hub: {why}, and it is not in the local cache.\n"
+        f"could not load model {model_id!r} from the Hugging Face hub: {why}, and it is not in the local cache. {local}\n"
         f"On a machine with internet: `huggingface-cli download {model_id} --local-dir /path/to/{model_id.split('/')[-1]}` "
         f"(safetensors files only are needed), copy the folder here and set model.pretrained: /path/to/{model_id.split('/')[-1]}.\n"
         f"Underlying error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
@@ -112,10 +113,16 @@ def _components_from_pipeline(pipe, source: str) -> Components:
 
 
 def _single_file_family(path: Path) -> str:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        return "sdxl" if any(k.startswith(SDXL_SINGLE_FILE_KEY) for k in f.keys()) else "sd"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return "sdxl" if any(k.startswith(SDXL_SINGLE_FILE_KEY) for k in f.keys()) else "sd"
+    except (SafetensorError, OSError) as exc:
+        head = path.read_bytes()[:64]
+        hint = (" It is a git-lfs pointer, not the weights: run `git lfs pull` where you downloaded it."
+                if head.startswith(b"version https://git-lfs") else " The file is truncated or not a safetensors file.")
+        raise ModelLoadError(f"cannot read {path} as safetensors ({exc}).{hint}") from exc
 
 
 def _from_single_file(path: Path, cfg: ModelConfig, dtype) -> Components:

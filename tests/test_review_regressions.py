@@ -1,0 +1,151 @@
+"""Regression tests for problems found in review: dtypes, exports under mixed precision, resume safety, overrides."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import base_config, run_training
+from t2i_personal.config import TrainConfig, load_config, parse_override
+from t2i_personal.errors import ConfigError, ModelLoadError
+from t2i_personal.models.loading import load_components
+
+
+def test_fp16_files_train_with_float32_master_weights(concept_dir, tmp_path):
+    folder = tmp_path / "fp16-model"
+    comps = load_components("builtin:tiny-sd")
+    for m in (comps.unet, comps.vae, comps.text_encoder):
+        m.to(torch.float16)
+    comps.pipeline().save_pretrained(folder)
+    trainer = run_training(base_config(concept_dir, tmp_path / "out", model={"pretrained": str(folder)},
+                                       method={"name": "dreambooth", "adapter": "lora", "train_text_encoder": True},
+                                       training={"max_train_steps": 1}))
+    for module in (trainer.components.unet, trainer.components.text_encoder):
+        assert all(p.dtype == torch.float32 for p in module.parameters() if p.requires_grad)
+
+
+def test_bf16_full_finetune_exports_untouched_frozen_modules_bitwise(concept_dir, tmp_path):
+    out = tmp_path / "out"
+    run_training(base_config(concept_dir, out, method={"name": "dreambooth", "adapter": "full"},
+                             training={"mixed_precision": "bf16", "max_train_steps": 1}))
+    base = load_components("builtin:tiny-sd")
+    vae = load_file(str(out / "vae" / "diffusion_pytorch_model.safetensors"))
+    te = load_file(str(out / "text_encoder" / "model.safetensors"))
+    assert all(torch.equal(vae[k], v) for k, v in base.vae.state_dict().items())
+    assert all(torch.equal(te[k], v) for k, v in base.text_encoder.state_dict().items() if k in te)
+    unet = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(t.dtype == torch.float32 for t in unet.values())
+
+
+def test_resume_in_a_finished_folder_is_refused(concept_dir, tmp_path):
+    cfg = base_config(concept_dir, tmp_path / "out", training={"max_train_steps": 2, "checkpointing_steps": 1})
+    run_training(cfg)
+    before = (tmp_path / "out" / "personalization.json").read_text()
+    cfg["training"].update(resume="latest", max_train_steps=4)
+    with pytest.raises(ConfigError, match="never overwritten"):
+        run_training(cfg)
+    assert (tmp_path / "out" / "personalization.json").read_text() == before
+
+
+def test_resume_with_changed_settings_names_them(concept_dir, tmp_path):
+    cfg = base_config(concept_dir, tmp_path / "out", method={"name": "dreambooth", "adapter": "lora", "lora": {"rank": 4}},
+                      training={"max_train_steps": 4, "checkpointing_steps": 2, "stop_after_step": 2})
+    run_training(cfg)
+    cfg["method"]["lora"]["rank"] = 8
+    cfg["training"].update(stop_after_step=None, resume="latest")
+    with pytest.raises(ConfigError, match=r"method\.lora\.rank: 4 -> 8"):
+        run_training(cfg)
+    assert not (tmp_path / "out" / "personalization.json").exists()
+
+
+def test_prediction_type_override_reaches_sampling_and_export(concept_dir, tmp_path):
+    out = tmp_path / "out"
+    trainer = run_training(base_config(concept_dir, out, model={"pretrained": "builtin:tiny-sd2"},
+                                       method={"name": "dreambooth", "adapter": "full"},
+                                       training={"prediction_type": "epsilon", "max_train_steps": 1}))
+    assert trainer.components.scheduler.config.prediction_type == "epsilon"
+    saved = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert saved["prediction_type"] == "epsilon"
+
+
+def test_launcher_mixed_precision_applies_unless_the_config_sets_one(concept_dir, tmp_path, monkeypatch):
+    from t2i_personal.training.trainer import Trainer
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    implicit = Trainer(TrainConfig.model_validate(base_config(concept_dir, tmp_path / "a")))
+    assert implicit.config.training.mixed_precision == "bf16"
+    cfg = base_config(concept_dir, tmp_path / "b")
+    cfg["training"]["mixed_precision"] = "no"
+    assert Trainer(TrainConfig.model_validate(cfg)).config.training.mixed_precision == "no"
+
+
+def test_validation_samples_in_eval_mode(concept_dir, tmp_path):
+    """With LoRA dropout, two validations of the same weights must agree (dropout off while sampling)."""
+    trainer = run_training(base_config(concept_dir, tmp_path / "out",
+                                       method={"name": "dreambooth", "adapter": "lora", "lora": {"dropout": 0.5}},
+                                       validation={"prompts": ["a {V} {C}"], "every_n_steps": 100, "num_inference_steps": 2},
+                                       training={"max_train_steps": 2}))
+    from accelerate import Accelerator
+
+    grids = []
+    for i in range(2):
+        trainer.output_dir = tmp_path / f"v{i}"
+        path = trainer._validate(trainer.components, ["a sks dog"], Accelerator(), torch.float32, 1)
+        grids.append(np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(path)))
+    assert np.array_equal(grids[0], grids[1])
+    assert trainer.components.unet.training, "training mode is restored afterwards"
+
+
+def test_class_images_split_across_processes_give_the_same_set(tmp_path):
+    from t2i_personal.data.images import list_image_files
+    from t2i_personal.data.priors import ensure_class_images
+
+    comps = load_components("builtin:tiny-sd")
+    kwargs = dict(resolution=32, steps=2, guidance=5.0, batch_size=2, seed=0, device=torch.device("cpu"))
+    ensure_class_images(comps.pipeline, tmp_path / "one", "a photo of dog", 3, **kwargs)
+    import threading
+
+    barrier, made = threading.Barrier(2), {}  # two "processes" that list the folder before either writes
+
+    def rank(r):
+        made[r] = ensure_class_images(comps.pipeline, tmp_path / "two", "a photo of dog", 3, rank=r, world_size=2,
+                                      barrier=barrier.wait, **kwargs)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert made == {0: 2, 1: 1}
+    assert [p.name for p in list_image_files(tmp_path / "one")] == [p.name for p in list_image_files(tmp_path / "two")]
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("concepts.0.instance_prompt={V} {C} at the beach", "{V} {C} at the beach"),
+    ("concepts.0.instance_prompt={V}", "{V}"),
+    ("training.max_train_steps=12", 12),
+    ("validation.prompts=[a, b]", ["a", "b"]),
+])
+def test_override_values(text, expected):
+    assert parse_override(text)[1] == expected
+
+
+def test_prompt_template_override_end_to_end():
+    cfg = load_config(None, ["concepts.0.instance_prompt={V} {C} at the beach"],
+                      base={"concepts": [{"identifier": "sks", "class_noun": "dog", "instance_dir": "x"}]})
+    assert cfg.concepts[0].instance_prompt == "{V} {C} at the beach"
+
+
+def test_git_lfs_pointer_instead_of_weights(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n")
+    with pytest.raises(ModelLoadError, match="git lfs pull"):
+        load_components(str(path))
+
+
+def test_missing_relative_folder_is_named(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="no local folder"):
+        load_components("models/sd15")
