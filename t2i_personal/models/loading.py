@@ -26,9 +26,11 @@ SDXL_SINGLE_FILE_KEY = "conditioner.embedders.1.model"  # the second (OpenCLIP b
 
 
 def load_components(cfg: ModelConfig | str, dtype: torch.dtype | None = None) -> Components:
-    """Resolve ``cfg.pretrained`` and return the model's components (on CPU, ``dtype`` or as saved)."""
+    """Resolve ``cfg.pretrained`` and return the model's components on the CPU in ``dtype`` (default float32:
+    transformers would otherwise keep each text encoder in whatever dtype its file holds)."""
     if isinstance(cfg, str):
         cfg = ModelConfig(pretrained=cfg)
+    dtype = dtype or torch.float32
     src = cfg.pretrained.strip()
     if src.startswith("builtin:"):
         comps = build_tiny(src[len("builtin:"):])
@@ -44,8 +46,8 @@ def load_components(cfg: ModelConfig | str, dtype: torch.dtype | None = None) ->
             "name (builtin:tiny-sd, builtin:tiny-sd2, builtin:tiny-sdxl).")
     if cfg.family != "auto" and comps.family != cfg.family:
         raise ModelLoadError(f"model.family is {cfg.family!r} but {src} is an {comps.family!r} model; set model.family: auto")
-    if dtype is not None:
-        for module in (comps.unet, comps.vae, *comps.text_encoders):
+    for module in (comps.unet, comps.vae, *comps.text_encoders):
+        if next(module.parameters()).dtype != dtype:
             module.to(dtype)
     return comps
 
