@@ -49,8 +49,8 @@ def micro_step_seed(seed: int, micro_step: int, rank: int) -> int:
 
 
 @dataclass
-class _StepState:
-    """What every micro-step reads, fixed once training starts."""
+class _Run:
+    """The state of one training run, fixed once training starts."""
 
     components: Components
     method: object
@@ -62,6 +62,13 @@ class _StepState:
     text_cache: tuple | None
     accelerator: Accelerator
     vae_dtype: torch.dtype
+    weight_dtype: torch.dtype
+    dataset: ConceptDataset
+    optimizer: object
+    lr_scheduler: object
+    trainable: list[torch.nn.Parameter]
+    validation_prompts: list[str]
+    resume_from: Path | None
 
 
 class Trainer:
@@ -212,6 +219,28 @@ class Trainer:
     # ------------------------------------------------------------------ run
 
     def train(self) -> Path:
+        """Run (or resume) training; return the output folder."""
+        run = self._prepare()
+        t, accelerator = self.config.training, run.accelerator
+        global_step = self._resume(run)
+        if accelerator.is_main_process and t.report_to != "none":
+            flat = {k: str(v) if isinstance(v, list) else v for k, v in ckpt.flatten(self.config.model_dump(mode="json")).items()
+                    if v is not None}
+            accelerator.init_trackers("t2i-personal", config=flat)
+        global_step = self._loop(run, global_step)
+        if global_step < t.max_train_steps:
+            logger.info("stopped after step %d (training.stop_after_step); resume with training.resume=latest", global_step)
+        else:
+            if run.validation_prompts:
+                self._validate(run.components, run.validation_prompts, accelerator, run.weight_dtype, global_step)
+            if accelerator.is_main_process:
+                self._export_final(run.components, run.method, global_step)
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return self.output_dir
+
+    def _prepare(self) -> "_Run":
+        """Everything before the first step. Inputs are validated before anything is written."""
         cfg, t, d = self.config, self.config.training, self.config.data
         resume_from = self._check_output_dir()
         self._check_optional_dependencies()
@@ -219,9 +248,11 @@ class Trainer:
         accelerator = self._setup_accelerator()
         weight_dtype = DTYPES[t.mixed_precision]
         components = load_components(cfg.model, dtype=torch.float32)  # master weights; mixed precision casts later
+        if t.prediction_type:  # validation, class images and exports must sample with what the UNet learns
+            components.scheduler = type(components.scheduler).from_config(components.scheduler.config,
+                                                                          prediction_type=t.prediction_type)
         priors = self._prior_examples(components, instances, accelerator)
         prompts = sorted({e.prompt for e in instances} | {e.prompt for group in (priors or []) for e in group})
-        prompt_index = {p: i for i, p in enumerate(prompts)}
         prompt_ids = components.tokenize(prompts)  # raises on prompts longer than the encoder's window
         validation_prompts = [render_prompt(p, cfg.concepts[0].identifier, cfg.concepts[0].class_noun)
                               for p in cfg.validation.prompts]
@@ -231,22 +262,16 @@ class Trainer:
         torch.manual_seed(t.seed)  # adapter initialisation must not depend on what ran before (e.g. class images)
         method.prepare(components)
         self.components, self.method = components, method  # kept for callers (tests, the demo) after train()
-        if t.prediction_type:  # validation, class images and exports must sample with what the UNet learns
-            components.scheduler = type(components.scheduler).from_config(components.scheduler.config,
-                                                                          prediction_type=t.prediction_type)
-        prediction_type = components.scheduler.config.prediction_type
-        noise_scheduler = components.noise_scheduler(prediction_type)
-
         if resume_from is not None:
             ckpt.check_resume_config(resume_from, cfg)
+
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if accelerator.is_main_process:
             ckpt.write_text_atomic(self.output_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         self._place(components, method, accelerator, weight_dtype)
         vae_dtype = next(components.vae.parameters()).dtype
-
         dataset = ConceptDataset(instances, priors, ImageTransform(d.resolution, d.center_crop, d.random_flip),
-                                 prompt_index, t.seed, with_pixels=not t.cache_latents)
+                                 {p: i for i, p in enumerate(prompts)}, t.seed, with_pixels=not t.cache_latents)
         latent_cache = self._cache_latents(components, dataset, accelerator, vae_dtype) if t.cache_latents else None
         with torch.no_grad():
             text_cache = components.encode(prompt_ids) if t.cache_text_embeddings else None
@@ -257,100 +282,83 @@ class Trainer:
         for g in groups:
             n = sum(p.numel() for p in g["params"])
             logger.info("training %s: %d tensors, %s parameters, lr %g", g["name"], len(g["params"]), f"{n:,}", g["lr"])
-        trainable = [p for g in groups for p in g["params"]]
         optimizer = self._optimizer([{k: v for k, v in g.items() if k != "name"} for g in groups])
         lr_scheduler = get_scheduler(
             t.lr_scheduler, optimizer=optimizer, num_warmup_steps=t.lr_warmup_steps * accelerator.num_processes,
             num_training_steps=t.max_train_steps * accelerator.num_processes, num_cycles=t.lr_num_cycles, power=t.lr_power)
-
-        trained_names = list(method.trained)
-        prepared = accelerator.prepare(*[getattr(components, n) for n in trained_names], optimizer, lr_scheduler)
-        wrapped = dict(zip(trained_names, prepared[: len(trained_names)]))
-        optimizer, lr_scheduler = prepared[len(trained_names):]
-        self.optimizer = optimizer
+        prepared = accelerator.prepare(*[getattr(components, n) for n in method.trained], optimizer, lr_scheduler)
+        wrapped = dict(zip(method.trained, prepared[: len(method.trained)]))
+        self.optimizer, lr_scheduler = prepared[len(method.trained):]
+        # Checkpoints hold the trainable tensors only (trainable.safetensors), not accelerate's full model copies.
         accelerator.register_save_state_pre_hook(lambda models, weights, out: weights.clear())
         accelerator.register_load_state_pre_hook(lambda models, inp: models.clear())
+        self._run = _Run(components, method, wrapped, components.noise_scheduler(), components.scheduler.config.prediction_type,
+                         prompt_ids, latent_cache, text_cache, accelerator, vae_dtype, weight_dtype, dataset,
+                         self.optimizer, lr_scheduler, [p for g in groups for p in g["params"]], validation_prompts,
+                         resume_from)
+        return self._run
 
-        global_step = 0
-        if resume_from is not None:
-            accelerator.load_state(str(resume_from))
-            method.load_trainable_state_dict(components, load_file(str(resume_from / "trainable.safetensors")))
-            global_step = int(json.loads((resume_from / "trainer_state.json").read_text())["global_step"])
-            logger.info("resumed from %s at step %d", resume_from, global_step)
+    def _resume(self, run: "_Run") -> int:
+        if run.resume_from is None:
+            return 0
+        run.accelerator.load_state(str(run.resume_from))
+        run.method.load_trainable_state_dict(run.components, load_file(str(run.resume_from / "trainable.safetensors")))
+        step = int(json.loads((run.resume_from / "trainer_state.json").read_text())["global_step"])
+        logger.info("resumed from %s at step %d", run.resume_from, step)
+        return step
 
-        if accelerator.is_main_process and t.report_to != "none":
-            flat = {k: str(v) if isinstance(v, list) else v for k, v in ckpt.flatten(cfg.model_dump(mode="json")).items()
-                    if v is not None}
-            accelerator.init_trackers("t2i-personal", config=flat)
-
-        sampler = StreamBatchSampler(len(dataset), t.train_batch_size, t.seed, start=global_step * t.gradient_accumulation_steps,
+    def _loop(self, run: "_Run", global_step: int) -> int:
+        """Optimizer steps until max_train_steps (or stop_after_step); returns the last step done."""
+        t, d, accelerator = self.config.training, self.config.data, run.accelerator
+        accum = t.gradient_accumulation_steps
+        sampler = StreamBatchSampler(len(run.dataset), t.train_batch_size, t.seed, start=global_step * accum,
                                      num_processes=accelerator.num_processes, rank=accelerator.process_index)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=d.num_workers,
-                                             persistent_workers=d.num_workers > 0)
-        batches = iter(loader)
-
-        for name in trained_names:
-            wrapped[name].train()
+        batches = iter(torch.utils.data.DataLoader(run.dataset, batch_sampler=sampler, collate_fn=collate,
+                                                   num_workers=d.num_workers, persistent_workers=d.num_workers > 0))
+        for module in run.wrapped.values():
+            module.train()
         stop_at = t.stop_after_step or t.max_train_steps
         bar = tqdm(total=t.max_train_steps, initial=global_step, desc="training", unit="step",
                    disable=not (t.progress_bar and accelerator.is_local_main_process))
-        self._step_state = _StepState(components, method, wrapped, noise_scheduler, prediction_type, prompt_ids,
-                                      latent_cache, text_cache, accelerator, vae_dtype)
         self.step_seconds: list[float] = []  # per optimizer step (loss.item() synchronises), for benchmarks
         while global_step < stop_at:
-            step_started = time.perf_counter()
-            logs = {}
-            for micro in range(t.gradient_accumulation_steps):
-                micro_step = global_step * t.gradient_accumulation_steps + micro
+            started, logs = time.perf_counter(), {}
+            for micro in range(accum):
                 batch = next(batches)
-                torch.manual_seed(micro_step_seed(t.seed, micro_step, accelerator.process_index))
-                last = micro == t.gradient_accumulation_steps - 1
-                with ExitStack() as stack:
-                    if not last:
-                        for name in trained_names:
-                            stack.enter_context(accelerator.no_sync(wrapped[name]))
+                torch.manual_seed(micro_step_seed(t.seed, global_step * accum + micro, accelerator.process_index))
+                with ExitStack() as no_sync:
+                    if micro < accum - 1:  # gradients are all-reduced once, on the last micro-batch
+                        for module in run.wrapped.values():
+                            no_sync.enter_context(accelerator.no_sync(module))
                     terms = self._micro_step(batch)
-                    loss = sum(terms.values())
-                    accelerator.backward(loss / t.gradient_accumulation_steps)
+                    accelerator.backward(sum(terms.values()) / accum)
                 for k, v in terms.items():
-                    logs[k] = logs.get(k, 0.0) + v.detach().item() / t.gradient_accumulation_steps
+                    logs[k] = logs.get(k, 0.0) + v.detach().item() / accum
             if t.max_grad_norm is not None:
-                self._clip_gradients(accelerator, trainable, t.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+                self._clip_gradients(accelerator, run.trainable, t.max_grad_norm)
+            run.optimizer.step()
+            run.lr_scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
             global_step += 1
-            logs["loss"] = sum(v for k, v in logs.items())
-            self.step_seconds.append(time.perf_counter() - step_started)
-            logs["lr"] = lr_scheduler.get_last_lr()[0]
+            self.step_seconds.append(time.perf_counter() - started)
+            logs = {**logs, "loss": sum(logs.values()), "lr": run.lr_scheduler.get_last_lr()[0]}
+            self.last_logs = logs
             bar.update(1)
             bar.set_postfix(loss=f"{logs['loss']:.4f}")
             if t.report_to != "none":
                 accelerator.log(logs, step=global_step)
-            self.last_logs = logs
-
-            if validation_prompts and global_step % cfg.validation.every_n_steps == 0 and global_step < t.max_train_steps:
-                self._validate(components, validation_prompts, accelerator, weight_dtype, global_step)
+            if global_step >= t.max_train_steps:
+                break  # the final export follows; no checkpoint or validation of the last step twice
+            if run.validation_prompts and global_step % self.config.validation.every_n_steps == 0:
+                self._validate(run.components, run.validation_prompts, accelerator, run.weight_dtype, global_step)
             if global_step % t.checkpointing_steps == 0 or global_step == stop_at:
-                if global_step < t.max_train_steps:
-                    self._save_checkpoint(components, method, accelerator, global_step)
+                self._save_checkpoint(run.components, run.method, accelerator, global_step)
         bar.close()
-
-        if global_step < t.max_train_steps:
-            logger.info("stopped after step %d (training.stop_after_step); resume with training.resume=latest", global_step)
-            accelerator.end_training()
-            return self.output_dir
-        if validation_prompts:
-            self._validate(components, validation_prompts, accelerator, weight_dtype, global_step)
-        if accelerator.is_main_process:
-            self._export_final(components, method, global_step)
-        accelerator.wait_for_everyone()
-        accelerator.end_training()
-        return self.output_dir
+        return global_step
 
     def _micro_step(self, batch) -> dict[str, torch.Tensor]:
         """One forward pass: latents, noise, timesteps, conditioning, prediction; the method turns it into loss terms."""
-        st, t = self._step_state, self.config.training
+        st, t = self._run, self.config.training
         components, method, wrapped, noise_scheduler = st.components, st.method, st.wrapped, st.noise_scheduler
         accelerator, device, prediction_type = st.accelerator, st.accelerator.device, st.prediction_type
         latent_cache, text_cache, prompt_ids = st.latent_cache, st.text_cache, st.prompt_ids
