@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.max_train_steps=200")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "huggingface_hub"):
+    for noisy in ("httpx", "urllib3", "huggingface_hub", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         config = load_config(args.config, args.overrides)
