@@ -149,3 +149,18 @@ def test_missing_relative_folder_is_named(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="no local folder"):
         load_components("models/sd15")
+
+
+def test_float16_export_of_a_full_finetune(concept_dir, tmp_path):
+    out = tmp_path / "out"
+    trainer = run_training(base_config(concept_dir, out, method={"name": "dreambooth", "adapter": "full"},
+                                       training={"max_train_steps": 1}, export={"save_dtype": "float16", "single_file": True}))
+    unet = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(v.dtype == torch.float16 for v in unet.values())
+    assert all(v.dtype == torch.float16 for v in load_file(str(out / "model.safetensors")).values() if v.is_floating_point())
+    assert next(trainer.components.unet.parameters()).dtype == torch.float32, "the trained modules are not cast"
+    from t2i_personal import load_personalized
+
+    pipe = load_personalized(out, dtype=torch.float32)
+    expected = {k: v.half().float() for k, v in trainer.components.unet.state_dict().items()}
+    assert all(torch.equal(pipe.unet.state_dict()[k], expected[k]) for k in expected)

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from ..errors import ConfigError
 from ..models.components import Components
@@ -135,23 +136,24 @@ class DreamBooth(Method):
         return self._save_lora(components, out_dir, dtype, export.kohya_lora)
 
     def _save_pipeline(self, components: Components, out_dir: Path, dtype: torch.dtype, single_file: bool) -> dict:
-        copies = {}
-        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-            module = getattr(components, name)
-            if module is not None:
-                copies[name] = module if next(module.parameters()).dtype == dtype else copy.deepcopy(module).to(dtype)
-        saved = Components(**{**components.__dict__, **copies})
-        saved.pipeline().save_pretrained(out_dir, safe_serialization=True)
+        components.pipeline().save_pretrained(out_dir, safe_serialization=True)
+        if dtype != torch.float32:
+            # Cast the written files on the CPU: a cast copy of the modules would need a second model in GPU memory.
+            for path in sorted(out_dir.glob("*/*.safetensors")):
+                state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+                tmp = path.with_name(f".{path.name}.tmp")
+                save_file(state, str(tmp), metadata={"format": "pt"})
+                os.replace(tmp, path)
         artifact = {"type": "pipeline", "path": "."}
         if single_file:
             from ..models.single_file import save_original_sd_checkpoint, save_original_sdxl_checkpoint
 
-            meta = {"base_model": components.source}
+            c, meta = components, {"base_model": components.source}
             if components.family == "sdxl":
-                save_original_sdxl_checkpoint(saved.unet, saved.vae, saved.text_encoder, saved.text_encoder_2,
-                                              out_dir / SINGLE_FILE, metadata=meta)
+                save_original_sdxl_checkpoint(c.unet, c.vae, c.text_encoder, c.text_encoder_2, out_dir / SINGLE_FILE,
+                                              dtype=dtype, metadata=meta)
             else:
-                save_original_sd_checkpoint(saved.unet, saved.vae, saved.text_encoder, out_dir / SINGLE_FILE, metadata=meta)
+                save_original_sd_checkpoint(c.unet, c.vae, c.text_encoder, out_dir / SINGLE_FILE, dtype=dtype, metadata=meta)
             artifact["single_file"] = SINGLE_FILE
         return artifact
 
