@@ -168,3 +168,17 @@ def test_lora_targets_that_match_nothing(concept_dir, tmp_path):
     with pytest.raises(ConfigError, match="unet_target_modules"):
         run_training(cfg)
     assert not (tmp_path / "out" / "personalization.json").exists()
+
+
+def test_caption_with_an_unknown_placeholder_is_a_clean_cli_error(tmp_path):
+    from t2i_personal.data.examples import write_examples
+
+    folder = tmp_path / "captioned"
+    write_examples(folder, count=2, size=40)
+    (folder / "toy-dog-0.txt").write_text("a photo of {V} {C} with {hat}")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(base_config(folder, tmp_path / "out")))
+    r = subprocess.run([PYTHON, str(ROOT / "train" / "train.py"), "--config", str(cfg)],
+                       env=python_subprocess_env(), capture_output=True, text=True)
+    assert r.returncode == 2 and "toy-dog-0.txt" in r.stderr and "{hat}" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 from typing import Union
 
+from ..errors import ConfigError
+
 __all__ = [
     "PLACEHOLDERS",
     "caption_path_for",
@@ -35,7 +37,7 @@ def render_prompt(template: str, identifier: str, class_noun: str) -> str:
 
     unknown = [m.group(0) for m in _PLACEHOLDER_RE.finditer(template) if m.group(1) not in values]
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"Prompt template {template!r} has unknown placeholder(s) "
             f"{', '.join(dict.fromkeys(unknown))}; valid placeholders are "
             f"{_valid_placeholders()}."
@@ -63,7 +65,7 @@ def read_caption(image_path: PathLike) -> str | None:
         # utf-8-sig: editors on Windows often prepend a BOM that must not reach the prompt.
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ValueError(
+        raise ConfigError(
             f"Caption file {caption_file} is not valid UTF-8 ({exc}); re-save it as UTF-8."
         ) from exc
     for line in text.splitlines():
@@ -83,4 +85,4 @@ def prompt_for_image(
     try:
         return render_prompt(caption, identifier, class_noun)
     except ValueError as exc:
-        raise ValueError(f"In caption file {caption_path_for(image_path)}: {exc}") from exc
+        raise ConfigError(f"In caption file {caption_path_for(image_path)}: {exc}") from exc
