@@ -164,3 +164,17 @@ def test_float16_export_of_a_full_finetune(concept_dir, tmp_path):
     pipe = load_personalized(out, dtype=torch.float32)
     expected = {k: v.half().float() for k, v in trainer.components.unet.state_dict().items()}
     assert all(torch.equal(pipe.unet.state_dict()[k], expected[k]) for k in expected)
+
+
+def test_training_on_from_a_finished_runs_checkpoint_into_a_new_folder(concept_dir, tmp_path):
+    first = base_config(concept_dir, tmp_path / "first", method={"name": "dreambooth", "adapter": "lora"},
+                        training={"max_train_steps": 2, "checkpointing_steps": 1})
+    run_training(first)
+    more = base_config(concept_dir, tmp_path / "more", method={"name": "dreambooth", "adapter": "lora"},
+                       training={"max_train_steps": 4, "checkpointing_steps": 10,
+                                 "resume": str(tmp_path / "first" / "checkpoints" / "checkpoint-000002")})
+    assert not (tmp_path / "first" / "checkpoints" / "checkpoint-000002" / "inference").exists(), \
+        "the final step's checkpoint does not duplicate the final export"
+    trainer = run_training(more)
+    assert json.loads((tmp_path / "more" / "personalization.json").read_text())["steps"] == 4
+    assert len(trainer.step_seconds) == 2, "resumed at the end of the first run, ran steps 3-4"

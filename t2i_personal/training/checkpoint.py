@@ -35,8 +35,10 @@ def write_json_atomic(path: Path, data: dict) -> None:
     write_text_atomic(path, json.dumps(data, indent=2))
 
 
-# Keys that may change between a stop and a resume without changing what is computed.
-RESUME_FREE_KEYS = {"training.output_dir", "training.resume", "training.stop_after_step", "training.checkpointing_steps",
+# Keys that may change between a stop and a resume: they do not change what is computed, except
+# max_train_steps, the knob for training on (a non-constant LR schedule then stretches to the new length).
+RESUME_FREE_KEYS = {"training.output_dir", "training.resume", "training.stop_after_step", "training.max_train_steps",
+                    "training.checkpointing_steps",
                     "training.checkpoints_total_limit", "training.report_to", "training.progress_bar",
                     "data.num_workers"}
 RESUME_FREE_SECTIONS = ("validation.", "export.")

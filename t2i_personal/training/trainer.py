@@ -348,7 +348,9 @@ class Trainer:
             if t.report_to != "none":
                 accelerator.log(logs, step=global_step)
             if global_step >= t.max_train_steps:
-                break  # the final export follows; no checkpoint or validation of the last step twice
+                if global_step % t.checkpointing_steps == 0:  # to train on later; the final export is the artifact
+                    self._save_checkpoint(run.components, run.method, accelerator, global_step, with_artifact=False)
+                break
             if run.validation_prompts and global_step % self.config.validation.every_n_steps == 0:
                 self._validate(run.components, run.validation_prompts, accelerator, run.weight_dtype, global_step)
             if global_step % t.checkpointing_steps == 0 or global_step == stop_at:
@@ -472,7 +474,7 @@ class Trainer:
         artifact = method.save(self._export_view(components, method), folder, self.config.export)
         ckpt.write_json_atomic(folder / ckpt.RECORD_NAME, ckpt.make_record(self.config, artifact, components.family, step))
 
-    def _save_checkpoint(self, components, method, accelerator, step: int) -> None:
+    def _save_checkpoint(self, components, method, accelerator, step: int, with_artifact: bool = True) -> None:
         final = ckpt.checkpoint_dir(self.output_dir, step)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-")) if accelerator.is_main_process else None
@@ -482,7 +484,7 @@ class Trainer:
         if accelerator.is_main_process:
             state = {k: v.detach().to("cpu").contiguous() for k, v in method.trainable_state_dict(components).items()}
             save_file(state, str(tmp / "trainable.safetensors"))
-            if self.config.export.inference_artifact_in_checkpoints:
+            if with_artifact and self.config.export.inference_artifact_in_checkpoints:
                 self._write_artifact(components, method, tmp / "inference", step)
             ckpt.write_json_atomic(tmp / "trainer_state.json", {"global_step": step, "config": self.config.model_dump(mode="json")})
             ckpt.publish_dir(tmp, final)
