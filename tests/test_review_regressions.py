@@ -178,3 +178,43 @@ def test_training_on_from_a_finished_runs_checkpoint_into_a_new_folder(concept_d
     trainer = run_training(more)
     assert json.loads((tmp_path / "more" / "personalization.json").read_text())["steps"] == 4
     assert len(trainer.step_seconds) == 2, "resumed at the end of the first run, ran steps 3-4"
+
+
+def test_base_prediction_prior_with_a_different_prediction_type_is_refused(concept_dir, tmp_path):
+    cfg = base_config(concept_dir, tmp_path / "out", method={"name": "dreambooth", "adapter": "lora", "prior": "base_prediction"},
+                      training={"prediction_type": "v_prediction"})
+    with pytest.raises(ConfigError, match="base_prediction"):
+        run_training(cfg)
+
+
+def test_lora_result_loads_with_the_prediction_type_it_learned(concept_dir, tmp_path):
+    from t2i_personal import load_personalized
+
+    out = tmp_path / "out"
+    run_training(base_config(concept_dir, out, method={"name": "dreambooth", "adapter": "lora"},
+                             training={"prediction_type": "v_prediction", "max_train_steps": 1}))
+    assert load_personalized(out).scheduler.config.prediction_type == "v_prediction"
+
+
+def test_frozen_unet_of_a_text_encoder_only_finetune_is_exported_untouched(concept_dir, tmp_path):
+    out = tmp_path / "out"
+    run_training(base_config(concept_dir, out, method={"name": "dreambooth", "adapter": "full", "train_unet": False,
+                                                       "train_text_encoder": True},
+                             training={"mixed_precision": "bf16", "max_train_steps": 1}))
+    unet = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    base = load_components("builtin:tiny-sd").unet.state_dict()
+    assert all(torch.equal(unet[k], v) for k, v in base.items())
+
+
+def test_resume_refuses_another_process_count_and_a_lower_step_budget(concept_dir, tmp_path):
+    from t2i_personal.training.checkpoint import check_resume_config
+
+    cfg = base_config(concept_dir, tmp_path / "out", training={"max_train_steps": 4, "checkpointing_steps": 2,
+                                                               "stop_after_step": 3})
+    run_training(cfg)
+    ckpt = tmp_path / "out" / "checkpoints" / "checkpoint-000003"
+    with pytest.raises(ConfigError, match="--num_processes 1"):
+        check_resume_config(ckpt, TrainConfig.model_validate(cfg), num_processes=2)
+    cfg["training"].update(stop_after_step=None, resume="latest", max_train_steps=2)
+    with pytest.raises(ConfigError, match="beyond training.max_train_steps"):
+        run_training(cfg)

@@ -54,7 +54,7 @@ def test_checkpoint_rotation_keeps_the_newest(concept_dir, tmp_path):
     run_training(base_config(concept_dir, out, method={"name": "dreambooth", "adapter": "lora"},
                              training={"max_train_steps": 7, "checkpointing_steps": 2, "checkpoints_total_limit": 2}))
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert names == ["checkpoint-000004", "checkpoint-000006"], names
+    assert names == ["checkpoint-000006", "checkpoint-000007"], names  # the last step always leaves one
 
 
 def test_min_snr_weights_change_the_loss_but_not_the_data(concept_dir, tmp_path):

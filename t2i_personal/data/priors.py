@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import ConfigError
 from ..inference.sampling import generate
 from .images import list_image_files, save_image_atomic
 
@@ -55,10 +56,11 @@ def ensure_class_images(pipeline_factory, folder: Path, prompt: str, num_images:
     missing = missing_indices(folder, num_images)
     barrier()
     mine = missing[rank::world_size]
-    if not mine:
+    if not missing:
         return 0
-    pipe = pipeline_factory().to(device)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = pipeline_factory().to(device) if mine else None
+    if pipe is not None:
+        pipe.set_progress_bar_config(disable=True)
     bar = tqdm(total=len(mine), desc=f"class images '{prompt}'", unit="img", disable=rank != 0)
     for start in range(0, len(mine), batch_size):
         chunk = mine[start:start + batch_size]
@@ -72,4 +74,8 @@ def ensure_class_images(pipeline_factory, folder: Path, prompt: str, num_images:
             save_image_atomic(image, folder / f"{i:05d}-{digest}.png")
         bar.update(len(chunk))
     bar.close()
+    barrier()
+    if missing_indices(folder, num_images):
+        raise ConfigError(f"class images in {folder} are incomplete after generation: with several machines, each "
+                          "writes its share to its own disk. Set concepts[].class_dir to a folder all machines share.")
     return len(mine)

@@ -41,6 +41,10 @@ def load_personalized_components(output_dir: str | Path, dtype: torch.dtype | No
     else:
         base = {k: v for k, v in record["base_model"].items() if k in ModelConfig.model_fields}
         components = load_components(ModelConfig(**base), dtype=dtype)
+        override = record.get("config", {}).get("training", {}).get("prediction_type")
+        if override:  # the adapter learned this parameterisation, whatever the base model's scheduler says
+            components.scheduler = type(components.scheduler).from_config(components.scheduler.config,
+                                                                          prediction_type=override)
     return components, folder, record
 
 

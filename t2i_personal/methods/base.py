@@ -96,6 +96,10 @@ class Method:
             for key, tensor in expected.items():
                 tensor.copy_(state[key])
 
+    def exported_components(self) -> list[str]:
+        """Components whose weights ``save`` writes (an adapter file writes none of the base weights)."""
+        return ["unet", "vae", "text_encoder", "text_encoder_2"]
+
     def frozen_modules(self) -> list[torch.nn.Module]:
         """Extra frozen modules the method owns (e.g. a reference copy); the trainer places and casts them."""
         return []

@@ -77,6 +77,9 @@ class DreamBooth(Method):
     def frozen_modules(self) -> list[torch.nn.Module]:
         return list(self._frozen.values())
 
+    def exported_components(self) -> list[str]:
+        return super().exported_components() if self.config.adapter == "full" else []
+
     def trainable_parameters(self, components: Components, lr: float, text_encoder_lr: float) -> list[dict]:
         groups = []
         for name in self.trained:

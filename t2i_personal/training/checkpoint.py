@@ -38,15 +38,24 @@ def write_json_atomic(path: Path, data: dict) -> None:
 # Keys that may change between a stop and a resume: they do not change what is computed, except
 # max_train_steps, the knob for training on (a non-constant LR schedule then stretches to the new length).
 RESUME_FREE_KEYS = {"training.output_dir", "training.resume", "training.stop_after_step", "training.max_train_steps",
-                    "training.checkpointing_steps",
+                    "training.gradient_checkpointing", "training.attention", "training.allow_tf32",
+                    "data.class_generation_batch_size", "training.checkpointing_steps",
                     "training.checkpoints_total_limit", "training.report_to", "training.progress_bar",
                     "data.num_workers"}
 RESUME_FREE_SECTIONS = ("validation.", "export.")
 
 
-def check_resume_config(checkpoint: Path, config) -> None:
+def check_resume_config(checkpoint: Path, config, num_processes: int) -> None:
     """A resume must continue the same computation: refuse settings that differ from the checkpoint's."""
-    saved = json.loads((checkpoint / "trainer_state.json").read_text()).get("config")
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    saved = state.get("config")
+    if state.get("num_processes", num_processes) != num_processes:
+        raise ConfigError(f"training.resume = {checkpoint} was trained on {state['num_processes']} processes, this run has "
+                          f"{num_processes}: the data stream and LR schedule depend on it. Launch with "
+                          f"--num_processes {state['num_processes']}.")
+    if state["global_step"] > config.training.max_train_steps:
+        raise ConfigError(f"training.resume = {checkpoint} is at step {state['global_step']}, beyond training.max_train_steps "
+                          f"({config.training.max_train_steps}); raise max_train_steps or pick an earlier checkpoint")
     if saved is None:
         return
     flat_old, flat_new = flatten(saved), flatten(config.model_dump(mode="json"))

@@ -243,15 +243,22 @@ class Trainer:
         """Everything before the first step. Inputs are validated before anything is written."""
         cfg, t, d = self.config, self.config.training, self.config.data
         resume_from = self._check_output_dir()
+        accelerator = self._setup_accelerator()
+        if resume_from is not None:
+            ckpt.check_resume_config(resume_from, cfg, accelerator.num_processes)
         self._check_optional_dependencies()
         instances = load_instance_examples(cfg.concepts, d.max_image_pixels)  # bad images fail before any output
-        accelerator = self._setup_accelerator()
         weight_dtype = DTYPES[t.mixed_precision]
         components = load_components(cfg.model, dtype=torch.float32)  # master weights; mixed precision casts later
-        if t.prediction_type:  # validation, class images and exports must sample with what the UNet learns
+        base_prediction_type = components.scheduler.config.prediction_type
+        if t.prediction_type and t.prediction_type != base_prediction_type and cfg.method.prior == "base_prediction":
+            raise ConfigError(f"method.prior 'base_prediction' takes the base model's {base_prediction_type} output as the "
+                              f"target, which contradicts training.prediction_type '{t.prediction_type}'; use "
+                              "prior: class_images or drop the override")
+        priors = self._prior_examples(components, instances, accelerator)  # sampled by the base model, as it is
+        if t.prediction_type:  # validation and exports must sample with what the UNet learns
             components.scheduler = type(components.scheduler).from_config(components.scheduler.config,
                                                                           prediction_type=t.prediction_type)
-        priors = self._prior_examples(components, instances, accelerator)
         prompts = sorted({e.prompt for e in instances} | {e.prompt for group in (priors or []) for e in group})
         prompt_ids = components.tokenize(prompts)  # raises on prompts longer than the encoder's window
         validation_prompts = [render_prompt(p, cfg.concepts[0].identifier, cfg.concepts[0].class_noun)
@@ -262,8 +269,6 @@ class Trainer:
         torch.manual_seed(t.seed)  # adapter initialisation must not depend on what ran before (e.g. class images)
         method.prepare(components)
         self.components, self.method = components, method  # kept for callers (tests, the demo) after train()
-        if resume_from is not None:
-            ckpt.check_resume_config(resume_from, cfg)
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if accelerator.is_main_process:
@@ -348,8 +353,8 @@ class Trainer:
             if t.report_to != "none":
                 accelerator.log(logs, step=global_step)
             if global_step >= t.max_train_steps:
-                if global_step % t.checkpointing_steps == 0:  # to train on later; the final export is the artifact
-                    self._save_checkpoint(run.components, run.method, accelerator, global_step, with_artifact=False)
+                # always resumable from the end (to train on later); the final export is its inference artifact
+                self._save_checkpoint(run.components, run.method, accelerator, global_step, with_artifact=False)
                 break
             if run.validation_prompts and global_step % self.config.validation.every_n_steps == 0:
                 self._validate(run.components, run.validation_prompts, accelerator, run.weight_dtype, global_step)
@@ -460,15 +465,17 @@ class Trainer:
         return path
 
     def _export_view(self, components: Components, method) -> Components:
-        """Components as they should be exported: modules that were cast for mixed precision but not trained are
-        replaced by float32 copies of the base (loaded once, on the CPU), so exports never hold degraded weights."""
-        cast = [n for n in ("vae", "text_encoder", "text_encoder_2") if getattr(components, n) is not None
+        """Components as they should be exported: modules the export reads that were cast for mixed precision but
+        not trained are replaced by float32 copies of the base (loaded once, kept on the CPU), so exports never
+        hold degraded weights."""
+        cast = [n for n in method.exported_components() if getattr(components, n) is not None
                 and n not in method.trained and next(getattr(components, n).parameters()).dtype != torch.float32]
         if not cast:
             return components
-        if getattr(self, "_pristine", None) is None:
-            self._pristine = load_components(self.config.model, dtype=torch.float32)
-        return Components(**{**components.__dict__, **{n: getattr(self._pristine, n) for n in cast}})
+        if not hasattr(self, "_pristine"):
+            base = load_components(self.config.model, dtype=torch.float32)
+            self._pristine = {n: getattr(base, n) for n in cast}
+        return Components(**{**components.__dict__, **self._pristine})
 
     def _write_artifact(self, components, method, folder: Path, step: int) -> None:
         artifact = method.save(self._export_view(components, method), folder, self.config.export)
@@ -486,7 +493,8 @@ class Trainer:
             save_file(state, str(tmp / "trainable.safetensors"))
             if with_artifact and self.config.export.inference_artifact_in_checkpoints:
                 self._write_artifact(components, method, tmp / "inference", step)
-            ckpt.write_json_atomic(tmp / "trainer_state.json", {"global_step": step, "config": self.config.model_dump(mode="json")})
+            ckpt.write_json_atomic(tmp / "trainer_state.json", {"global_step": step, "num_processes": accelerator.num_processes,
+                                                                "config": self.config.model_dump(mode="json")})
             ckpt.publish_dir(tmp, final)
             ckpt.prune_checkpoints(self.output_dir, self.config.training.checkpoints_total_limit)
         accelerator.wait_for_everyone()
