@@ -103,7 +103,22 @@ def test_class_images_split_across_processes_give_the_same_set(tmp_path):
     from t2i_personal.data.priors import ensure_class_images
 
     comps = load_components("builtin:tiny-sd")
-    kwargs = dict(resolution=32, steps=2, guidance=5.0, batch_size=2, seed=0, device=torch.device("cpu"))
+    # batch 1: images generated in different batch compositions differ by float rounding, and so do their hashes
+    kwargs = dict(resolution=32, steps=2, guidance=5.0, batch_size=1, seed=0, device=torch.device("cpu"))
+    # Two threads share one intra-op pool, which may split reductions differently than one thread alone; real
+    # ranks are separate processes. One intra-op thread keeps the comparison exact.
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _split_generation(comps, kwargs, tmp_path)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _split_generation(comps, kwargs, tmp_path):
+    from t2i_personal.data.images import list_image_files
+    from t2i_personal.data.priors import ensure_class_images
+
     ensure_class_images(comps.pipeline, tmp_path / "one", "a photo of dog", 3, **kwargs)
     import threading
 
