@@ -77,7 +77,8 @@ def test_mode_trains_only_what_it_should(mode, concept_dir, tmp_path):
     assert record["steps"] == 3 and record["method"] == "dreambooth" and record["base_model"]["pretrained"] == f"builtin:{model}"
     if method["adapter"] == "full":
         assert record["artifact"]["type"] == "pipeline" and (out / "model_index.json").is_file()
-        assert not list(out.rglob("*.bin")), "full fine-tunes are saved as safetensors only"
+        exported = [p for p in out.rglob("*.bin") if "checkpoints" not in p.parts]  # accelerate's optimizer state
+        assert not exported, "full fine-tunes are saved as safetensors only"
     else:
         assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "pytorch_lora_weights_kohya.safetensors").is_file()
 
