@@ -78,3 +78,21 @@ def test_single_file_without_configs_explains_config_dir(tmp_path, monkeypatch):
 def test_family_mismatch_is_reported(tmp_path):
     with pytest.raises(ModelLoadError, match="model.family"):
         load_components(ModelConfig(pretrained="builtin:tiny-sd", family="sdxl"))
+
+
+def test_hub_id_resolves_from_the_local_hub_cache_offline(tmp_path, monkeypatch):
+    """A hub id is loaded through huggingface_hub's cache layout (what a download leaves), with no network."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--t2i-test--tiny-sd"
+    load_components("builtin:tiny-sd").pipeline().save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    comps = load_components("t2i-test/tiny-sd")
+    assert comps.family == "sd" and comps.source == "t2i-test/tiny-sd"
+    assert same_weights(comps.unet, load_components("builtin:tiny-sd").unet)
