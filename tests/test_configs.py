@@ -1,6 +1,5 @@
 """Every shipped preset validates, and the quickstart's data exists on a fresh checkout."""
 
-from pathlib import Path
 
 import pytest
 

@@ -1,6 +1,5 @@
 """Class images: generated once into a content-hashed cache, reused by later runs, or supplied by the user."""
 
-import pytest
 
 from conftest import base_config, run_training
 from t2i_personal.data.images import list_image_files
