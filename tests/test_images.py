@@ -171,38 +171,18 @@ def test_16bit_png_scaled_not_clipped(tmp_path):
     ]
 
 
-def test_16bit_big_endian_tiff(tmp_path):
-    arr = np.array([[65535, 32768, 0]], dtype=">u2")
-    path = tmp_path / "g16b.tif"
-    Image.fromarray(arr).save(path)
+@pytest.mark.parametrize("array,mode,expected", [
+    (np.array([[65535, 32768, 0]], dtype=">u2"), "I;16B", [255, 128, 0]),  # 16-bit big-endian: value >> 8
+    (np.array([[0, 32768, 65535]], dtype=np.int32), "I", [0, 128, 255]),  # 32-bit int holding 16-bit data
+    (np.array([[0.0, 0.5, 1.0]], dtype=np.float32), "F", [0, 128, 255]),  # float in [0, 1]: x 255
+], ids=["I;16B", "I", "F"])
+def test_high_bit_depth_tiff_modes(tmp_path, array, mode, expected):
+    path = tmp_path / "deep.tif"
+    Image.fromarray(array).save(path)
     with Image.open(path) as check:
-        assert check.mode == "I;16B"
+        assert check.mode == mode
     img = load_image_rgb(path)
-    assert [img.getpixel((x, 0))[0] for x in range(3)] == [255, 128, 0]
-
-
-def test_32bit_int_mode_i(tmp_path):
-    path = tmp_path / "i32.tif"
-    Image.fromarray(np.array([[0, 32768, 65535]], dtype=np.int32)).save(path)
-    with Image.open(path) as check:
-        assert check.mode == "I"
-    img = load_image_rgb(path)
-    assert [img.getpixel((x, 0))[0] for x in range(3)] == [0, 128, 255]
-
-
-def test_float_mode_f(tmp_path):
-    path = tmp_path / "f.tif"
-    Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32)).save(path)
-    with Image.open(path) as check:
-        assert check.mode == "F"
-    img = load_image_rgb(path)
-    assert [img.getpixel((x, 0))[0] for x in range(3)] == [0, 128, 255]
-
-    # Out-of-[0, 1] floats are min-max scaled rather than clipped.
-    path2 = tmp_path / "f2.tif"
-    Image.fromarray(np.array([[-10.0, 0.0, 10.0]], dtype=np.float32)).save(path2)
-    img2 = load_image_rgb(path2)
-    assert [img2.getpixel((x, 0))[0] for x in range(3)] == [0, 128, 255]
+    assert [img.getpixel((x, 0))[0] for x in range(3)] == expected
 
 
 @pytest.mark.parametrize("mode,value,expected", [("1", 1, WHITE), ("L", 77, (77, 77, 77))])
