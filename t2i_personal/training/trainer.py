@@ -128,7 +128,6 @@ class Trainer:
                 rank=accelerator.process_index, world_size=accelerator.num_processes, barrier=accelerator.wait_for_everyone)
             if made:
                 logger.info("generated %d class images for %r in %s", made, prompt, folder)
-            accelerator.wait_for_everyone()
             loaded = load_image_folder(folder, what=f"class images of concept '{concept.identifier}'", max_pixels=d.max_image_pixels)
             groups.append([Example(img, path, prompt, ci, True) for path, img in loaded[: concept.num_class_images]])
         return groups
