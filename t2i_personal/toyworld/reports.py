@@ -1,0 +1,57 @@
+"""Loss curves and sample grids written next to each pretrained model's weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def save_json_atomic(obj, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+    return path
+
+
+def save_loss_curve(history: dict[str, list[tuple[int, float]]], path: str | Path, title: str) -> Path:
+    """``history``: series name -> [(step, value)]; drawn on a log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for name, points in history.items():
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, label=name, linewidth=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def image_grid(images: np.ndarray, columns: int, scale: int = 2) -> Image.Image:
+    """uint8 (N, H, W, 3) -> one grid image, upscaled ``scale``× with nearest neighbours so pixels stay visible."""
+    n, h, w, _ = images.shape
+    rows = -(-n // columns)
+    canvas = np.full((rows * h, columns * w, 3), 255, np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, columns)
+        canvas[r * h:(r + 1) * h, c * w:(c + 1) * w] = img
+    grid = Image.fromarray(canvas)
+    return grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
