@@ -23,6 +23,8 @@ PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SDXL_SINGLE_FILE_KEY = "conditioner.embedders.1.model"  # the second (OpenCLIP bigG) text encoder
+# Built-in names backed by trained weights shipped in the package (the others are seeded random tiny models).
+PRETRAINED_BUILTINS = {"toy": Path(__file__).resolve().parent.parent / "toyworld" / "weights" / "toy-sd"}
 
 
 def load_components(cfg: ModelConfig | str, dtype: torch.dtype | None = None) -> Components:
@@ -32,7 +34,9 @@ def load_components(cfg: ModelConfig | str, dtype: torch.dtype | None = None) ->
         cfg = ModelConfig(pretrained=cfg)
     dtype = dtype or torch.float32
     src = cfg.pretrained.strip()
-    if src.startswith("builtin:"):
+    if src.startswith("builtin:") and src[len("builtin:"):] in PRETRAINED_BUILTINS:
+        comps = _from_shipped(src[len("builtin:"):], cfg, dtype)
+    elif src.startswith("builtin:"):
         comps = build_tiny(src[len("builtin:"):])
     elif Path(src).expanduser().is_dir():
         comps = _from_pipeline(str(Path(src).expanduser()), cfg, dtype, local=True)
@@ -43,12 +47,23 @@ def load_components(cfg: ModelConfig | str, dtype: torch.dtype | None = None) ->
     else:
         raise ModelLoadError(
             f"model.pretrained = {src!r} is not a folder, a .safetensors file, a hub id (org/name) or a built-in "
-            "name (builtin:tiny-sd, builtin:tiny-sd2, builtin:tiny-sdxl).")
+            "name (builtin:toy, builtin:tiny-sd, builtin:tiny-sd2, builtin:tiny-sdxl).")
     if cfg.family != "auto" and comps.family != cfg.family:
         raise ModelLoadError(f"model.family is {cfg.family!r} but {src} is an {comps.family!r} model; set model.family: auto")
     for module in (comps.unet, comps.vae, *comps.text_encoders):
         if next(module.parameters()).dtype != dtype:
             module.to(dtype)
+    return comps
+
+
+def _from_shipped(name: str, cfg: ModelConfig, dtype) -> Components:
+    """A pretrained model that ships inside the package (a plain diffusers folder)."""
+    folder = PRETRAINED_BUILTINS[name]
+    if not (folder / "model_index.json").is_file():
+        raise ModelLoadError(f"builtin:{name} has no weights at {folder}; the package was installed without them. "
+                             f"Recreate them with `python -m t2i_personal.toyworld.pretrain generator`.")
+    comps = _from_pipeline(str(folder), cfg, dtype, local=True)
+    comps.source = f"builtin:{name}"
     return comps
 
 

@@ -26,7 +26,7 @@ def builtin_names() -> list[str]:
 
 def builtin_spec(name: str) -> dict:
     if name not in builtin_names():
-        raise ModelLoadError(f"unknown built-in model 'builtin:{name}'; available: "
+        raise ModelLoadError(f"unknown built-in model 'builtin:{name}'; available: builtin:toy, "
                              + ", ".join(f"builtin:{n}" for n in builtin_names()))
     return json.loads((resources.files(__package__) / "configs" / f"{name}.json").read_text())
 

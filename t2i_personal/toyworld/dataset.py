@@ -31,6 +31,16 @@ class WorldSet:
         return x / 127.5 - 1.0
 
 
+def _subject_with_accessories(rng: random.Random) -> world.Scene:
+    """A personal subject, sometimes dressed up: the oracle must still read a hat on the personal dog."""
+    name = rng.choice(list(world.SUBJECTS))
+    if world.SUBJECTS[name].cls not in world.ANIMATE:
+        return world.subject_scene(name, rng)
+    return world.subject_scene(name, rng, hat=rng.choice(world.HAT_COLOURS) if rng.random() < 0.3 else None,
+                               glasses=rng.random() < 0.3,
+                               scarf=rng.choice(world.SCARF_COLOURS) if rng.random() < 0.3 else None)
+
+
 def _render_one(args):
     seed, kind, with_labels = args
     rng = random.Random(seed)
@@ -41,7 +51,7 @@ def _render_one(args):
         s = world.sample_scene(rng, cls="face")
     elif kind == "oracle":  # the ordinary world plus personal subjects and both styles, for the oracle to read
         u = rng.random()
-        s = world.subject_scene(rng.choice(list(world.SUBJECTS)), rng) if u < 0.2 else world.sample_scene(rng, allow_held_out=True)
+        s = _subject_with_accessories(rng) if u < 0.2 else world.sample_scene(rng, allow_held_out=True)
         style = rng.choice(world.STYLES) if rng.random() < 0.1 else None
     elif kind == "held_out":
         c = rng.choice(world.held_out_combinations())

@@ -167,11 +167,11 @@ class _Canvas:
         n = SIZE
         rgb = self.rgb.reshape(n, _SS, n, _SS, 3).mean(axis=(1, 3))
         image = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
-        masks = {}
-        for i, name in enumerate(PART_NAMES):
-            share = (self.owner == i + 1).reshape(n, _SS, n, _SS).mean(axis=(1, 3))
-            masks[name] = share >= 0.5
-        return image, masks
+        # Each output pixel belongs to the owner of most of its sub-pixels (background included), so masks never overlap.
+        blocks = self.owner.reshape(n, _SS, n, _SS)
+        counts = np.stack([(blocks == k).sum(axis=(1, 3)) for k in range(len(PART_NAMES) + 1)])
+        winner = counts.argmax(axis=0)
+        return image, {name: winner == i + 1 for i, name in enumerate(PART_NAMES)}
 
 
 class _Frame:

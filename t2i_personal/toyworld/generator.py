@@ -1,0 +1,322 @@
+"""The toy world's base text-to-image model (``builtin:toy``): Stable Diffusion 1.x architecture at 64 px.
+
+Trained from scratch, in two stages, on rendered world images and their captions:
+
+1. **VAE** (AutoencoderKL, 64×64×3 → 16×16×4): ``L = ‖x̂ − x‖² + ‖x̂ − x‖₁ + β·KL`` with a small β (1e-6, as
+   in SD's autoencoder) so the latent stays close to a deterministic code; no adversarial or perceptual term (no
+   pretrained LPIPS network exists offline). ``scaling_factor`` is set to 1/std of the latents, as SD does.
+2. **Denoiser**: UNet2DConditionModel and a CLIP text encoder (real CLIP BPE tokenizer) trained jointly with
+   the ε-prediction loss of DDPM on SD's scaled-linear schedule, min-SNR-γ weighting (γ = 5; Hang et al. 2023)
+   to converge faster, 10% empty captions for classifier-free guidance, several captions per image (attributes
+   randomly left out, as real captions do), and an EMA of both networks, which is what is saved.
+
+Pretraining never shows the held-out (class, colour, scene) triples, the personal subjects or the personal style
+(see ``world.py``). Each stage stops at its step count or its time budget, whichever comes first; the steps
+actually run are recorded in ``training.json`` so a run reproduces without the budget.
+
+The result is a plain diffusers folder (``StableDiffusionPipeline.from_pretrained(path)`` works) with weights
+stored in float16 to keep the shipped files small; configs record float32 so every loader computes in float32.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import world
+from .dataset import render_set
+from .reports import image_grid, save_json_atomic, save_loss_curve
+
+ARCHITECTURE = Path(__file__).parent / "configs" / "toy-sd.json"
+WEIGHTS = Path(__file__).parent / "weights" / "toy-sd"
+SAMPLE_PROMPTS = [
+    "a photo of a red dog on the grass", "a blue striped cat in the snow", "a yellow car on a city street",
+    "a green spotted vase on a wooden floor", "a brown teddy bear wearing a red hat on the beach",
+    "a smiling person with long blonde hair wearing glasses", "a purple checkered dog under the night sky",
+    "a white cat wearing a blue scarf on pink fabric",
+]
+
+
+def architecture() -> dict:
+    return json.loads(ARCHITECTURE.read_text())
+
+
+def build_untrained(seed: int = 0):
+    """Fresh (vae, unet, text_encoder, tokenizer, scheduler) from the declarative architecture."""
+    import diffusers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ..models.tokenizer import build_clip_tokenizer
+
+    arch = architecture()
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**arch["vae"])
+    unet = UNet2DConditionModel(**arch["unet"])
+    text_encoder = CLIPTextModel(CLIPTextConfig(**arch["text_encoder"]))
+    sched_cfg = dict(arch["scheduler"])
+    scheduler = getattr(diffusers, sched_cfg.pop("_class_name")).from_config(sched_cfg)
+    return vae, unet, text_encoder, build_clip_tokenizer(), scheduler
+
+
+class _Budget:
+    """Ends a stage at ``max_steps`` or when ``seconds`` run out; the LR schedule follows the resolved length."""
+
+    def __init__(self, max_steps: int, seconds: float | None, warmup: int):
+        self.total, self.seconds, self.warmup = max_steps, seconds, warmup
+        self.start = time.perf_counter()
+        self._probe = None
+
+    def update(self, step: int):
+        """After a few steps, shrink ``total`` to what fits the time budget (measured, not guessed)."""
+        if self.seconds is None:
+            return
+        if step == 10:
+            self._probe = time.perf_counter()
+        if step == 60 and self._probe is not None:
+            per_step = (time.perf_counter() - self._probe) / 50
+            left = self.seconds - (time.perf_counter() - self.start)
+            self.total = max(step + 1, min(self.total, step + int(left / per_step)))
+
+    def lr_factor(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: float):
+    rate = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - rate)
+
+
+def _autocast(device: str):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
+
+
+def _to_unit(images_u8: torch.Tensor) -> torch.Tensor:
+    return images_u8.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def train_vae(vae, images: torch.Tensor, *, steps: int, batch_size: int, lr: float, time_budget_s: float | None,
+              generator: torch.Generator, device: str, kl_weight: float = 1e-6) -> dict:
+    """``images``: uint8 (N, 64, 64, 3) on ``device``. Returns the loss history and the steps run."""
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    budget = _Budget(steps, time_budget_s, warmup=100)
+    history, step = {"vae loss": []}, 0
+    bar = tqdm(total=steps, desc="vae", mininterval=5)
+    while step < budget.total:
+        for group in opt.param_groups:
+            group["lr"] = lr * budget.lr_factor(step)
+        idx = torch.randint(len(images), (batch_size,), generator=generator, device="cpu").to(images.device)
+        x = _to_unit(images[idx])
+        with _autocast(device):
+            posterior = vae.encode(x).latent_dist
+            recon = vae.decode(posterior.sample()).sample.float()
+        loss = F.mse_loss(recon, x) + F.l1_loss(recon, x) + kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        budget.update(step)
+        if step % 25 == 0:
+            history["vae loss"].append((step, loss.item()))
+        step += 1
+        bar.update(1)
+    bar.close()
+    vae.eval()
+    return {"history": history, "steps": step}
+
+
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Posterior means (unscaled) of uint8 images, in float32."""
+    out = [vae.encode(_to_unit(images[i:i + batch_size])).latent_dist.mean.float()
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def reconstruction_psnr(vae, images: torch.Tensor, batch_size: int = 256) -> float:
+    """Mean PSNR (dB, on 0..255 pixels) of decode(encode-mean(x)), on uint8 (N, 64, 64, 3)."""
+    values = []
+    for i in range(0, len(images), batch_size):
+        x = _to_unit(images[i:i + batch_size])
+        recon = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+        mse = ((recon - x) * 127.5).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+        values.append(10 * torch.log10(255.0**2 / mse))
+    return torch.cat(values).mean().item()
+
+
+def tokenize_captions(tokenizer, captions: list[str]) -> torch.Tensor:
+    """(N, 77) ids, each distinct caption tokenized once."""
+    unique = sorted(set(captions))
+    ids = tokenizer(unique, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    row = {c: i for i, c in enumerate(unique)}
+    return ids[torch.tensor([row[c] for c in captions])]
+
+
+def caption_variants(scenes: list[world.Scene], per_image: int, seed: int) -> list[str]:
+    """``per_image`` captions for each scene, attributes dropped at random (row-major: image i → i*k..i*k+k-1)."""
+    rng = random.Random(seed)
+    return [world.describe(s, rng) for s in scenes for _ in range(per_image)]
+
+
+def _min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    alpha_bar = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+    snr = alpha_bar / (1 - alpha_bar)
+    return torch.clamp(snr, max=gamma) / snr
+
+
+def train_denoiser(unet, text_encoder, scheduler, latents: torch.Tensor, token_ids: torch.Tensor, empty_ids: torch.Tensor,
+                   *, steps: int, batch_size: int, lr: float, time_budget_s: float | None,
+                   generator: torch.Generator, device: str, caption_dropout: float = 0.1, min_snr_gamma: float = 5.0,
+                   ema_decay: float = 0.999):
+    """ε-prediction training of UNet + text encoder on pre-encoded, pre-scaled ``latents`` (N, 4, 16, 16).
+    ``token_ids``: (N, K, 77), K captions per image. Returns (ema_unet, ema_text_encoder, info)."""
+    import copy
+
+    unet.train()
+    text_encoder.train()
+    ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    budget = _Budget(steps, time_budget_s, warmup=200)
+    history, step = {"denoiser loss": []}, 0
+    n, k = token_ids.shape[:2]
+    bar = tqdm(total=steps, desc="denoiser", mininterval=5)
+    while step < budget.total:
+        for group in opt.param_groups:
+            group["lr"] = lr * budget.lr_factor(step)
+        idx = torch.randint(n, (batch_size,), generator=generator)
+        which = torch.randint(k, (batch_size,), generator=generator)
+        drop = torch.rand(batch_size, generator=generator) < caption_dropout
+        ids = torch.where(drop[:, None], empty_ids[None], token_ids[idx, which]).to(device)
+        x0 = latents[idx.to(latents.device)]
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+        t = torch.randint(scheduler.config.num_train_timesteps, (batch_size,), generator=generator).to(device)
+        noisy = scheduler.add_noise(x0, noise, t)
+        with _autocast(device):
+            context = text_encoder(ids)[0]
+            pred = unet(noisy, t, context).sample.float()
+        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        loss = (per_sample * _min_snr_weights(scheduler, t, min_snr_gamma)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        _ema_update(ema_unet, unet, step, ema_decay)
+        _ema_update(ema_te, text_encoder, step, ema_decay)
+        budget.update(step)
+        if step % 25 == 0:
+            history["denoiser loss"].append((step, loss.item()))
+        step += 1
+        bar.update(1)
+    bar.close()
+    return ema_unet, ema_te, {"history": history, "steps": step}
+
+
+def save_pipeline(out_dir: str | Path, vae, unet, text_encoder, tokenizer, scheduler) -> Path:
+    """A plain diffusers SD-1.x folder, float16 weights, float32 in every config; written to a temp folder first."""
+    from diffusers import StableDiffusionPipeline
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    pipe = StableDiffusionPipeline(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+    pipe.to(torch.float32)
+    te_config = tmp / "text_encoder" / "config.json"
+    cfg = json.loads(te_config.read_text())
+    cfg["dtype"] = "float32"  # transformers 5 would otherwise load the float16 file as float16
+    te_config.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def sample_images(pipe, prompts: list[str], *, seed: int = 0, steps: int = 25, guidance_scale: float = 5.0,
+                  device: str = "cpu") -> np.ndarray:
+    """uint8 (len(prompts), 64, 64, 3), one fixed-seed DDIM sample per prompt."""
+    from diffusers import DDIMScheduler
+
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    gen = torch.Generator(device).manual_seed(seed)
+    out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gen,
+               output_type="np", height=64, width=64).images
+    return np.clip(np.rint(out * 255), 0, 255).astype(np.uint8)
+
+
+def train(out_dir: str | Path = WEIGHTS, *, device: str = "cpu", seed: int = 0, num_images: int = 60000,
+          captions_per_image: int = 4, vae_steps: int = 4000, vae_batch_size: int = 64, vae_lr: float = 1e-3,
+          vae_time_budget_s: float | None = None, unet_steps: int = 20000, unet_batch_size: int = 128,
+          unet_lr: float = 5e-4, unet_time_budget_s: float | None = None, workers: int | None = None) -> dict:
+    """Both stages end to end; writes the pipeline folder plus ``training.json``, loss curves and a sample grid."""
+    settings = {k: v for k, v in locals().items() if k != "out_dir"}
+    out_dir = Path(out_dir)
+    started = time.perf_counter()
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    data = render_set(num_images, seed=seed + 1, kind="world", workers=workers)
+    images = torch.from_numpy(data.images).to(device)
+    vae, unet, text_encoder, tokenizer, scheduler = build_untrained(seed)
+    vae, unet, text_encoder = vae.to(device), unet.to(device), text_encoder.to(device)
+    generator = torch.Generator().manual_seed(seed)
+
+    vae_info = train_vae(vae, images, steps=vae_steps, batch_size=vae_batch_size, lr=vae_lr,
+                         time_budget_s=vae_time_budget_s, generator=generator, device=device)
+    held = torch.from_numpy(render_set(512, seed=seed + 2, kind="world", workers=workers).images).to(device)
+    psnr = reconstruction_psnr(vae, held)
+    latents = encode_latents(vae, images)
+    scaling = 1.0 / latents.std().item()
+    vae.register_to_config(scaling_factor=scaling)
+    latents = latents * scaling
+
+    token_ids = tokenize_captions(tokenizer, caption_variants(data.scenes, captions_per_image, seed + 3))
+    token_ids = token_ids.view(num_images, captions_per_image, -1)
+    empty_ids = tokenize_captions(tokenizer, [""])[0]
+    ema_unet, ema_te, den_info = train_denoiser(
+        unet, text_encoder, scheduler, latents, token_ids, empty_ids, steps=unet_steps,
+        batch_size=unet_batch_size, lr=unet_lr, time_budget_s=unet_time_budget_s, generator=generator, device=device)
+
+    folder = save_pipeline(out_dir, vae.cpu().float(), ema_unet.cpu().float(), ema_te.cpu().float(), tokenizer,
+                           scheduler)
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    samples = sample_images(pipe, SAMPLE_PROMPTS * 2, seed=seed, device=device)
+    image_grid(samples, columns=len(SAMPLE_PROMPTS), scale=2).save(folder / "samples.png")
+    save_loss_curve({**vae_info["history"], **den_info["history"]}, folder / "loss.png", "toy-sd pretraining")
+    import diffusers
+    import transformers
+
+    record = {
+        "settings": settings, "vae_steps_run": vae_info["steps"], "unet_steps_run": den_info["steps"],
+        "vae_psnr_db": psnr, "scaling_factor": scaling, "seconds": time.perf_counter() - started,
+        "final_vae_loss": vae_info["history"]["vae loss"][-1][1],
+        "final_denoiser_loss": den_info["history"]["denoiser loss"][-1][1], "sample_prompts": SAMPLE_PROMPTS,
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                     "transformers": transformers.__version__},
+        "reproduce": (f"python -m t2i_personal.toyworld.pretrain generator --seed {seed} --vae-steps "
+                      f"{vae_info['steps']} --unet-steps {den_info['steps']} (no time budget)"),
+    }
+    save_json_atomic(record, folder / "training.json")
+    return record
