@@ -42,11 +42,11 @@ def _subject_with_accessories(rng: random.Random) -> world.Scene:
 
 
 def _render_one(args):
-    seed, kind, with_labels = args
+    seed, kind, with_labels, scene_options = args
     rng = random.Random(seed)
     style = None
     if kind == "world":
-        s = world.sample_scene(rng)
+        s = world.sample_scene(rng, **scene_options)
     elif kind == "faces":
         s = world.sample_scene(rng, cls="face")
     elif kind == "oracle":  # the ordinary world plus personal subjects and both styles, for the oracle to read
@@ -64,9 +64,10 @@ def _render_one(args):
 
 
 def render_set(n: int, seed: int = 0, kind: str = "world", *, face_labels: bool = False,
-               workers: int | None = None) -> WorldSet:
-    """``n`` examples whose seeds are ``seed * 10**9 + i``: the same set on any machine and worker count."""
-    jobs = [(seed * 1_000_000_000 + i, kind, face_labels) for i in range(n)]
+               workers: int | None = None, **scene_options) -> WorldSet:
+    """``n`` examples whose seeds are ``seed * 10**9 + i``: the same set on any machine and worker count.
+    ``scene_options`` (e.g. ``accessory_rate``) go to ``world.sample_scene`` for the ``"world"`` kind."""
+    jobs = [(seed * 1_000_000_000 + i, kind, face_labels, scene_options) for i in range(n)]
     workers = workers or min(os.cpu_count() or 1, 16)
     if workers > 1 and n >= 256:
         with ProcessPoolExecutor(workers) as pool:

@@ -109,11 +109,21 @@ def _to_unit(images_u8: torch.Tensor) -> torch.Tensor:
     return images_u8.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
+def load_trained(folder: str | Path):
+    """(vae, unet, text_encoder, tokenizer, scheduler) of a saved toy-sd folder, in float32."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, safety_checker=None,
+                                                   feature_extractor=None, requires_safety_checker=False)
+    return pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler
+
+
 def train_vae(vae, images: torch.Tensor, *, steps: int, batch_size: int, lr: float, time_budget_s: float | None,
               generator: torch.Generator, device: str, kl_weight: float = 1e-6) -> dict:
     """``images``: uint8 (N, 64, 64, 3) on ``device``. Returns the loss history and the steps run."""
     vae.train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    trainable = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     budget = _Budget(steps, time_budget_s, warmup=100)
     history, step = {"vae loss": []}, 0
     bar = tqdm(total=steps, desc="vae", mininterval=5)
@@ -128,7 +138,44 @@ def train_vae(vae, images: torch.Tensor, *, steps: int, batch_size: int, lr: flo
         loss = F.mse_loss(recon, x) + F.l1_loss(recon, x) + kl_weight * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        budget.update(step)
+        if step % 25 == 0:
+            history["vae loss"].append((step, loss.item()))
+        step += 1
+        bar.update(1)
+    bar.close()
+    vae.eval()
+    return {"history": history, "steps": step}
+
+
+def train_decoder(vae, images: torch.Tensor, latents: torch.Tensor, *, steps: int, batch_size: int, lr: float,
+                  time_budget_s: float | None, generator: torch.Generator, device: str, crop: int = 12) -> dict:
+    """Decoder-only fine-tuning on fixed posterior means (``latents``, unscaled): the encoder and so the
+    denoiser's latent space stay as they are. Random ``crop``×``crop`` latent windows (and the matching pixels)
+    make a step several times cheaper than a full image, which is what makes this affordable on a CPU."""
+    decoder_params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    opt = torch.optim.AdamW(decoder_params, lr=lr, weight_decay=0.0)
+    budget = _Budget(steps, time_budget_s, warmup=50)
+    factor = images.shape[1] // latents.shape[-1]
+    history, step = {"vae loss": []}, 0
+    vae.train()
+    bar = tqdm(total=steps, desc="vae decoder", mininterval=5)
+    while step < budget.total:
+        for group in opt.param_groups:
+            group["lr"] = lr * budget.lr_factor(step)
+        idx = torch.randint(len(images), (batch_size,), generator=generator)
+        top, left = torch.randint(latents.shape[-1] - crop + 1, (2,), generator=generator).tolist()
+        z = latents[idx, :, top:top + crop, left:left + crop].to(device)
+        x = _to_unit(images[idx.to(images.device), top * factor:(top + crop) * factor,
+                            left * factor:(left + crop) * factor])
+        with _autocast(device):
+            recon = vae.decode(z).sample.float()
+        loss = F.mse_loss(recon, x) + F.l1_loss(recon, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(decoder_params, 1.0)
         opt.step()
         budget.update(step)
         if step % 25 == 0:
@@ -263,30 +310,50 @@ def sample_images(pipe, prompts: list[str], *, seed: int = 0, steps: int = 25, g
     return np.clip(np.rint(out * 255), 0, 255).astype(np.uint8)
 
 
+def _last(points: list[tuple[int, float]]) -> float | None:
+    return points[-1][1] if points else None
+
+
 def train(out_dir: str | Path = WEIGHTS, *, device: str = "cpu", seed: int = 0, num_images: int = 60000,
           captions_per_image: int = 4, vae_steps: int = 4000, vae_batch_size: int = 64, vae_lr: float = 1e-3,
           vae_time_budget_s: float | None = None, unet_steps: int = 20000, unet_batch_size: int = 128,
-          unet_lr: float = 5e-4, unet_time_budget_s: float | None = None, workers: int | None = None) -> dict:
-    """Both stages end to end; writes the pipeline folder plus ``training.json``, loss curves and a sample grid."""
+          unet_lr: float = 5e-4, unet_time_budget_s: float | None = None, workers: int | None = None,
+          init_from: str | None = None, vae_train_encoder: bool = True, accessory_rate: float = 0.35) -> dict:
+    """Both stages end to end; writes the pipeline folder plus ``training.json``, loss curves and a sample grid.
+
+    ``init_from`` continues from a saved toy-sd folder instead of random weights (its ``training.json`` is kept
+    under ``"previous"``). With ``vae_train_encoder=False`` only the VAE decoder trains, as SD's ft-MSE VAE did:
+    the latents, and so the denoiser trained on them, stay valid.
+    """
     settings = {k: v for k, v in locals().items() if k != "out_dir"}
     out_dir = Path(out_dir)
     started = time.perf_counter()
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    data = render_set(num_images, seed=seed + 1, kind="world", workers=workers)
+    data = render_set(num_images, seed=seed + 1, kind="world", workers=workers, accessory_rate=accessory_rate)
+    held = torch.from_numpy(render_set(512, seed=seed + 2, kind="world", workers=workers).images).to(device)
     images = torch.from_numpy(data.images).to(device)
-    vae, unet, text_encoder, tokenizer, scheduler = build_untrained(seed)
+    previous = None
+    if init_from:
+        vae, unet, text_encoder, tokenizer, scheduler = load_trained(init_from)
+        previous = json.loads((Path(init_from) / "training.json").read_text())
+    else:
+        vae, unet, text_encoder, tokenizer, scheduler = build_untrained(seed)
     vae, unet, text_encoder = vae.to(device), unet.to(device), text_encoder.to(device)
     generator = torch.Generator().manual_seed(seed)
 
-    vae_info = train_vae(vae, images, steps=vae_steps, batch_size=vae_batch_size, lr=vae_lr,
-                         time_budget_s=vae_time_budget_s, generator=generator, device=device)
-    held = torch.from_numpy(render_set(512, seed=seed + 2, kind="world", workers=workers).images).to(device)
+    vae_args = dict(steps=vae_steps, batch_size=vae_batch_size, lr=vae_lr, time_budget_s=vae_time_budget_s,
+                    generator=generator, device=device)
+    if vae_train_encoder:
+        vae_info = train_vae(vae, images, **vae_args)
+        latents = encode_latents(vae, images)
+        vae.register_to_config(scaling_factor=1.0 / latents.std().item())
+    else:
+        latents = encode_latents(vae, images)
+        vae_info = train_decoder(vae, images, latents, **vae_args)
     psnr = reconstruction_psnr(vae, held)
-    latents = encode_latents(vae, images)
-    scaling = 1.0 / latents.std().item()
-    vae.register_to_config(scaling_factor=scaling)
+    scaling = vae.config.scaling_factor
     latents = latents * scaling
 
     token_ids = tokenize_captions(tokenizer, caption_variants(data.scenes, captions_per_image, seed + 3))
@@ -311,12 +378,16 @@ def train(out_dir: str | Path = WEIGHTS, *, device: str = "cpu", seed: int = 0, 
     record = {
         "settings": settings, "vae_steps_run": vae_info["steps"], "unet_steps_run": den_info["steps"],
         "vae_psnr_db": psnr, "scaling_factor": scaling, "seconds": time.perf_counter() - started,
-        "final_vae_loss": vae_info["history"]["vae loss"][-1][1],
-        "final_denoiser_loss": den_info["history"]["denoiser loss"][-1][1], "sample_prompts": SAMPLE_PROMPTS,
+        "final_vae_loss": _last(vae_info["history"]["vae loss"]),
+        "final_denoiser_loss": _last(den_info["history"]["denoiser loss"]), "sample_prompts": SAMPLE_PROMPTS,
+        "previous": previous,
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                      "transformers": transformers.__version__},
-        "reproduce": (f"python -m t2i_personal.toyworld.pretrain generator --seed {seed} --vae-steps "
-                      f"{vae_info['steps']} --unet-steps {den_info['steps']} (no time budget)"),
+        "reproduce": (f"python -m t2i_personal.toyworld.pretrain generator --device {device.split(':')[0]} "
+                      f"--seed {seed} --set vae_steps={vae_info['steps']} --set unet_steps={den_info['steps']} "
+                      "--set vae_time_budget_s=null --set unet_time_budget_s=null"
+                      + (f" --set init_from={init_from} --set vae_train_encoder={str(vae_train_encoder).lower()}"
+                         if init_from else "")),
     }
     save_json_atomic(record, folder / "training.json")
     return record

@@ -397,7 +397,8 @@ def _draw_face(f: _Frame, s: Scene, colour, pattern, subject: bool):
     if subject:  # a bob with a straight fringe
         top = (f.ellipse(32, 26, 14.5, 13) & (f.v < 23)) | (f.rect(17.5, 22, 21, 36) | f.rect(43, 22, 46.5, 36))
     f.c.paint(top, hair_rgb, "hair")
-    for name, ex in (("l_eye", 27), ("r_eye", 37)):  # image-left eye is the person's right; labels follow image side
+    eyes = (("r_eye", 27), ("l_eye", 37)) if s.flip else (("l_eye", 27), ("r_eye", 37))
+    for name, ex in eyes:  # labels follow the image side, so a mirrored face swaps the names
         f.c.paint(f.ellipse(ex, 30, 2.4, 1.5), (250, 250, 250), name)
         f.c.paint(f.ellipse(ex, 30, 1.1, 1.3), (70, 50, 30) if not subject else (40, 140, 60), name)
     f.c.paint(f.polygon([(32, 31), (30.3, 37), (33.7, 37)]), _shade(skin, 0.85), "nose")
