@@ -49,7 +49,7 @@ def test_accessory_masks_sit_where_they_belong():
     r = world.render(s)
     m = r.masks
     assert m["hat"].sum() > 30 and m["glasses"].sum() > 20 and m["scarf"].sum() > 20
-    rows = lambda mask: np.nonzero(mask.any(axis=1))[0]  # noqa: E731
+    rows = lambda mask: np.nonzero(mask.any(axis=1))[0]
     assert rows(m["hat"]).mean() < rows(m["glasses"]).mean() < rows(m["scarf"]).mean()
     eyes = world.render(replace(s, glasses=False)).masks["l_eye"]  # glasses cover the eyes entirely
     assert rows(eyes).mean() == pytest.approx(rows(m["glasses"]).mean(), abs=2)

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from . import world
 from .reports import image_grid, save_json_atomic, save_loss_curve
+from .schedule import TrainingClock
 
 MODEL_NAME = "toy-clip"
 CONFIG_PATH = Path(__file__).parent / "configs" / f"{MODEL_NAME}.json"
@@ -113,13 +114,6 @@ def _normaliser(model, device):
 # -------------------------------------------------------------------------------------------------------- training
 
 
-def _lr_factor(step: int, warmup: int, progress: float) -> float:
-    """Linear warmup, then cosine decay to 5% over ``progress`` (the larger of step and time fractions)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
 def _decays(name: str, param: torch.nn.Parameter) -> bool:
     """Open_clip's trainer rule: matrices and embeddings decay; gains, biases and the temperature do not."""
     return param.ndim >= 2 and not any(key in name for key in ("ln", "bias", "logit_scale"))
@@ -145,6 +139,7 @@ def train(out_dir, *, device: str = "cpu", steps: int = 3000, batch_size: int = 
     from .dataset import render_set
 
     start = time.time()
+    clock = TrainingClock(steps, time_budget_s, warmup=1)  # the budget covers rendering too
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     register_config()
@@ -158,18 +153,14 @@ def train(out_dir, *, device: str = "cpu", steps: int = 3000, batch_size: int = 
     normalise = _normaliser(model, device)
     loss_fn = open_clip.ClipLoss()
     opt = _optimizer(model, lr)
-    warmup = max(1, min(200, steps // 10))
+    warmup = clock.warmup = max(1, min(200, steps // 10))
     batches = _epoch_batches(num_images, min(batch_size, num_images), generator)
     history, step, loss_sum, final_loss = [], 0, 0.0, float("nan")
     log_every = max(1, min(50, steps // 10))
     bar = tqdm(total=steps, desc="toy clip", unit="step", mininterval=5)
-    while step < steps:
-        elapsed = time.time() - start
-        if time_budget_s is not None and elapsed >= time_budget_s:
-            break
-        progress = max(step / steps, elapsed / time_budget_s if time_budget_s else 0.0)
+    while clock.running(step):
         for group in opt.param_groups:
-            group["lr"] = lr * _lr_factor(step, warmup, progress)
+            group["lr"] = lr * clock.lr_factor(step)
         idx = next(batches)
         variant = torch.randint(0, CAPTIONS_PER_IMAGE, (len(idx),), generator=generator)
         x = normalise(_augment(images[idx.to(device)], generator))

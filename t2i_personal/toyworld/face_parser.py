@@ -21,7 +21,6 @@ training) must reach 0.7.
 
 from __future__ import annotations
 
-import math
 import platform
 import random
 import time
@@ -35,6 +34,7 @@ from tqdm.auto import tqdm
 
 from . import world
 from .reports import image_grid, save_json_atomic, save_loss_curve
+from .schedule import TrainingClock
 
 DEFAULT_PATH = Path(__file__).parent / "weights" / "face-parser"
 CREATE_COMMAND = "python -m t2i_personal.toyworld.pretrain face-parser"
@@ -127,13 +127,6 @@ def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return ce + (dice * present).sum() / present.sum()
 
 
-def _lr_factor(step: int, warmup: int, progress: float) -> float:
-    """Linear warmup, then cosine decay to 5% over ``progress`` (the larger of step and time fractions)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
 def train(out_dir, *, device: str = "cpu", steps: int = 2000, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
           time_budget_s: float | None = None, num_images: int = 8000, eval_images: int = 200,
           workers: int | None = None) -> dict:
@@ -148,6 +141,7 @@ def train(out_dir, *, device: str = "cpu", steps: int = 2000, batch_size: int = 
     from .dataset import render_set
 
     start = time.time()
+    clock = TrainingClock(steps, time_budget_s, warmup=1)  # the budget covers rendering too
     torch.manual_seed(seed)
     gen = torch.Generator(device).manual_seed(seed)
     data = render_set(num_images, seed=seed, kind="faces", face_labels=True, workers=workers)
@@ -158,16 +152,12 @@ def train(out_dir, *, device: str = "cpu", steps: int = 2000, batch_size: int = 
     processor = make_processor()
     pixel_values = _preprocessor(processor, device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, fused=device.startswith("cuda"))
-    warmup = max(1, min(200, steps // 10))
+    warmup = clock.warmup = max(1, min(200, steps // 10))
     history, step = [], 0
     bar = tqdm(total=steps, desc="face parser", unit="step")
-    while step < steps:
-        elapsed = time.time() - start
-        if time_budget_s is not None and elapsed >= time_budget_s:
-            break
-        progress = max(step / steps, elapsed / time_budget_s if time_budget_s else 0.0)
+    while clock.running(step):
         for group in opt.param_groups:
-            group["lr"] = lr * _lr_factor(step, warmup, progress)
+            group["lr"] = lr * clock.lr_factor(step)
         idx = torch.randint(0, num_images, (batch_size,), generator=gen, device=device)
         x, y = _augment(images[idx], labels[idx].long(), gen)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):

@@ -21,7 +21,6 @@ stored in float16 to keep the shipped files small; configs record float32 so eve
 from __future__ import annotations
 
 import json
-import math
 import random
 import shutil
 import tempfile
@@ -36,6 +35,7 @@ from tqdm.auto import tqdm
 from . import world
 from .dataset import render_set
 from .reports import image_grid, save_json_atomic, save_loss_curve
+from .schedule import TrainingClock
 
 ARCHITECTURE = Path(__file__).parent / "configs" / "toy-sd.json"
 WEIGHTS = Path(__file__).parent / "weights" / "toy-sd"
@@ -69,32 +69,6 @@ def build_untrained(seed: int = 0):
     return vae, unet, text_encoder, build_clip_tokenizer(), scheduler
 
 
-class _Budget:
-    """Ends a stage at ``max_steps`` or when ``seconds`` run out; the LR schedule follows the resolved length."""
-
-    def __init__(self, max_steps: int, seconds: float | None, warmup: int):
-        self.total, self.seconds, self.warmup = max_steps, seconds, warmup
-        self.start = time.perf_counter()
-        self._probe = None
-
-    def update(self, step: int):
-        """After a few steps, shrink ``total`` to what fits the time budget (measured, not guessed)."""
-        if self.seconds is None:
-            return
-        if step == 10:
-            self._probe = time.perf_counter()
-        if step == 60 and self._probe is not None:
-            per_step = (time.perf_counter() - self._probe) / 50
-            left = self.seconds - (time.perf_counter() - self.start)
-            self.total = max(step + 1, min(self.total, step + int(left / per_step)))
-
-    def lr_factor(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: float):
     rate = min(decay, (1 + step) / (10 + step))
     with torch.no_grad():
@@ -124,12 +98,12 @@ def train_vae(vae, images: torch.Tensor, *, steps: int, batch_size: int, lr: flo
     vae.train()
     trainable = [p for p in vae.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
-    budget = _Budget(steps, time_budget_s, warmup=100)
+    clock = TrainingClock(steps, time_budget_s, warmup=100)
     history, step = {"vae loss": []}, 0
     bar = tqdm(total=steps, desc="vae", mininterval=5)
-    while step < budget.total:
+    while clock.running(step):
         for group in opt.param_groups:
-            group["lr"] = lr * budget.lr_factor(step)
+            group["lr"] = lr * clock.lr_factor(step)
         idx = torch.randint(len(images), (batch_size,), generator=generator, device="cpu").to(images.device)
         x = _to_unit(images[idx])
         with _autocast(device):
@@ -140,7 +114,6 @@ def train_vae(vae, images: torch.Tensor, *, steps: int, batch_size: int, lr: flo
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
-        budget.update(step)
         if step % 25 == 0:
             history["vae loss"].append((step, loss.item()))
         step += 1
@@ -157,14 +130,14 @@ def train_decoder(vae, images: torch.Tensor, latents: torch.Tensor, *, steps: in
     make a step several times cheaper than a full image, which is what makes this affordable on a CPU."""
     decoder_params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
     opt = torch.optim.AdamW(decoder_params, lr=lr, weight_decay=0.0)
-    budget = _Budget(steps, time_budget_s, warmup=50)
+    clock = TrainingClock(steps, time_budget_s, warmup=50)
     factor = images.shape[1] // latents.shape[-1]
     history, step = {"vae loss": []}, 0
     vae.train()
     bar = tqdm(total=steps, desc="vae decoder", mininterval=5)
-    while step < budget.total:
+    while clock.running(step):
         for group in opt.param_groups:
-            group["lr"] = lr * budget.lr_factor(step)
+            group["lr"] = lr * clock.lr_factor(step)
         idx = torch.randint(len(images), (batch_size,), generator=generator)
         top, left = torch.randint(latents.shape[-1] - crop + 1, (2,), generator=generator).tolist()
         z = latents[idx, :, top:top + crop, left:left + crop].to(device)
@@ -177,7 +150,6 @@ def train_decoder(vae, images: torch.Tensor, latents: torch.Tensor, *, steps: in
         loss.backward()
         torch.nn.utils.clip_grad_norm_(decoder_params, 1.0)
         opt.step()
-        budget.update(step)
         if step % 25 == 0:
             history["vae loss"].append((step, loss.item()))
         step += 1
@@ -241,13 +213,13 @@ def train_denoiser(unet, text_encoder, scheduler, latents: torch.Tensor, token_i
     ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     params = [*unet.parameters(), *text_encoder.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
-    budget = _Budget(steps, time_budget_s, warmup=200)
+    clock = TrainingClock(steps, time_budget_s, warmup=200)
     history, step = {"denoiser loss": []}, 0
     n, k = token_ids.shape[:2]
     bar = tqdm(total=steps, desc="denoiser", mininterval=5)
-    while step < budget.total:
+    while clock.running(step):
         for group in opt.param_groups:
-            group["lr"] = lr * budget.lr_factor(step)
+            group["lr"] = lr * clock.lr_factor(step)
         idx = torch.randint(n, (batch_size,), generator=generator)
         which = torch.randint(k, (batch_size,), generator=generator)
         drop = torch.rand(batch_size, generator=generator) < caption_dropout
@@ -267,7 +239,6 @@ def train_denoiser(unet, text_encoder, scheduler, latents: torch.Tensor, token_i
         opt.step()
         _ema_update(ema_unet, unet, step, ema_decay)
         _ema_update(ema_te, text_encoder, step, ema_decay)
-        budget.update(step)
         if step % 25 == 0:
             history["denoiser loss"].append((step, loss.item()))
         step += 1

@@ -23,7 +23,6 @@ colours. About a fifth of the training images stay untouched, so clean renders a
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import tempfile
@@ -42,6 +41,7 @@ from tqdm.auto import tqdm
 from . import world
 from .dataset import WorldSet, render_set
 from .reports import save_json_atomic, save_loss_curve
+from .schedule import TrainingClock
 
 DEFAULT_DIR = Path(__file__).parent / "weights" / "oracle"
 HEADS: dict[str, tuple[str, ...]] = {
@@ -336,13 +336,6 @@ def accuracy(oracle: Oracle, *, n: int = 500, seed: int = _EVAL_SET_SEED, blur: 
     return _accuracy(oracle, render_set(n, seed=seed, kind="oracle"), blur)
 
 
-def _learning_rate(lr: float, step: int, progress: float) -> float:
-    """Linear warmup, then cosine to zero over ``progress`` — the larger of the step and time-budget fractions
-    spent, so a run cut short by its time budget still ends on a small learning rate."""
-    warm = min(1.0, (step + 1) / _WARMUP)
-    return lr * warm * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
 def train(out_dir: str | Path, *, device: str = "cpu", steps: int = 3000, batch_size: int = 256, lr: float = 2e-3,
           seed: int = 0, time_budget_s: float | None = None, num_images: int = 40000, workers: int | None = None,
           eval_images: int = 2000) -> dict:
@@ -368,13 +361,10 @@ def train(out_dir: str | Path, *, device: str = "cpu", steps: int = 3000, batch_
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
     history, step, loop_start = [], 0, time.time()
     bar = tqdm(total=steps, desc="oracle", unit="step")
-    while step < steps:
-        elapsed = time.time() - loop_start
-        if time_budget_s is not None and elapsed >= time_budget_s:
-            break
-        progress = max(step / steps, elapsed / time_budget_s if time_budget_s else 0.0)
+    clock = TrainingClock(steps, time_budget_s, warmup=_WARMUP, floor=0.0)
+    while clock.running(step):
         for group in opt.param_groups:
-            group["lr"] = _learning_rate(lr, step, progress)
+            group["lr"] = lr * clock.lr_factor(step)
         idx = torch.randint(len(images), (batch_size,), device=device, generator=g)
         x = augment(images[idx].float() / 127.5 - 1.0, g)
         with autocast:

@@ -367,7 +367,6 @@ def _draw_car(f: _Frame, s: Scene, colour, pattern, subject: bool):
         f.c.paint(f.ellipse(wx, 46, 5.2, 5.2), (25, 25, 25), "body")
         f.c.paint(f.ellipse(wx, 46, 2.2, 2.2), (170, 170, 170), "body")
     f.c.tint(f.ellipse(54, 38, 1.6, 1.2), (250, 240, 150))
-    return None
 
 
 def _draw_vase(f: _Frame, s: Scene, colour, pattern, subject: bool):
@@ -379,7 +378,6 @@ def _draw_vase(f: _Frame, s: Scene, colour, pattern, subject: bool):
     _apply_pattern(f, bulb | neck | lip | foot, colour, pattern)
     f.c.tint(f.ellipse(32, 17.5, 4.5 + w, 1.1), (40, 30, 25))
     f.c.tint(f.ellipse(25, 38, 1.5, 5, angle=0.3), _shade(_pattern_colours(colour)[0], 1.35))
-    return None
 
 
 def _draw_face(f: _Frame, s: Scene, colour, pattern, subject: bool):
@@ -549,7 +547,7 @@ def describe(s: Scene, rng: random.Random | None = None, *, full: bool = False) 
     where = f" {WHERE[s.scene]}" if keep(0.85) else ""
     template = _TEMPLATES[0] if rng is None else rng.choice(_TEMPLATES)
     caption = template.format(what=what, where=where)
-    if caption.startswith("a a ") or caption.startswith("a an "):
+    if caption.startswith(("a a ", "a an ")):
         caption = caption[2:]
     return caption
 
