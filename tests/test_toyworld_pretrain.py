@@ -75,3 +75,12 @@ def test_quality_gate(gate_results, gate):
     from t2i_personal.toyworld.gates import THRESHOLDS
 
     assert gate_results[gate] >= THRESHOLDS[gate], gate_results
+
+
+def test_hue_rotation_keeps_greys_and_changes_colours():
+    pixels = torch.tensor([[[[128, 128, 128], [0, 150, 150]]]], dtype=torch.uint8).expand(8, 1, 2, 3).contiguous()
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(generator.hue_rotated(pixels, 0.0, g), pixels)
+    rotated = generator.hue_rotated(pixels, 1.0, g)
+    assert (rotated[:, 0, 0].int() - 128).abs().max() <= 1  # grey has no hue
+    assert len({tuple(p.tolist()) for p in rotated[:, 0, 1]}) > 4  # teal goes round the colour wheel

@@ -21,6 +21,7 @@ stored in float16 to keep the shipped files small; configs record float32 so eve
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 import tempfile
@@ -159,6 +160,24 @@ def train_decoder(vae, images: torch.Tensor, latents: torch.Tensor, *, steps: in
     return {"history": history, "steps": step}
 
 
+def hue_rotated(images: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """uint8 (N, H, W, 3) with a random hue rotation (in YIQ space) applied to ``fraction`` of the images.
+
+    The world has nine colours; without this the decoder maps every unseen colour (a personal subject's teal)
+    to its nearest palette colour, and no amount of personalization can draw it."""
+    n = len(images)
+    chosen = torch.rand(n, generator=generator) < fraction
+    theta = torch.rand(n, generator=generator) * 2 * math.pi
+    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    rot = torch.zeros(n, 3, 3)
+    rot[:, 0, 0] = 1
+    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
+    matrix = torch.linalg.inv(to_yiq) @ rot @ to_yiq
+    out = torch.einsum("nij,nhwj->nhwi", matrix, images.cpu().float()).clamp(0, 255).round().to(torch.uint8)
+    return torch.where(chosen[:, None, None, None], out, images.cpu()).to(images.device)
+
+
 @torch.no_grad()
 def encode_latents(vae, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """Posterior means (unscaled) of uint8 images, in float32."""
@@ -289,7 +308,8 @@ def train(out_dir: str | Path = WEIGHTS, *, device: str = "cpu", seed: int = 0, 
           captions_per_image: int = 4, vae_steps: int = 4000, vae_batch_size: int = 64, vae_lr: float = 1e-3,
           vae_time_budget_s: float | None = None, unet_steps: int = 20000, unet_batch_size: int = 128,
           unet_lr: float = 5e-4, unet_time_budget_s: float | None = None, workers: int | None = None,
-          init_from: str | None = None, vae_train_encoder: bool = True, accessory_rate: float = 0.35) -> dict:
+          init_from: str | None = None, vae_train_encoder: bool = True, accessory_rate: float = 0.35,
+          vae_hue_fraction: float = 0.0) -> dict:
     """Both stages end to end; writes the pipeline folder plus ``training.json``, loss curves and a sample grid.
 
     ``init_from`` continues from a saved toy-sd folder instead of random weights (its ``training.json`` is kept
@@ -321,8 +341,9 @@ def train(out_dir: str | Path = WEIGHTS, *, device: str = "cpu", seed: int = 0, 
         latents = encode_latents(vae, images)
         vae.register_to_config(scaling_factor=1.0 / latents.std().item())
     else:
+        decoder_images = hue_rotated(images, vae_hue_fraction, generator) if vae_hue_fraction else images
+        vae_info = train_decoder(vae, decoder_images, encode_latents(vae, decoder_images), **vae_args)
         latents = encode_latents(vae, images)
-        vae_info = train_decoder(vae, images, latents, **vae_args)
     psnr = reconstruction_psnr(vae, held)
     scaling = vae.config.scaling_factor
     latents = latents * scaling
