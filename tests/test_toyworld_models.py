@@ -107,4 +107,10 @@ def test_evaluation_clip_ranks_the_true_caption_first():
 
 def test_training_records_say_how_to_reproduce_them():
     record = json.loads((generator.WEIGHTS / "training.json").read_text())
-    assert "pretrain generator" in record["reproduce"] and record["unet_steps_run"] > 0
+    stages = []
+    while record:  # a continued run keeps the record of the run it started from
+        assert "pretrain generator" in record["reproduce"]
+        stages.append(record)
+        record = record.get("previous")
+    assert sum(stage["unet_steps_run"] for stage in stages) > 0
+    assert "init_from" not in stages[-1]["reproduce"]  # the first stage started from scratch
