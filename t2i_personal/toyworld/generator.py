@@ -20,6 +20,7 @@ stored in float16 to keep the shipped files small; configs record float32 so eve
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -93,35 +94,49 @@ def load_trained(folder: str | Path):
     return pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler
 
 
+def _optimise(params: list, loss_at, *, name: str, steps: int, lr: float, time_budget_s: float | None, warmup: int,
+              weight_decay: float = 0.0, after_step=None) -> dict:
+    """The loop every stage shares: AdamW on ``params``, gradient clipping at 1, the shared clock's warm-up and
+    cosine, a tqdm bar; ``loss_at(step)`` computes one batch's loss. Returns the loss history and steps run."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    clock = TrainingClock(steps, time_budget_s, warmup=warmup)
+    history, step = {f"{name} loss": []}, 0
+    bar = tqdm(total=steps, desc=name, mininterval=5)
+    while clock.running(step):
+        for group in opt.param_groups:
+            group["lr"] = lr * clock.lr_factor(step)
+        loss = loss_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if after_step is not None:
+            after_step(step)
+        if step % 25 == 0:
+            history[f"{name} loss"].append((step, loss.item()))
+        step += 1
+        bar.update(1)
+    bar.close()
+    return {"history": history, "steps": step}
+
+
 def train_vae(vae, images: torch.Tensor, *, steps: int, batch_size: int, lr: float, time_budget_s: float | None,
               generator: torch.Generator, device: str, kl_weight: float = 1e-6) -> dict:
     """``images``: uint8 (N, 64, 64, 3) on ``device``. Returns the loss history and the steps run."""
     vae.train()
-    trainable = [p for p in vae.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
-    clock = TrainingClock(steps, time_budget_s, warmup=100)
-    history, step = {"vae loss": []}, 0
-    bar = tqdm(total=steps, desc="vae", mininterval=5)
-    while clock.running(step):
-        for group in opt.param_groups:
-            group["lr"] = lr * clock.lr_factor(step)
-        idx = torch.randint(len(images), (batch_size,), generator=generator, device="cpu").to(images.device)
+
+    def loss_at(step):
+        idx = torch.randint(len(images), (batch_size,), generator=generator).to(images.device)
         x = _to_unit(images[idx])
         with _autocast(device):
             posterior = vae.encode(x).latent_dist
             recon = vae.decode(posterior.sample()).sample.float()
-        loss = F.mse_loss(recon, x) + F.l1_loss(recon, x) + kl_weight * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        opt.step()
-        if step % 25 == 0:
-            history["vae loss"].append((step, loss.item()))
-        step += 1
-        bar.update(1)
-    bar.close()
+        return F.mse_loss(recon, x) + F.l1_loss(recon, x) + kl_weight * posterior.kl().mean()
+
+    info = _optimise(list(vae.parameters()), loss_at, name="vae", steps=steps, lr=lr, time_budget_s=time_budget_s,
+                     warmup=100)
     vae.eval()
-    return {"history": history, "steps": step}
+    return info
 
 
 def train_decoder(vae, images: torch.Tensor, latents: torch.Tensor, *, steps: int, batch_size: int, lr: float,
@@ -129,16 +144,10 @@ def train_decoder(vae, images: torch.Tensor, latents: torch.Tensor, *, steps: in
     """Decoder-only fine-tuning on fixed posterior means (``latents``, unscaled): the encoder and so the
     denoiser's latent space stay as they are. Random ``crop``×``crop`` latent windows (and the matching pixels)
     make a step several times cheaper than a full image, which is what makes this affordable on a CPU."""
-    decoder_params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
-    opt = torch.optim.AdamW(decoder_params, lr=lr, weight_decay=0.0)
-    clock = TrainingClock(steps, time_budget_s, warmup=50)
     factor = images.shape[1] // latents.shape[-1]
-    history, step = {"vae loss": []}, 0
     vae.train()
-    bar = tqdm(total=steps, desc="vae decoder", mininterval=5)
-    while clock.running(step):
-        for group in opt.param_groups:
-            group["lr"] = lr * clock.lr_factor(step)
+
+    def loss_at(step):
         idx = torch.randint(len(images), (batch_size,), generator=generator)
         top, left = torch.randint(latents.shape[-1] - crop + 1, (2,), generator=generator).tolist()
         z = latents[idx, :, top:top + crop, left:left + crop].to(device)
@@ -146,18 +155,12 @@ def train_decoder(vae, images: torch.Tensor, latents: torch.Tensor, *, steps: in
                             left * factor:(left + crop) * factor])
         with _autocast(device):
             recon = vae.decode(z).sample.float()
-        loss = F.mse_loss(recon, x) + F.l1_loss(recon, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(decoder_params, 1.0)
-        opt.step()
-        if step % 25 == 0:
-            history["vae loss"].append((step, loss.item()))
-        step += 1
-        bar.update(1)
-    bar.close()
+        return F.mse_loss(recon, x) + F.l1_loss(recon, x)
+
+    info = _optimise([*vae.decoder.parameters(), *vae.post_quant_conv.parameters()], loss_at, name="vae",
+                     steps=steps, lr=lr, time_budget_s=time_budget_s, warmup=50)
     vae.eval()
-    return {"history": history, "steps": step}
+    return info
 
 
 def hue_rotated(images: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:
@@ -219,26 +222,19 @@ def _min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.
     return torch.clamp(snr, max=gamma) / snr
 
 
-def train_denoiser(unet, text_encoder, scheduler, latents: torch.Tensor, token_ids: torch.Tensor, empty_ids: torch.Tensor,
-                   *, steps: int, batch_size: int, lr: float, time_budget_s: float | None,
+def train_denoiser(unet, text_encoder, scheduler, latents: torch.Tensor, token_ids: torch.Tensor,
+                   empty_ids: torch.Tensor, *, steps: int, batch_size: int, lr: float, time_budget_s: float | None,
                    generator: torch.Generator, device: str, caption_dropout: float = 0.1, min_snr_gamma: float = 5.0,
                    ema_decay: float = 0.999):
     """ε-prediction training of UNet + text encoder on pre-encoded, pre-scaled ``latents`` (N, 4, 16, 16).
     ``token_ids``: (N, K, 77), K captions per image. Returns (ema_unet, ema_text_encoder, info)."""
-    import copy
 
     unet.train()
     text_encoder.train()
     ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
-    params = [*unet.parameters(), *text_encoder.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
-    clock = TrainingClock(steps, time_budget_s, warmup=200)
-    history, step = {"denoiser loss": []}, 0
     n, k = token_ids.shape[:2]
-    bar = tqdm(total=steps, desc="denoiser", mininterval=5)
-    while clock.running(step):
-        for group in opt.param_groups:
-            group["lr"] = lr * clock.lr_factor(step)
+
+    def loss_at(step):
         idx = torch.randint(n, (batch_size,), generator=generator)
         which = torch.randint(k, (batch_size,), generator=generator)
         drop = torch.rand(batch_size, generator=generator) < caption_dropout
@@ -246,24 +242,18 @@ def train_denoiser(unet, text_encoder, scheduler, latents: torch.Tensor, token_i
         x0 = latents[idx.to(latents.device)]
         noise = torch.randn(x0.shape, generator=generator).to(device)
         t = torch.randint(scheduler.config.num_train_timesteps, (batch_size,), generator=generator).to(device)
-        noisy = scheduler.add_noise(x0, noise, t)
         with _autocast(device):
-            context = text_encoder(ids)[0]
-            pred = unet(noisy, t, context).sample.float()
+            pred = unet(scheduler.add_noise(x0, noise, t), t, text_encoder(ids)[0]).sample.float()
         per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
-        loss = (per_sample * _min_snr_weights(scheduler, t, min_snr_gamma)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        return (per_sample * _min_snr_weights(scheduler, t, min_snr_gamma)).mean()
+
+    def update_ema(step):
         _ema_update(ema_unet, unet, step, ema_decay)
         _ema_update(ema_te, text_encoder, step, ema_decay)
-        if step % 25 == 0:
-            history["denoiser loss"].append((step, loss.item()))
-        step += 1
-        bar.update(1)
-    bar.close()
-    return ema_unet, ema_te, {"history": history, "steps": step}
+
+    info = _optimise([*unet.parameters(), *text_encoder.parameters()], loss_at, name="denoiser", steps=steps, lr=lr,
+                     time_budget_s=time_budget_s, warmup=200, weight_decay=1e-2, after_step=update_ema)
+    return ema_unet, ema_te, info
 
 
 def save_pipeline(out_dir: str | Path, vae, unet, text_encoder, tokenizer, scheduler) -> Path:
