@@ -304,7 +304,8 @@ def train(out_dir: str | Path = WEIGHTS, *, device: str = "cpu", seed: int = 0, 
 
     ``init_from`` continues from a saved toy-sd folder instead of random weights (its ``training.json`` is kept
     under ``"previous"``). With ``vae_train_encoder=False`` only the VAE decoder trains, as SD's ft-MSE VAE did:
-    the latents, and so the denoiser trained on them, stay valid.
+    the latents, and so the denoiser trained on them, stay valid. ``vae_hue_fraction`` of the VAE's training
+    images are hue-rotated (see ``hue_rotated``); the denoiser always learns the world's own colours.
     """
     settings = {k: v for k, v in locals().items() if k != "out_dir"}
     out_dir = Path(out_dir)
@@ -326,13 +327,13 @@ def train(out_dir: str | Path = WEIGHTS, *, device: str = "cpu", seed: int = 0, 
 
     vae_args = dict(steps=vae_steps, batch_size=vae_batch_size, lr=vae_lr, time_budget_s=vae_time_budget_s,
                     generator=generator, device=device)
+    vae_images = hue_rotated(images, vae_hue_fraction, generator) if vae_hue_fraction else images
     if vae_train_encoder:
-        vae_info = train_vae(vae, images, **vae_args)
+        vae_info = train_vae(vae, vae_images, **vae_args)
         latents = encode_latents(vae, images)
         vae.register_to_config(scaling_factor=1.0 / latents.std().item())
     else:
-        decoder_images = hue_rotated(images, vae_hue_fraction, generator) if vae_hue_fraction else images
-        vae_info = train_decoder(vae, decoder_images, encode_latents(vae, decoder_images), **vae_args)
+        vae_info = train_decoder(vae, vae_images, encode_latents(vae, vae_images), **vae_args)
         latents = encode_latents(vae, images)
     psnr = reconstruction_psnr(vae, held)
     scaling = vae.config.scaling_factor
