@@ -26,6 +26,10 @@ def test_recipes_only_use_settings_the_trainers_accept():
             assert set(recipe) <= set(pretrain.settings_of(name)), name
 
 
+def same(m1, m2) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))
+
+
 @pytest.mark.slow
 def test_generator_pretraining_writes_a_loadable_folder_and_can_continue(tmp_path):
     from diffusers import StableDiffusionPipeline
@@ -43,7 +47,6 @@ def test_generator_pretraining_writes_a_loadable_folder_and_can_continue(tmp_pat
                              vae_train_encoder=False)
     assert second["previous"]["unet_steps_run"] == 2 and "init_from" in second["reproduce"]
     again = StableDiffusionPipeline.from_pretrained(tmp_path / "b")
-    same = lambda m1, m2: all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))
     assert same(pipe.vae.encoder, again.vae.encoder) and same(pipe.unet, again.unet)  # latent space kept
     assert not same(pipe.vae.decoder, again.vae.decoder)
     assert again.vae.config.scaling_factor == pipe.vae.config.scaling_factor
