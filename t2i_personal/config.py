@@ -37,10 +37,11 @@ class ModelConfig(Section):
 class ConceptConfig(Section):
     identifier: str = Field(..., description="rare token that names the subject, e.g. 'sks'")
     class_noun: str = Field(..., description="what the subject is, e.g. 'dog'")
-    instance_dir: str = Field(..., description="folder of 3-20 photos; an optional .txt next to an image is its caption ({V}/{C} allowed)")
+    instance_dir: str | list[str] = Field(..., description="folder (or list of folders) of 3-20 photos; an optional .txt next to an image is its caption ({V}/{C} allowed)")
+    initializer_token: str | None = Field(None, description="learn the identifier as a new token (e.g. '<new1>') whose embedding starts from this word's (textual inversion; Custom Diffusion's modifier token)")
     instance_prompt: str = Field("a photo of {V} {C}", description="{V} = identifier, {C} = class noun")
     class_prompt: str = Field("a photo of {C}", description="prompt of the prior samples")
-    class_dir: str | None = Field(None, description="class (prior) images; missing ones are generated into it")
+    class_dir: str | None = Field(None, description="class (prior) images; missing ones are generated into it (prior: auxiliary uses it as given)")
     num_class_images: int = Field(100, ge=1, description="prior: class_images uses (and generates up to) this many")
 
     @field_validator("identifier", "class_noun")
@@ -49,6 +50,17 @@ class ConceptConfig(Section):
         if not value.strip():
             raise ValueError("must not be empty")
         return value.strip()
+
+    @model_validator(mode="after")
+    def _learned_token_is_one_word(self) -> "ConceptConfig":
+        if self.initializer_token is not None and (not self.identifier or any(ch.isspace() for ch in self.identifier)):
+            raise ValueError(f"identifier {self.identifier!r} becomes one learned token (initializer_token is set), so it "
+                             "cannot contain spaces; use e.g. '<new1>'")
+        return self
+
+    @property
+    def instance_dirs(self) -> list[str]:
+        return [self.instance_dir] if isinstance(self.instance_dir, str) else list(self.instance_dir)
 
 
 class LoraConfig(Section):
@@ -63,19 +75,48 @@ class LoraConfig(Section):
         return float(self.rank if self.alpha is None else self.alpha)
 
 
+class SPLConfig(Section):
+    """ClassDiffusion's semantic preservation loss (``methods/classdiffusion.py``)."""
+
+    weight: float = Field(1.0, ge=0.0, description="lambda of the SPL term")
+    pooling: Literal["eos", "argmax_id"] = Field("eos", description="eos: the true end-of-sequence feature (the paper); argmax_id: the text model's own pooler, which for SD-1.5 configs lands on the new token (the official code)")
+    templates: list[str] = Field(["a photo of a {V} {C}"], min_length=1, description="personal phrases; the class phrase drops {V}")
+
+    @field_validator("templates")
+    @classmethod
+    def _has_placeholders(cls, value: list[str]) -> list[str]:
+        for t in value:
+            if "{V}" not in t or "{C}" not in t:
+                raise ValueError(f"template {t!r} must contain both {{V}} and {{C}}")
+        return value
+
+
 class MethodConfig(Section):
-    name: Literal["dreambooth"] = Field("dreambooth", description="the personalization method")
+    name: Literal["dreambooth", "custom_diffusion", "styleforge"] = Field("dreambooth", description="the personalization method")
     adapter: Literal["full", "lora"] = Field("full", description="train the weights themselves or a LoRA (peft) on them")
     train_unet: bool = Field(True, description="train the UNet")
     train_text_encoder: bool = Field(False, description="also train the text encoder(s) (both for SDXL)")
     lora: LoraConfig = LoraConfig()
-    prior: Literal["none", "class_images", "base_prediction"] = Field("none", description="prior preservation: generated/supplied class images, or the frozen base model's prediction as target")
+    prior: Literal["none", "class_images", "base_prediction", "auxiliary"] = Field("none", description="prior preservation: generated/supplied class images, the frozen base model's prediction as target, or auxiliary images used as given (StyleForge)")
     prior_loss_weight: float = Field(1.0, ge=0.0, description="lambda of the prior term")
+    custom_diffusion_params: Literal["crossattn_kv", "crossattn"] = Field("crossattn_kv", description="custom_diffusion: train cross-attention K/V only, or also its Q and output projections")
+    spl: SPLConfig | None = Field(None, description="ClassDiffusion's semantic preservation loss (null: off)")
 
     @model_validator(mode="after")
     def _consistent(self) -> "MethodConfig":
-        if not (self.train_unet or self.train_text_encoder):
-            raise ValueError("nothing would train: set method.train_unet or method.train_text_encoder to true")
+        if self.name == "custom_diffusion":
+            bad = [k for k in ("adapter", "train_unet", "train_text_encoder", "lora") if k in self.model_fields_set]
+            if bad:
+                raise ValueError(f"method.name custom_diffusion trains its own cross-attention projections (plus learned "
+                                 f"tokens); remove {', '.join('method.' + k for k in bad)}")
+            if self.prior == "base_prediction":
+                raise ValueError("method.prior 'base_prediction' needs a frozen copy of what trains, which custom_diffusion "
+                                 "does not keep: use prior: class_images")
+        elif "custom_diffusion_params" in self.model_fields_set:
+            raise ValueError("method.custom_diffusion_params only applies to method.name: custom_diffusion")
+        if self.name == "styleforge" and self.prior not in ("auxiliary", "none"):
+            raise ValueError(f"method.name styleforge binds the class word to the user's auxiliary images: use prior: "
+                             f"auxiliary (or none for the paper's 'w/o Aux' ablation), not {self.prior!r}")
         if self.adapter == "full" and "lora" in self.model_fields_set:
             raise ValueError("method.lora is set but method.adapter is 'full': set method.adapter: lora or remove method.lora")
         if self.prior == "none" and "prior_loss_weight" in self.model_fields_set:
@@ -119,6 +160,7 @@ class TrainingConfig(Section):
     gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
     learning_rate: float = Field(5e-6, gt=0, description="UNet learning rate (use ~1e-4 for LoRA)")
     text_encoder_learning_rate: float | None = Field(None, gt=0, description="defaults to learning_rate")
+    token_learning_rate: float | None = Field(None, gt=0, description="learned token embeddings; defaults to learning_rate")
     scale_lr: bool = Field(False, description="multiply learning rates by batch size x accumulation x processes")
     lr_scheduler: Literal[LR_SCHEDULERS] = "constant"  # type: ignore[valid-type]
     lr_warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
@@ -179,6 +221,25 @@ class TrainConfig(Section):
         identifiers = [c.identifier for c in self.concepts]
         if len(set(identifiers)) != len(identifiers):
             raise ValueError(f"concept identifiers must be distinct, got {identifiers}")
+        learns_tokens = any(c.initializer_token for c in self.concepts)
+        if t.token_learning_rate is not None and not learns_tokens:
+            raise ValueError("training.token_learning_rate is set but no concept has an initializer_token (nothing learns a token)")
+        if m.name != "custom_diffusion" and not (m.train_unet or m.train_text_encoder or learns_tokens):
+            raise ValueError("nothing would train: set method.train_unet or method.train_text_encoder to true, or give a "
+                             "concept an initializer_token to learn its identifier as a new token")
+        if m.spl is not None and not (m.train_text_encoder or learns_tokens):
+            raise ValueError("method.spl acts on the text side only (its gradient reaches learned token embeddings or "
+                             "a trained text encoder, never the UNet), and nothing there trains: give the concepts an "
+                             "initializer_token (e.g. identifier '<new1>', initializer_token 'dog') or set "
+                             "method.train_text_encoder: true")
+        if m.prior == "auxiliary":
+            missing = [c.identifier for c in self.concepts if not c.class_dir]
+            if missing:
+                raise ValueError(f"method.prior 'auxiliary' trains the class prompt on images you supply, but concepts "
+                                 f"{missing} have no class_dir: set concepts[].class_dir to the auxiliary image folder")
+        if t.cache_text_embeddings and learns_tokens:
+            raise ValueError("training.cache_text_embeddings cannot be used with learned tokens (initializer_token): "
+                             "their embeddings change while training")
         return self
 
 
@@ -299,7 +360,7 @@ def config_reference_markdown() -> str:
     """Every config key with its default and help text, as Markdown (the README's reference is generated from this)."""
     lines = ["| key | default | meaning |", "|---|---|---|"]
     sections = [("model", ModelConfig), ("concepts[]", ConceptConfig), ("method", MethodConfig),
-                ("method.lora", LoraConfig), ("data", DataConfig), ("training", TrainingConfig),
+                ("method.lora", LoraConfig), ("method.spl", SPLConfig), ("data", DataConfig), ("training", TrainingConfig),
                 ("validation", ValidationConfig), ("export", ExportConfig)]
     for prefix, cls in sections:
         for name, field in cls.model_fields.items():

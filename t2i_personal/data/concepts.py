@@ -30,10 +30,11 @@ class Example:
 def load_instance_examples(concepts, max_pixels: int) -> list[Example]:
     examples = []
     for ci, concept in enumerate(concepts):
-        for path, image in load_image_folder(concept.instance_dir, what=f"instance images of concept '{concept.identifier}'",
-                                             max_pixels=max_pixels):
-            prompt = prompt_for_image(path, concept.instance_prompt, concept.identifier, concept.class_noun)
-            examples.append(Example(image, path, prompt, ci, False))
+        for folder in concept.instance_dirs:
+            for path, image in load_image_folder(folder, what=f"instance images of concept '{concept.identifier}'",
+                                                 max_pixels=max_pixels):
+                prompt = prompt_for_image(path, concept.instance_prompt, concept.identifier, concept.class_noun)
+                examples.append(Example(image, path, prompt, ci, False))
     return examples
 
 
@@ -42,14 +43,20 @@ def class_prompt(concept) -> str:
 
 
 class ConceptDataset(torch.utils.data.Dataset):
-    """Item ``(index, epoch)`` -> instance sample (+ the paired prior sample of the same concept)."""
+    """Item ``(index, epoch)`` -> instance sample (+ the paired prior sample of the same concept).
+
+    Concepts are balanced: item ``i`` belongs to concept ``i % K`` whatever each concept's image count, so with
+    several concepts each is trained equally often (a concept with 3 photos is not drowned by one with 20).
+    """
 
     def __init__(self, instances: list[Example], priors: list[list[Example]] | None, transform: ImageTransform,
                  prompt_index: dict[str, int], seed: int, with_pixels: bool = True):
         self.instances, self.priors = instances, priors
         self.transform, self.prompt_index, self.seed, self.with_pixels = transform, prompt_index, seed, with_pixels
-        prior_total = sum(len(p) for p in priors) if priors else 0
-        self.length = max(len(instances), prior_total)
+        concepts = sorted({e.concept for e in instances})
+        self.by_concept = [[i for i, e in enumerate(instances) if e.concept == c] for c in concepts]
+        largest = max(max(len(g) for g in self.by_concept), max((len(p) for p in priors), default=0) if priors else 0)
+        self.length = len(self.by_concept) * largest
 
     def __len__(self) -> int:
         return self.length
@@ -84,13 +91,15 @@ class ConceptDataset(torch.utils.data.Dataset):
     def __getitem__(self, item: tuple[int, int]) -> list[dict]:
         index, epoch = item
         rng = random.Random(f"{self.seed}/{epoch}/{index}")
-        inst_pos = index % len(self.instances)
+        members = self.by_concept[index % len(self.by_concept)]
+        slot = index // len(self.by_concept)
+        inst_pos = members[slot % len(members)]
         samples = [self._sample((False, inst_pos), rng)]
         if self.priors:
             concept = self.instances[inst_pos].concept
             offset = sum(len(g) for g in self.priors[:concept])
             group = self.priors[concept]
-            samples.append(self._sample((True, offset + index % len(group)), rng))
+            samples.append(self._sample((True, offset + slot % len(group)), rng))
         return samples
 
 

@@ -1,13 +1,20 @@
-"""Personalization methods, dispatched on the explicit ``method.name`` key."""
+"""Personalization methods, dispatched on the explicit ``method.name`` key.
+
+Learned tokens (``concepts[].initializer_token``) and ClassDiffusion's SPL (``method.spl``) compose with each.
+"""
 
 from .base import Conditioning, Method, TrainStep, denoise, weighted_mse
+from .custom_diffusion import CustomDiffusion
 from .dreambooth import DreamBooth
+from .styleforge import StyleForge
 
-METHODS: dict[str, type[Method]] = {"dreambooth": DreamBooth}
-
-
-def build_method(config) -> Method:
-    return METHODS[config.name](config)
+METHODS: dict[str, type[Method]] = {"dreambooth": DreamBooth, "custom_diffusion": CustomDiffusion,
+                                    "styleforge": StyleForge}
 
 
-__all__ = ["METHODS", "Conditioning", "DreamBooth", "Method", "TrainStep", "build_method", "denoise", "weighted_mse"]
+def build_method(config, concepts=()) -> Method:
+    return METHODS[config.name](config, concepts)
+
+
+__all__ = ["METHODS", "Conditioning", "CustomDiffusion", "DreamBooth", "Method", "StyleForge", "TrainStep",
+           "build_method", "denoise", "weighted_mse"]

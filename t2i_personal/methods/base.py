@@ -3,6 +3,11 @@
 The trainer runs the denoising forward pass and knows nothing of papers. A method says which parameters train
 (``prepare`` + ``trainable_parameters``), which loss terms it adds (``loss_terms`` returns named terms that the
 trainer sums and logs by key) and how its result is written and read back (``save`` / ``load_into``).
+
+Two add-ons compose with every method, so they live here rather than in each subclass: learned tokens
+(``methods/tokens.py``: concepts with an ``initializer_token``) and ClassDiffusion's semantic preservation loss
+(``methods/classdiffusion.py``: ``method.spl``). Subclasses override the ``configure`` / ``parameter_groups`` /
+``denoising_terms`` / ``save_artifact`` / ``load_artifact`` halves.
 """
 
 from __future__ import annotations
@@ -60,19 +65,56 @@ class Method:
 
     name = "base"
 
-    def __init__(self, config):
+    def __init__(self, config, concepts=()):
+        from .classdiffusion import SemanticPreservationLoss
+        from .tokens import LearnedTokens
+
         self.config = config
         self.trained: list[str] = []  # components holding trainable parameters, set by ``prepare``
+        self.tokens = LearnedTokens(concepts)
+        self.spl = SemanticPreservationLoss(config.spl, concepts) if getattr(config, "spl", None) else None
+
+    def add_tokens(self, components: Components) -> None:
+        """Add the learned identifiers to the tokenizers (before any prompt is tokenized)."""
+        if self.tokens:
+            self.tokens.add_to(components)
 
     def prepare(self, components: Components) -> None:
         """Freeze everything, then make trainable (and inject adapters into) what this method trains."""
         for module in (components.unet, components.vae, *components.text_encoders):
             module.requires_grad_(False)
+        self.configure(components)
+        if self.tokens:
+            for row in self.tokens.parameters(components):
+                row.requires_grad_(True)
+            self.trained += [n for n in ("text_encoder", "text_encoder_2")
+                             if getattr(components, n) is not None and n not in self.trained]
 
-    def trainable_parameters(self, components: Components, lr: float, text_encoder_lr: float) -> list[dict]:
-        raise NotImplementedError
+    def configure(self, components: Components) -> None:
+        """Make trainable what the method itself trains and set ``self.trained``."""
+
+    def trainable_parameters(self, components: Components, lr: float, text_encoder_lr: float,
+                             token_lr: float | None = None) -> list[dict]:
+        token_rows = {id(p) for p in self.tokens.parameters(components)} if self.tokens else set()
+        groups = []
+        for g in self.parameter_groups(components, lr, text_encoder_lr):
+            params = [p for p in g["params"] if id(p) not in token_rows]  # a full text encoder also holds them
+            if params:
+                groups.append({**g, "params": params})
+        if self.tokens:
+            groups.append({"name": "tokens", "params": self.tokens.parameters(components), "lr": token_lr or lr})
+        return groups
+
+    def parameter_groups(self, components: Components, lr: float, text_encoder_lr: float) -> list[dict]:
+        return []
 
     def loss_terms(self, step: TrainStep, components: Components) -> dict[str, torch.Tensor]:
+        terms = self.denoising_terms(step, components)
+        if self.spl is not None:
+            terms["spl"] = self.spl(components, [getattr(components, n) for n in self.trained if n.startswith("text_encoder")])
+        return terms
+
+    def denoising_terms(self, step: TrainStep, components: Components) -> dict[str, torch.Tensor]:
         instance = ~step.is_prior
         return {"denoise": weighted_mse(step.model_pred[instance], step.target[instance], step.loss_weights[instance])}
 
@@ -107,10 +149,26 @@ class Method:
     def save(self, components: Components, out_dir: Path, export) -> dict:
         """Write the inference artifact into ``out_dir`` as ``export`` (an ExportConfig) asks; return its
         description for personalization.json."""
+        with self.tokens.folded(components):  # a saved full pipeline holds the new rows in its own table
+            artifact = self.save_artifact(components, out_dir, export)
+        if self.tokens:
+            artifact["tokens"] = self.tokens.save(components, out_dir, getattr(torch, export.save_dtype))
+        return artifact
+
+    def save_artifact(self, components: Components, out_dir: Path, export) -> dict:
         raise NotImplementedError
 
     @classmethod
     def load_into(cls, pipeline, folder: Path, record: dict):
         """Apply a saved artifact to a base pipeline (inverse of ``save``); return the pipeline."""
+        from .tokens import LearnedTokens
+
+        artifact = record["artifact"]
+        if artifact.get("tokens") and artifact["type"] != "pipeline":  # a saved pipeline already has them
+            LearnedTokens.load(pipeline, folder, artifact["tokens"])
+        return cls.load_artifact(pipeline, folder, record)
+
+    @classmethod
+    def load_artifact(cls, pipeline, folder: Path, record: dict):
         raise NotImplementedError
 

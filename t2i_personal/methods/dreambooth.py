@@ -35,19 +35,20 @@ SINGLE_FILE = "model.safetensors"  # original (A1111 / ComfyUI) checkpoint layou
 class DreamBooth(Method):
     name = "dreambooth"
 
-    def __init__(self, config):
-        super().__init__(config)  # config: MethodConfig
+    def __init__(self, config, concepts=()):
+        super().__init__(config, concepts)  # config: MethodConfig
         self._frozen: dict[str, torch.nn.Module] = {}
+        self.own: list[str] = []  # what DreamBooth itself trains (``trained`` also lists encoders holding learned tokens)
 
     # ------------------------------------------------------------------ what trains
 
     def _text_encoder_names(self, components: Components) -> list[str]:
         return [n for n in ("text_encoder", "text_encoder_2") if getattr(components, n) is not None]
 
-    def prepare(self, components: Components) -> None:
-        super().prepare(components)
+    def configure(self, components: Components) -> None:
         self.trained = (["unet"] if self.config.train_unet else []) + (
             self._text_encoder_names(components) if self.config.train_text_encoder else [])
+        self.own = list(self.trained)
         if self.config.prior == "base_prediction" and self.config.adapter == "full":
             # The frozen reference must be a copy taken before any update (LoRA just disables its adapters).
             for name in self.trained:
@@ -78,19 +79,19 @@ class DreamBooth(Method):
         return list(self._frozen.values())
 
     def exported_components(self) -> list[str]:
-        return super().exported_components() if self.config.adapter == "full" else []
+        return super().exported_components() if self.config.adapter == "full" and self.own else []
 
-    def trainable_parameters(self, components: Components, lr: float, text_encoder_lr: float) -> list[dict]:
+    def parameter_groups(self, components: Components, lr: float, text_encoder_lr: float) -> list[dict]:
         groups = []
-        for name in self.trained:
+        for name in self.own:
             params = [p for p in getattr(components, name).parameters() if p.requires_grad]
             groups.append({"name": name, "params": params, "lr": lr if name == "unet" else text_encoder_lr})
         return groups
 
     # ------------------------------------------------------------------ loss
 
-    def loss_terms(self, step: TrainStep, components: Components) -> dict[str, torch.Tensor]:
-        terms = super().loss_terms(step, components)
+    def denoising_terms(self, step: TrainStep, components: Components) -> dict[str, torch.Tensor]:
+        terms = super().denoising_terms(step, components)
         prior = step.is_prior
         if self.config.prior == "none" or not bool(prior.any()):
             return terms
@@ -120,7 +121,7 @@ class DreamBooth(Method):
             encoders = [self._frozen.get(n, getattr(components, n)) for n in self._text_encoder_names(components)]
             yield unet, encoders
             return
-        adapted = [getattr(components, n) for n in self.trained]
+        adapted = [getattr(components, n) for n in self.own]
         for module in adapted:
             module.disable_adapters()
         try:
@@ -131,9 +132,11 @@ class DreamBooth(Method):
 
     # ------------------------------------------------------------------ artifacts
 
-    def save(self, components: Components, out_dir: Path, export) -> dict:
+    def save_artifact(self, components: Components, out_dir: Path, export) -> dict:
         out_dir.mkdir(parents=True, exist_ok=True)
         dtype = getattr(torch, export.save_dtype)
+        if not self.own:  # learned tokens only (textual inversion): the base class writes them
+            return {"type": "tokens"}
         if self.config.adapter == "full":
             return self._save_pipeline(components, out_dir, dtype, export.single_file)
         return self._save_lora(components, out_dir, dtype, export.kohya_lora)
@@ -165,7 +168,7 @@ class DreamBooth(Method):
         from peft.utils import get_peft_model_state_dict
 
         layers, metadata = {}, {}
-        for name in self.trained:
+        for name in self.own:
             module = getattr(components, name)
             state = get_peft_model_state_dict(module)
             layers[f"{name}_lora_layers"] = {k: v.to(dtype) for k, v in convert_state_dict_to_diffusers(state).items()}
@@ -183,7 +186,7 @@ class DreamBooth(Method):
         from diffusers.utils import convert_state_dict_to_kohya
         from peft.utils import get_peft_model_state_dict
 
-        peft_state = {f"{name}.{k}": v for name in self.trained
+        peft_state = {f"{name}.{k}": v for name in self.own
                       for k, v in get_peft_model_state_dict(getattr(components, name)).items()}
         kohya_state = convert_state_dict_to_kohya(peft_state)
         alpha = self.config.lora.effective_alpha
@@ -198,7 +201,7 @@ class DreamBooth(Method):
                             "ss_base_model": components.source, "format": "pt"})
 
     @classmethod
-    def load_into(cls, pipeline, folder: Path, record: dict):
+    def load_artifact(cls, pipeline, folder: Path, record: dict):
         artifact = record["artifact"]
         if artifact["type"] == "lora":
             pipeline.load_lora_weights(str(folder), weight_name=artifact["path"])

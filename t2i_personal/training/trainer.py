@@ -98,7 +98,8 @@ class Trainer:
         # one process, so forget the previous run's choice (the distributed state itself is kept).
         AcceleratorState._reset_state(reset_partial_state=False)
         # SDXL conditions on text_encoder's penultimate layer, so its last layer gets no gradient: DDP must allow it
-        ddp = DistributedDataParallelKwargs(find_unused_parameters=self.config.method.train_text_encoder)
+        text_side = self.config.method.train_text_encoder or any(c.initializer_token for c in self.config.concepts)
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=text_side)
         accelerator = Accelerator(
             mixed_precision=t.mixed_precision, log_with=report, kwargs_handlers=[ddp],
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
@@ -116,6 +117,11 @@ class Trainer:
             prompt = class_prompt(concept)
             if cfg.method.prior == "base_prediction":
                 groups.append([Example(e.image, e.path, prompt, ci, True) for e in instances if e.concept == ci])
+                continue
+            if cfg.method.prior == "auxiliary":  # the user's images as they are: never generated, all of them used
+                loaded = load_image_folder(concept.class_dir, what=f"auxiliary images of concept '{concept.identifier}'",
+                                           max_pixels=d.max_image_pixels)
+                groups.append([Example(img, path, prompt, ci, True) for path, img in loaded])
                 continue
             folder = Path(concept.class_dir) if concept.class_dir else default_class_dir(
                 components.source, prompt, d.resolution, d.class_generation_steps, d.class_generation_guidance,
@@ -258,13 +264,14 @@ class Trainer:
         if t.prediction_type:  # validation and exports must sample with what the UNet learns
             components.scheduler = type(components.scheduler).from_config(components.scheduler.config,
                                                                           prediction_type=t.prediction_type)
+        method = build_method(cfg.method, cfg.concepts)
+        method.add_tokens(components)  # learned identifiers must be in the vocabulary before prompts are tokenized
         prompts = sorted({e.prompt for e in instances} | {e.prompt for group in (priors or []) for e in group})
         prompt_ids = components.tokenize(prompts)  # raises on prompts longer than the encoder's window
         validation_prompts = [render_prompt(p, cfg.concepts[0].identifier, cfg.concepts[0].class_noun)
                               for p in cfg.validation.prompts]
         components.tokenize(validation_prompts)
 
-        method = build_method(cfg.method)
         torch.manual_seed(t.seed)  # adapter initialisation must not depend on what ran before (e.g. class images)
         method.prepare(components)
         self.components, self.method = components, method  # kept for callers (tests, the demo) after train()
@@ -282,7 +289,8 @@ class Trainer:
 
         scale = t.train_batch_size * t.gradient_accumulation_steps * accelerator.num_processes if t.scale_lr else 1
         lr, te_lr = t.learning_rate * scale, (t.text_encoder_learning_rate or t.learning_rate) * scale
-        groups = method.trainable_parameters(components, lr, te_lr)
+        token_lr = t.token_learning_rate * scale if t.token_learning_rate else None
+        groups = method.trainable_parameters(components, lr, te_lr, token_lr)
         for g in groups:
             n = sum(p.numel() for p in g["params"])
             logger.info("training %s: %d tensors, %s parameters, lr %g", g["name"], len(g["params"]), f"{n:,}", g["lr"])

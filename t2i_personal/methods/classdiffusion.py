@@ -1,0 +1,67 @@
+"""ClassDiffusion's semantic preservation loss (SPL; Huang et al., ICLR 2025).
+
+For concepts k = 1..K with identifier V_k and class noun C_k, and phrase templates T_1..T_M::
+
+    SPL = lambda * mean_k mean_m ( 1 - cos( f(T_m(V_k, C_k)), f(T_m(-, C_k)) ) )
+
+where f is the text encoder's final-layer hidden state after its final layer norm (no projection), taken at one
+position: ``eos`` pools the true end-of-sequence token of both phrases (what the paper describes), ``argmax_id``
+uses the text model's own ``pooler_output`` - for SD-1.5 configs (``eos_token_id == 2``) that is the position of
+the largest token id, i.e. the new token, which is what the official code computes. The default template is the
+paper's single phrase "a photo of a {V} {C}"; the class phrase drops "{V}".
+
+The loss moves only what trains on the text side (learned token rows, a text-encoder LoRA or the full encoder);
+it never reaches the UNet, so the config is rejected when nothing on the text side trains.
+
+Deviations from the official code (``Rbrq03/ClassDiffusion``):
+- SPL and prior preservation can be combined (the official script crashes when both are on).
+- The new token keeps its positional embedding in the SPL pass (the official pass overwrites the token's input
+  vector with the raw embedding row, dropping it); the gradient reaches the same row either way.
+- SDXL: the loss is averaged over the text encoders that train (the paper covers SD-1.5 only).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..data.captions import render_prompt
+
+
+class SemanticPreservationLoss:
+    def __init__(self, config, concepts):
+        self.weight, self.pooling = config.weight, config.pooling
+        self.pairs = [(render_prompt(t, c.identifier, c.class_noun), render_prompt(_drop_identifier(t), c.identifier, c.class_noun))
+                      for c in concepts for t in config.templates]
+        self.num_concepts = len(concepts)
+
+    def __call__(self, components, encoders: list[torch.nn.Module]) -> torch.Tensor:
+        """lambda * mean over (concept, template) pairs of 1 - cos(personal, class), averaged over ``encoders``."""
+        personal, plain = zip(*self.pairs)
+        losses = []
+        for encoder, tokenizer in zip(components.text_encoders, components.tokenizers):
+            if encoder not in encoders:
+                continue
+            f_personal = self.features(encoder, tokenizer, list(personal))
+            f_plain = self.features(encoder, tokenizer, list(plain))
+            losses.append((1 - torch.nn.functional.cosine_similarity(f_personal.float(), f_plain.float(), dim=-1)).mean())
+        return self.weight * torch.stack(losses).mean()
+
+    def features(self, encoder, tokenizer, phrases: list[str]) -> torch.Tensor:
+        """(N, hidden) pooled final-layer features of ``phrases`` (each tokenized alone, no padding, as the paper)."""
+        device = next(encoder.parameters()).device
+        out = []
+        for phrase in phrases:
+            ids = tokenizer(phrase, return_tensors="pt").input_ids.to(device)
+            result = encoder(ids)
+            if self.pooling == "argmax_id":
+                if hasattr(result, "text_embeds"):  # SDXL's second encoder returns projected embeddings instead
+                    raise NotImplementedError("argmax_id pooling reproduces SD-1.5's CLIPTextModel; use pooling: eos for SDXL")
+                out.append(result.pooler_output[0])
+            else:
+                eos = (ids[0] == tokenizer.eos_token_id).nonzero()
+                out.append(result.last_hidden_state[0, int(eos[0]) if len(eos) else -1])
+        return torch.stack(out)
+
+
+def _drop_identifier(template: str) -> str:
+    return " ".join(template.replace("{V}", " ").split())

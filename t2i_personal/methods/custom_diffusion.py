@@ -1,0 +1,123 @@
+"""Custom Diffusion (Kumari et al., CVPR 2023): tune only the cross-attention projections that read the text.
+
+In every cross-attention layer (``attn2``) the keys and values of the text tokens c_j become
+
+    k_j = W'_k c_j,  v_j = W'_v c_j   with W'_k, W'_v initialised from W_k, W_v and trained,
+
+together with the modifier tokens (the concepts' learned identifiers, ``initializer_token``); everything else is
+frozen. ``custom_diffusion_params: crossattn`` also trains the layer's query and output projections. The loss is
+DreamBooth's (instance ε-MSE plus the optional prior term). As in the official recipe, the first (BOS) token's
+K/V are detached, so no gradient flows through them: this is diffusers' ``CustomDiffusionAttnProcessor2_0``,
+used here as is.
+
+Saved as ``pytorch_custom_diffusion_weights.safetensors`` with diffusers' key names. Two traps of diffusers'
+own loader (0.42): ``unet.load_attn_procs`` silently does nothing unless it is given ``_pipeline=pipe``, and a
+safetensors file lacks the empty entries of the self-attention layers, which it then rejects. ``apply_weights``
+works around both, and ``load_into`` checks that every saved tensor really sits in the UNet afterwards (the
+silent non-load of diffusers #7261 is what made ClassDiffusion's authors warn users to uninstall peft).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import ModelLoadError
+from ..models.components import Components
+from .dreambooth import DreamBooth
+
+WEIGHTS = "pytorch_custom_diffusion_weights.safetensors"
+
+
+def _cross_attention_modules(unet) -> dict[str, torch.nn.Module]:
+    return {name: module for name, module in unet.named_modules() if name.endswith("attn2")}
+
+
+def install_processors(unet, train_q_out: bool) -> None:
+    """Custom Diffusion processors on every cross-attention layer; all other processors are left as they are."""
+    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor2_0
+
+    processors = dict(unet.attn_processors)
+    for name, attn in _cross_attention_modules(unet).items():
+        processor = CustomDiffusionAttnProcessor2_0(
+            train_kv=True, train_q_out=train_q_out, hidden_size=attn.to_k.out_features,
+            cross_attention_dim=attn.to_k.in_features, out_bias=attn.to_out[0].bias is not None,
+        ).to(attn.to_k.weight.device)
+        with torch.no_grad():
+            processor.to_k_custom_diffusion.weight.copy_(attn.to_k.weight)
+            processor.to_v_custom_diffusion.weight.copy_(attn.to_v.weight)
+            if train_q_out:
+                processor.to_q_custom_diffusion.weight.copy_(attn.to_q.weight)
+                processor.to_out_custom_diffusion[0].load_state_dict(attn.to_out[0].state_dict())
+        processors[f"{name}.processor"] = processor
+    unet.set_attn_processor(processors)
+
+
+def processor_state_dict(unet) -> dict[str, torch.Tensor]:
+    """The trained tensors under diffusers' keys (``...attn2.processor.to_k_custom_diffusion.weight``)."""
+    return {f"{name}.processor.{key}": value for name, attn in _cross_attention_modules(unet).items()
+            for key, value in attn.processor.state_dict().items()}
+
+
+def apply_weights(unet, state: dict[str, torch.Tensor]) -> None:
+    """Install the saved processors on a plain UNet and check every tensor arrived."""
+    train_q_out = any("to_q_custom_diffusion" in k for k in state)
+    modules = _cross_attention_modules(unet)
+    wanted = {k.split(".processor.")[0] for k in state}
+    unknown = wanted - set(modules)
+    if unknown:
+        raise ModelLoadError(f"Custom Diffusion weights name cross-attention layers this UNet does not have "
+                             f"(e.g. {sorted(unknown)[:2]}): they were trained on another base model")
+    install_processors(unet, train_q_out)
+    for name, attn in modules.items():
+        prefix = f"{name}.processor."
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not sub:
+            raise ModelLoadError(f"Custom Diffusion weights have no entry for {name}")
+        attn.processor.load_state_dict(sub)
+        attn.processor.to(device=attn.to_k.weight.device, dtype=attn.to_k.weight.dtype)
+    check_applied(unet, state)
+
+
+def check_applied(unet, state: dict[str, torch.Tensor]) -> None:
+    """Raise unless every saved tensor is what the UNet's processors now hold."""
+    live = processor_state_dict(unet)
+    missing = sorted(set(state) - set(live))
+    differing = [k for k in state if k in live and not torch.equal(live[k].detach().cpu().to(state[k].dtype), state[k])]
+    if missing or differing:
+        raise ModelLoadError(f"Custom Diffusion weights were not applied to the UNet ({len(missing)} tensors missing, "
+                             f"{len(differing)} different, e.g. {(missing + differing)[:2]}): generations would "
+                             "silently look un-personalized")
+
+
+class CustomDiffusion(DreamBooth):
+    name = "custom_diffusion"
+
+    def configure(self, components: Components) -> None:
+        install_processors(components.unet, train_q_out=self.config.custom_diffusion_params == "crossattn")
+        for attn in _cross_attention_modules(components.unet).values():
+            attn.processor.requires_grad_(True)
+        self.trained = ["unet"]
+
+    def exported_components(self) -> list[str]:
+        return []
+
+    def parameter_groups(self, components: Components, lr: float, text_encoder_lr: float) -> list[dict]:
+        params = [p for attn in _cross_attention_modules(components.unet).values() for p in attn.processor.parameters()]
+        return [{"name": "unet", "params": params, "lr": lr}]
+
+    def save_artifact(self, components: Components, out_dir: Path, export) -> dict:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        dtype = getattr(torch, export.save_dtype)
+        state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in processor_state_dict(components.unet).items()}
+        tmp = out_dir / f".{WEIGHTS}.tmp"
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        tmp.replace(out_dir / WEIGHTS)
+        return {"type": "custom_diffusion", "path": WEIGHTS, "params": self.config.custom_diffusion_params}
+
+    @classmethod
+    def load_artifact(cls, pipeline, folder: Path, record: dict):
+        apply_weights(pipeline.unet, load_file(str(folder / record["artifact"]["path"])))
+        return pipeline
