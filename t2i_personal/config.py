@@ -128,6 +128,7 @@ class DataConfig(Section):
     resolution: int = Field(512, ge=8, description="square training size in pixels (multiple of 8)")
     center_crop: bool = Field(True, description="center crop after resizing (false: random crop)")
     random_flip: bool = Field(False, description="horizontal flip with probability 0.5")
+    rescale_augmentation: bool = Field(False, description="Custom Diffusion's random rescale onto a blank canvas with a loss mask and 'far away'/'zoomed in' prompt prefixes (instance images only)")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     max_image_pixels: int = Field(64_000_000, ge=1, description="larger images are refused (decompression bombs)")
     class_generation_steps: int = Field(25, ge=1, description="sampling steps for generated class images")
@@ -214,6 +215,9 @@ class TrainConfig(Section):
                              "the embeddings change while the text encoder trains")
         if t.cache_latents and not d.center_crop:
             raise ValueError("training.cache_latents needs data.center_crop: true (a random crop gives a new latent every epoch)")
+        if t.cache_latents and d.rescale_augmentation:
+            raise ValueError("training.cache_latents cannot be used with data.rescale_augmentation: every sample draws a "
+                             "new scale and position, so there is no fixed latent to cache; turn one of them off")
         if t.stop_after_step is not None and t.stop_after_step >= t.max_train_steps:
             raise ValueError(f"training.stop_after_step ({t.stop_after_step}) must be below training.max_train_steps ({t.max_train_steps})")
         if t.text_encoder_learning_rate is not None and not m.train_text_encoder:

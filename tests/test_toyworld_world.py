@@ -116,7 +116,7 @@ def test_shipped_assets_match_their_generator(tmp_path):
     assert shipped == fresh and len(shipped) == 3 * assets.SUBJECT_IMAGES + 2 * assets.STYLE_IMAGES
     for rel in shipped:
         assert np.array_equal(np.array(Image.open(assets.ASSETS / rel)), np.array(Image.open(tmp_path / rel))), rel
-    caption = (assets.ASSETS / "style" / "outline-poster" / "outline-poster-00.txt").read_text()
+    caption = (assets.style_dirs()["people"] / "outline-poster-00.txt").read_text()
     assert caption.startswith("a {V} style painting of ")
     with pytest.raises(KeyError, match="subjects"):
         assets.subject_dir("unicorn")

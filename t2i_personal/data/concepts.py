@@ -1,8 +1,8 @@
 """Concept data: instance images (+ per-image captions) and prior samples, as a deterministic dataset.
 
-Every random choice (crop, flip) is drawn from a ``random.Random`` seeded by (seed, epoch, index), and the
-sampler yields ``(index, epoch)`` pairs, so any micro-batch can be rebuilt from its position in the stream:
-that is what makes resuming bit-exact.
+Every random choice (crop, flip, the rescale augmentation's scale, position and prompt prefix) is drawn from a
+``random.Random`` seeded by (seed, epoch, index), and the sampler yields ``(index, epoch)`` pairs, so any
+micro-batch can be rebuilt from its position in the stream: that is what makes resuming bit-exact.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from .captions import prompt_for_image, render_prompt
-from .images import ImageTransform, load_image_folder
+from .images import RESCALE_PREFIXES, ImageTransform, load_image_folder
 
 
 @dataclass
@@ -42,17 +42,28 @@ def class_prompt(concept) -> str:
     return render_prompt(concept.class_prompt, concept.identifier, concept.class_noun)
 
 
+def rescale_prompt_variants(prompts) -> list[str]:
+    """Every prefixed prompt the rescale augmentation can give ``prompts`` (the instance prompts)."""
+    return [prefix + p for p in prompts for prefix in RESCALE_PREFIXES]
+
+
 class ConceptDataset(torch.utils.data.Dataset):
     """Item ``(index, epoch)`` -> instance sample (+ the paired prior sample of the same concept).
 
     Concepts are balanced: item ``i`` belongs to concept ``i % K`` whatever each concept's image count, so with
     several concepts each is trained equally often (a concept with 3 photos is not drowned by one with 20).
+
+    With a rescaling ``transform`` (``ImageTransform(rescale=True)``, Custom Diffusion's augmentation) only instance
+    samples are rescaled and get its prompt prefix; prior samples use the same transform without it and an
+    all-ones loss mask. ``prompt_index`` must then also hold the prefixed instance prompts
+    (:func:`rescale_prompt_variants`).
     """
 
     def __init__(self, instances: list[Example], priors: list[list[Example]] | None, transform: ImageTransform,
                  prompt_index: dict[str, int], seed: int, with_pixels: bool = True):
         self.instances, self.priors = instances, priors
         self.transform, self.prompt_index, self.seed, self.with_pixels = transform, prompt_index, seed, with_pixels
+        self.prior_transform = transform.without_rescale() if transform.rescale else transform
         concepts = sorted({e.concept for e in instances})
         self.by_concept = [[i for i, e in enumerate(instances) if e.concept == c] for c in concepts]
         largest = max(max(len(g) for g in self.by_concept), max((len(p) for p in priors), default=0) if priors else 0)
@@ -83,10 +94,18 @@ class ConceptDataset(torch.utils.data.Dataset):
 
     def _sample(self, key, rng: random.Random) -> dict:
         ex = self.example(key)
-        out = self.transform(ex.image, rng) if self.with_pixels else self.transform.plan(ex.image.size, rng)
-        return {"key": key, "prompt": self.prompt_index[ex.prompt], "is_prior": ex.is_prior,
+        transform = self.prior_transform if ex.is_prior else self.transform
+        out = transform(ex.image, rng) if self.with_pixels else transform.plan(ex.image.size, rng)
+        prompt = ex.prompt if out.prompt_prefix is None else out.prompt_prefix + ex.prompt
+        if prompt not in self.prompt_index:
+            raise KeyError(f"prompt {prompt!r} is not in the dataset's prompt index (with the rescale augmentation the "
+                           "index must hold rescale_prompt_variants of the instance prompts)")
+        mask = out.mask
+        if mask is None and self.transform.rescale:
+            mask = self.transform.full_mask()  # prior samples: not rescaled, the whole latent counts
+        return {"key": key, "prompt": self.prompt_index[prompt], "is_prior": ex.is_prior,
                 "pixels": out.pixels, "flipped": out.flipped,
-                "original_size": out.original_size, "crop_top_left": out.crop_top_left}
+                "original_size": out.original_size, "crop_top_left": out.crop_top_left, "mask": mask}
 
     def __getitem__(self, item: tuple[int, int]) -> list[dict]:
         index, epoch = item
@@ -109,6 +128,8 @@ def collate(items: list[list[dict]]) -> dict:
     batch = {k: [s[k] for s in flat] for k in ("key", "prompt", "flipped", "original_size", "crop_top_left")}
     batch["is_prior"] = torch.tensor([s["is_prior"] for s in flat])
     batch["pixels"] = torch.stack([s["pixels"] for s in flat]) if flat[0]["pixels"] is not None else None
+    # loss masks (1, h, w) at latent resolution with the rescale augmentation, else None
+    batch["mask"] = torch.stack([s["mask"] for s in flat]) if flat[0].get("mask") is not None else None
     return batch
 
 

@@ -52,11 +52,28 @@ class TrainStep:
     is_prior: torch.Tensor  # bool [B]
     loss_weights: torch.Tensor  # per-sample weights [B] (min-SNR), ones otherwise
     extras: dict = field(default_factory=dict)
+    # [B, 1, h, w] or [B, h, w] at latent resolution (data.rescale_augmentation): the loss only counts where it is 1
+    loss_mask: torch.Tensor | None = None
 
 
-def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Mean over samples of ``weight * mean((pred - target)^2)``; the loss is computed in float32."""
-    per_sample = (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over samples of ``weight * mean((pred - target)^2)``; the loss is computed in float32.
+
+    With ``mask`` ([B, 1, h, w] or [B, h, w], broadcast over channels) the per-sample mean is taken over the
+    masked region only: ``sum(err * mask) / sum(mask)`` per sample, a true mean over every masked element (the
+    official Custom Diffusion script divides by the mask's spatial sum only, i.e. C times this). A sample whose
+    mask is empty contributes 0."""
+    err = (pred.float() - target.float()).pow(2)
+    dims = tuple(range(1, pred.ndim))
+    if mask is None:
+        per_sample = err.mean(dim=dims)
+    else:
+        mask = mask.to(device=err.device, dtype=err.dtype)
+        if mask.ndim == err.ndim - 1:
+            mask = mask.unsqueeze(1)
+        mask = mask.expand_as(err)
+        per_sample = (err * mask).sum(dim=dims) / mask.sum(dim=dims).clamp_min(torch.finfo(err.dtype).tiny)
     return (per_sample * weights).mean()
 
 
@@ -116,7 +133,9 @@ class Method:
 
     def denoising_terms(self, step: TrainStep, components: Components) -> dict[str, torch.Tensor]:
         instance = ~step.is_prior
-        return {"denoise": weighted_mse(step.model_pred[instance], step.target[instance], step.loss_weights[instance])}
+        mask = None if step.loss_mask is None else step.loss_mask[instance]
+        return {"denoise": weighted_mse(step.model_pred[instance], step.target[instance], step.loss_weights[instance],
+                                        mask)}
 
     def trainable_state_dict(self, components: Components) -> dict[str, torch.Tensor]:
         """Every trainable tensor, keyed ``component.param_name`` (what a resumable checkpoint must hold)."""

@@ -99,7 +99,9 @@ class DreamBooth(Method):
             target = step.target[prior]
         else:
             target = self._base_prediction(step, components, prior)
-        terms["prior"] = self.config.prior_loss_weight * weighted_mse(step.model_pred[prior], target, step.loss_weights[prior])
+        mask = None if step.loss_mask is None else step.loss_mask[prior]  # all ones: prior samples are not rescaled
+        terms["prior"] = self.config.prior_loss_weight * weighted_mse(step.model_pred[prior], target, step.loss_weights[prior],
+                                                                      mask)
         return terms
 
     @torch.no_grad()

@@ -69,7 +69,16 @@ class NewTokenEmbedding(torch.nn.Module):
 
 
 def _single_token_id(tokenizer, word: str, concept: str) -> int:
+    """The id of ``word`` as one token; failing that, of the raw vocabulary piece ``word``.
+
+    The official Custom Diffusion / ClassDiffusion scripts look the initializer up as a raw piece (transformers 4's
+    ``encode([word])``): their default 'ktn', two tokens as a word ('k', 'tn</w>'), is the mid-word piece 'ktn'.
+    Accepting the piece reproduces their initialisation.
+    """
     ids = tokenizer(word, add_special_tokens=False).input_ids
+    piece = tokenizer.convert_tokens_to_ids(word)
+    if len(ids) != 1 and piece is not None and piece != tokenizer.unk_token_id:
+        return piece
     if len(ids) != 1:
         pieces = tokenizer.convert_ids_to_tokens(ids)
         raise ConfigError(f"concepts[{concept}].initializer_token {word!r} is {len(ids)} tokens ({pieces}) for the CLIP "

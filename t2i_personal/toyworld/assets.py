@@ -2,8 +2,9 @@
 
 - ``subjects/{dog,car,face}/``: 5 instance images of each personal subject (never seen in pretraining), on
   varied scenes, for DreamBooth / Custom Diffusion / learned tokens / FreeCure.
-- ``style/outline-poster/``: 20 StyleRef images in the personal art style (thick outlines, 3-level palette),
-  half people and half objects/backgrounds, with a caption file each (``{V}`` is the style token).
+- ``style/outline-poster/{people,scenes}/``: 20 StyleRef images in the personal art style (thick outlines,
+  3-level palette), 10 people and 10 objects in scenes, with a caption file each (``{V}`` is the style token).
+  Single-StyleForge trains on both folders; Multi-StyleForge binds ``people/`` to [V] and ``scenes/`` to [W].
 - ``style/aux-painted/``: 20 auxiliary images for StyleForge (a generic "digital painting" look, mostly people
   and backgrounds), the role curated internet paintings play in the paper.
 
@@ -33,6 +34,11 @@ def subject_dir(name: str) -> Path:
     return ASSETS / "subjects" / name
 
 
+def style_dirs(style: str = "outline-poster") -> dict[str, Path]:
+    """StyleRef folders of the personal style: ``{"people": ..., "scenes": ...}``."""
+    return {part: ASSETS / "style" / style / part for part in ("people", "scenes")}
+
+
 def _style_scene(i: int, rng: random.Random) -> world.Scene:
     # Alternate people and things so the style binds to both, as the StyleForge paper prescribes.
     return world.sample_scene(rng, cls="face" if i % 2 == 0 else rng.choice(world.CLASSES[:-1]), accessory_rate=0.2)
@@ -55,8 +61,9 @@ def write_assets(root: str | Path = ASSETS) -> list[Path]:
         rng = random.Random(f"style-{folder}")
         for i in range(STYLE_IMAGES):
             s = _style_scene(i, rng)
+            part = ("people" if s.cls == "face" else "scenes") if style == "outline-poster" else ""
             path = save_image_atomic(Image.fromarray(world.render(s, style=style).image),
-                                     root / "style" / folder / f"{folder}-{i:02d}.png")
+                                     root / "style" / folder / part / f"{folder}-{i:02d}.png")
             if style == "outline-poster":
                 path.with_suffix(".txt").write_text(_caption_for_style(s) + "\n")
             written.append(path)

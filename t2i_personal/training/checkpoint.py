@@ -58,6 +58,10 @@ def check_resume_config(checkpoint: Path, config, num_processes: int) -> None:
                           f"({config.training.max_train_steps}); raise max_train_steps or pick an earlier checkpoint")
     if saved is None:
         return
+    try:  # keys added by a later version read as their defaults, so older checkpoints still resume
+        saved = type(config).model_validate(saved).model_dump(mode="json")
+    except ValueError:
+        pass  # a config this version no longer accepts: compare as saved, listing what differs
     flat_old, flat_new = flatten(saved), flatten(config.model_dump(mode="json"))
     changed = sorted(k for k in set(flat_old) | set(flat_new)
                      if flat_old.get(k) != flat_new.get(k) and k not in RESUME_FREE_KEYS

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from ..config import TrainConfig
 from ..data.captions import render_prompt
 from ..data.concepts import (ConceptDataset, Example, StreamBatchSampler, class_prompt, collate,
-                             load_instance_examples)
+                             load_instance_examples, rescale_prompt_variants)
 from ..data.images import ImageTransform, load_image_folder, make_image_grid, save_image_atomic
 from ..data.priors import default_class_dir, ensure_class_images
 from ..errors import ConfigError
@@ -266,7 +266,10 @@ class Trainer:
                                                                           prediction_type=t.prediction_type)
         method = build_method(cfg.method, cfg.concepts)
         method.add_tokens(components)  # learned identifiers must be in the vocabulary before prompts are tokenized
-        prompts = sorted({e.prompt for e in instances} | {e.prompt for group in (priors or []) for e in group})
+        prompts = {e.prompt for e in instances} | {e.prompt for group in (priors or []) for e in group}
+        if d.rescale_augmentation:  # instance prompts may get a "far away" / "zoomed in" prefix
+            prompts |= set(rescale_prompt_variants({e.prompt for e in instances}))
+        prompts = sorted(prompts)
         prompt_ids = components.tokenize(prompts)  # raises on prompts longer than the encoder's window
         validation_prompts = [render_prompt(p, cfg.concepts[0].identifier, cfg.concepts[0].class_noun)
                               for p in cfg.validation.prompts]
@@ -281,7 +284,9 @@ class Trainer:
             ckpt.write_text_atomic(self.output_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         self._place(components, method, accelerator, weight_dtype)
         vae_dtype = next(components.vae.parameters()).dtype
-        dataset = ConceptDataset(instances, priors, ImageTransform(d.resolution, d.center_crop, d.random_flip),
+        transform = ImageTransform(d.resolution, d.center_crop, d.random_flip, rescale=d.rescale_augmentation,
+                                   vae_scale_factor=components.vae_scale_factor)
+        dataset = ConceptDataset(instances, priors, transform,
                                  {p: i for i, p in enumerate(prompts)}, t.seed, with_pixels=not t.cache_latents)
         latent_cache = self._cache_latents(components, dataset, accelerator, vae_dtype) if t.cache_latents else None
         with torch.no_grad():
@@ -417,8 +422,15 @@ class Trainer:
             weights = torch.clamp(snr, max=t.snr_gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
         else:
             weights = torch.ones(bsz, device=device)
+        loss_mask = batch.get("mask")
+        if loss_mask is not None:  # data.rescale_augmentation: [B, 1, h, w] at latent resolution
+            if loss_mask.shape[-2:] != latents.shape[-2:]:
+                raise RuntimeError(f"loss mask {tuple(loss_mask.shape[-2:])} does not match the latents "
+                                   f"{tuple(latents.shape[-2:])}")
+            loss_mask = loss_mask.to(device)
         step = TrainStep(model_pred=model_pred, target=target, noisy_latents=noisy, timesteps=timesteps, cond=cond,
-                         input_ids=input_ids, is_prior=batch["is_prior"].to(device), loss_weights=weights)
+                         input_ids=input_ids, is_prior=batch["is_prior"].to(device), loss_weights=weights,
+                         loss_mask=loss_mask)
         with accelerator.autocast():
             return method.loss_terms(step, components)
 
