@@ -144,7 +144,7 @@ class DataConfig(Section):
 
 
 class ValidationConfig(Section):
-    prompts: list[str] = Field(default_factory=list, description="{V}/{C} are filled from the first concept")
+    prompts: list[str] = Field(default_factory=list, description="{V}/{C} are the first concept; {V1}/{C1}, {V2}/{C2}, ... each concept")
     negative_prompt: str | None = Field(None, description="negative prompt for validation images")
     every_n_steps: int = Field(100, ge=1, description="validation grid every N steps (and at the end)")
     num_images_per_prompt: int = Field(2, ge=1, description="grid columns")

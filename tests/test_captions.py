@@ -102,3 +102,15 @@ def test_prompt_for_image_bad_caption_names_file(tmp_path):
 def test_prompt_for_image_bad_template(tmp_path):
     with pytest.raises(ValueError, match="unknown placeholder"):
         prompt_for_image(tmp_path / "img.png", "{X}", "sks", "cat")
+
+
+def test_prompts_can_name_every_concept():
+    from types import SimpleNamespace
+
+    from t2i_personal.data.captions import render_for_concepts
+    from t2i_personal.errors import ConfigError
+
+    concepts = [SimpleNamespace(identifier="<new1>", class_noun="dog"), SimpleNamespace(identifier="zwx", class_noun="cat")]
+    assert render_for_concepts("{V} {C} and {V2} {C2}, {V1}", concepts) == "<new1> dog and zwx cat, <new1>"
+    with pytest.raises(ConfigError, match=r"\{V3\}"):
+        render_for_concepts("{V3} on the beach", concepts)

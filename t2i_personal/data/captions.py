@@ -28,12 +28,12 @@ def _valid_placeholders() -> str:
     return ", ".join(f"{{{k}}} ({v})" for k, v in PLACEHOLDERS.items())
 
 
-def render_prompt(template: str, identifier: str, class_noun: str) -> str:
-    """Fill ``{V}``/``{C}`` in ``template`` and collapse whitespace.
+def render_prompt(template: str, identifier: str, class_noun: str, others: dict[str, str] | None = None) -> str:
+    """Fill ``{V}``/``{C}`` (and any ``others``, e.g. ``{V2}``) in ``template`` and collapse whitespace.
 
     Raises ``ValueError`` for any other ``{...}`` placeholder.
     """
-    values = {"V": identifier, "C": class_noun}
+    values = {"V": identifier, "C": class_noun, **(others or {})}
 
     unknown = [m.group(0) for m in _PLACEHOLDER_RE.finditer(template) if m.group(1) not in values]
     if unknown:
@@ -45,6 +45,14 @@ def render_prompt(template: str, identifier: str, class_noun: str) -> str:
     # One pass, so an identifier that itself contains "{C}" is not expanded again.
     rendered = _PLACEHOLDER_RE.sub(lambda m: values[m.group(1)], template)
     return " ".join(rendered.split())
+
+
+def render_for_concepts(template: str, concepts) -> str:
+    """A prompt naming several concepts: ``{V}``/``{C}`` are the first, ``{V1}``/``{C1}``, ``{V2}``/``{C2}``, ... each one."""
+    others = {}
+    for i, c in enumerate(concepts, start=1):
+        others[f"V{i}"], others[f"C{i}"] = c.identifier, c.class_noun
+    return render_prompt(template, concepts[0].identifier, concepts[0].class_noun, others)
 
 
 def caption_path_for(image_path: PathLike) -> Path:

@@ -88,6 +88,7 @@ class Method:
 
         self.config = config
         self.trained: list[str] = []  # components holding trainable parameters, set by ``prepare``
+        self.own: list[str] = []
         self.tokens = LearnedTokens(concepts)
         self.spl = SemanticPreservationLoss(config.spl, concepts) if getattr(config, "spl", None) else None
 
@@ -101,6 +102,7 @@ class Method:
         for module in (components.unet, components.vae, *components.text_encoders):
             module.requires_grad_(False)
         self.configure(components)
+        self.own = list(self.trained)  # what the method itself trains; ``trained`` also lists encoders holding tokens
         if self.tokens:
             for row in self.tokens.parameters(components):
                 row.requires_grad_(True)

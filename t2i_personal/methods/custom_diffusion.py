@@ -58,6 +58,7 @@ def install_processors(unet, train_q_out: bool) -> None:
 def processor_state_dict(unet) -> dict[str, torch.Tensor]:
     """The trained tensors under diffusers' keys (``...attn2.processor.to_k_custom_diffusion.weight``)."""
     return {f"{name}.processor.{key}": value for name, attn in _cross_attention_modules(unet).items()
+            if isinstance(attn.processor, torch.nn.Module)  # diffusers' stock processors hold no weights
             for key, value in attn.processor.state_dict().items()}
 
 
@@ -85,7 +86,8 @@ def check_applied(unet, state: dict[str, torch.Tensor]) -> None:
     """Raise unless every saved tensor is what the UNet's processors now hold."""
     live = processor_state_dict(unet)
     missing = sorted(set(state) - set(live))
-    differing = [k for k in state if k in live and not torch.equal(live[k].detach().cpu().to(state[k].dtype), state[k])]
+    # compared in the UNet's dtype: a float16 pipeline holds the file's float32 tensors rounded
+    differing = [k for k in state if k in live and not torch.equal(live[k].detach(), state[k].to(live[k].device, live[k].dtype))]
     if missing or differing:
         raise ModelLoadError(f"Custom Diffusion weights were not applied to the UNet ({len(missing)} tensors missing, "
                              f"{len(differing)} different, e.g. {(missing + differing)[:2]}): generations would "

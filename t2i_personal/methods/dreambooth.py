@@ -38,7 +38,6 @@ class DreamBooth(Method):
     def __init__(self, config, concepts=()):
         super().__init__(config, concepts)  # config: MethodConfig
         self._frozen: dict[str, torch.nn.Module] = {}
-        self.own: list[str] = []  # what DreamBooth itself trains (``trained`` also lists encoders holding learned tokens)
 
     # ------------------------------------------------------------------ what trains
 
@@ -48,7 +47,6 @@ class DreamBooth(Method):
     def configure(self, components: Components) -> None:
         self.trained = (["unet"] if self.config.train_unet else []) + (
             self._text_encoder_names(components) if self.config.train_text_encoder else [])
-        self.own = list(self.trained)
         if self.config.prior == "base_prediction" and self.config.adapter == "full":
             # The frozen reference must be a copy taken before any update (LoRA just disables its adapters).
             for name in self.trained:

@@ -108,7 +108,8 @@ class LearnedTokens:
             init_ids = []
             for token, init in self.specs:
                 init_ids.append(_single_token_id(tokenizer, init, token))
-                if tokenizer.add_tokens(token) != 1:
+                # add_tokens would accept 'sks' (the vocabulary stores 'sks</w>') and shadow the real word
+                if len(tokenizer(token, add_special_tokens=False).input_ids) == 1 or tokenizer.add_tokens(token) != 1:
                     raise ConfigError(f"identifier {token!r} is already a word of the tokenizer's vocabulary, so it cannot "
                                       "be learned as a new token; use a fresh string such as '<new1>'")
             new_ids = tokenizer.convert_tokens_to_ids(self.tokens)
@@ -125,6 +126,18 @@ class LearnedTokens:
 
     def parameters(self, components) -> list[torch.nn.Parameter]:
         return [self.rows(e) for e in components.text_encoders]
+
+    @staticmethod
+    def transplant(source, target) -> None:
+        """Give ``target`` (a copy of the same base text encoder) ``source``'s learned rows."""
+        rows = source.get_input_embeddings().new.detach()
+        table = target.get_input_embeddings()
+        if isinstance(table, NewTokenEmbedding):
+            with torch.no_grad():
+                table.new.copy_(rows)
+            return
+        target.set_input_embeddings(NewTokenEmbedding(table, rows.to(table.weight.device)))
+        target.config.vocab_size = table.num_embeddings + rows.shape[0]
 
     @contextlib.contextmanager
     def folded(self, components):

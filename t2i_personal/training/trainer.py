@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..config import TrainConfig
-from ..data.captions import render_prompt
+from ..data.captions import render_for_concepts
 from ..data.concepts import (ConceptDataset, Example, StreamBatchSampler, class_prompt, collate,
                              load_instance_examples, rescale_prompt_variants)
 from ..data.images import ImageTransform, load_image_folder, make_image_grid, save_image_atomic
@@ -271,8 +271,7 @@ class Trainer:
             prompts |= set(rescale_prompt_variants({e.prompt for e in instances}))
         prompts = sorted(prompts)
         prompt_ids = components.tokenize(prompts)  # raises on prompts longer than the encoder's window
-        validation_prompts = [render_prompt(p, cfg.concepts[0].identifier, cfg.concepts[0].class_noun)
-                              for p in cfg.validation.prompts]
+        validation_prompts = [render_for_concepts(p, cfg.concepts) for p in cfg.validation.prompts]
         components.tokenize(validation_prompts)
 
         torch.manual_seed(t.seed)  # adapter initialisation must not depend on what ran before (e.g. class images)
@@ -487,13 +486,18 @@ class Trainer:
         """Components as they should be exported: modules the export reads that were cast for mixed precision but
         not trained are replaced by float32 copies of the base (loaded once, kept on the CPU), so exports never
         hold degraded weights."""
+        # A text encoder that only holds learned token rows is frozen apart from them: it is exported from the
+        # float32 base with those rows put in.
         cast = [n for n in method.exported_components() if getattr(components, n) is not None
-                and n not in method.trained and next(getattr(components, n).parameters()).dtype != torch.float32]
+                and n not in method.own and any(p.dtype != torch.float32 for p in getattr(components, n).parameters())]
         if not cast:
             return components
         if not hasattr(self, "_pristine"):
             base = load_components(self.config.model, dtype=torch.float32)
             self._pristine = {n: getattr(base, n) for n in cast}
+        for name in cast:
+            if name in method.trained:
+                method.tokens.transplant(getattr(components, name), self._pristine[name])
         return Components(**{**components.__dict__, **self._pristine})
 
     def _write_artifact(self, components, method, folder: Path, step: int) -> None:
