@@ -219,3 +219,16 @@ def test_spl_with_prior_preservation_trains_and_logs_both_terms(concept_dir, tmp
     assert logs["loss"] == pytest.approx(logs["denoise"] + logs["prior"] + logs["spl"], rel=1e-6)
     assert len(list(class_dir.iterdir())) == 2, "enough class images were given: none generated"
     assert (tmp_path / "out" / "personalization.json").is_file()
+
+
+def test_spl_keeps_the_personal_phrase_near_its_class(concept_dir, tmp_path):
+    """What SPL is for: after the same training, the personal phrase has drifted less from the class phrase."""
+    distances = {}
+    for weight in (0.0, 5.0):
+        cfg = base_config(concept_dir, tmp_path / f"out-{weight}",
+                          method={"name": "dreambooth", "train_unet": False, "spl": {"weight": weight}},
+                          concepts=token_concept(concept_dir), training={"learning_rate": 0.05, "max_train_steps": 12})
+        trainer = run_training(cfg)
+        with torch.no_grad():
+            distances[weight] = spl()(trainer.components, trainer.components.text_encoders).item()
+    assert distances[5.0] < 0.5 * distances[0.0], distances
