@@ -29,6 +29,8 @@ RUNS = {  # name -> (preset, overrides)
     "lora-token-spl": ("configs/quickstart.yaml", TOKEN + ["method.spl.weight=1.0"]),
     "custom-diffusion": ("configs/quickstart_classdiffusion.yaml", ["method.spl="]),
     "classdiffusion": ("configs/quickstart_classdiffusion.yaml", []),
+    "classdiffusion-0.3": ("configs/quickstart_classdiffusion.yaml", ["method.spl.weight=0.3"]),
+    "classdiffusion-0.1": ("configs/quickstart_classdiffusion.yaml", ["method.spl.weight=0.1"]),
 }
 SEEDS = 4
 
@@ -80,7 +82,7 @@ def evaluate(out: Path) -> tuple[dict, np.ndarray]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("outputs/methods"))
-    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--runs", nargs="+", default=list(RUNS)[:5], choices=list(RUNS))
     args = parser.parse_args()
     from t2i_personal.toyworld.reports import image_grid
 

@@ -58,6 +58,13 @@ class ConceptConfig(Section):
                              "cannot contain spaces; use e.g. '<new1>'")
         return self
 
+    @field_validator("instance_dir")
+    @classmethod
+    def _some_folder(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and not value:
+            raise ValueError("the list of instance folders is empty: give at least one folder of images")
+        return value
+
     @property
     def instance_dirs(self) -> list[str]:
         return [self.instance_dir] if isinstance(self.instance_dir, str) else list(self.instance_dir)
@@ -102,24 +109,36 @@ class MethodConfig(Section):
     custom_diffusion_params: Literal["crossattn_kv", "crossattn"] = Field("crossattn_kv", description="custom_diffusion: train cross-attention K/V only, or also its Q and output projections")
     spl: SPLConfig | None = Field(None, description="ClassDiffusion's semantic preservation loss (null: off)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _styleforge_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("name") == "styleforge":  # the paper trains UNet and text encoder
+            data = {"train_text_encoder": True, "prior": "auxiliary", **data}
+        return data
+
+    def _changed(self, *keys: str) -> list[str]:
+        """Of ``keys``, those set to something other than their default (a saved config.yaml sets every key)."""
+        return [k for k in keys if k in self.model_fields_set
+                and getattr(self, k) != type(self).model_fields[k].get_default(call_default_factory=True)]
+
     @model_validator(mode="after")
     def _consistent(self) -> "MethodConfig":
         if self.name == "custom_diffusion":
-            bad = [k for k in ("adapter", "train_unet", "train_text_encoder", "lora") if k in self.model_fields_set]
+            bad = self._changed("adapter", "train_unet", "train_text_encoder", "lora")
             if bad:
                 raise ValueError(f"method.name custom_diffusion trains its own cross-attention projections (plus learned "
                                  f"tokens); remove {', '.join('method.' + k for k in bad)}")
             if self.prior == "base_prediction":
                 raise ValueError("method.prior 'base_prediction' needs a frozen copy of what trains, which custom_diffusion "
                                  "does not keep: use prior: class_images")
-        elif "custom_diffusion_params" in self.model_fields_set:
+        elif self._changed("custom_diffusion_params"):
             raise ValueError("method.custom_diffusion_params only applies to method.name: custom_diffusion")
         if self.name == "styleforge" and self.prior not in ("auxiliary", "none"):
             raise ValueError(f"method.name styleforge binds the class word to the user's auxiliary images: use prior: "
                              f"auxiliary (or none for the paper's 'w/o Aux' ablation), not {self.prior!r}")
-        if self.adapter == "full" and "lora" in self.model_fields_set:
+        if self.adapter == "full" and self._changed("lora"):
             raise ValueError("method.lora is set but method.adapter is 'full': set method.adapter: lora or remove method.lora")
-        if self.prior == "none" and "prior_loss_weight" in self.model_fields_set:
+        if self.prior == "none" and self._changed("prior_loss_weight"):
             raise ValueError("method.prior_loss_weight is set but method.prior is 'none': choose class_images or base_prediction")
         return self
 

@@ -33,3 +33,19 @@ def test_overrides_reach_nested_keys_and_lists():
                        "validation.prompts=[\"a {V} {C}\"]"])
     assert (cfg.training.max_train_steps, cfg.method.lora.rank, cfg.concepts[0].class_noun) == (7, 2, "cat")
     assert cfg.validation.prompts == ["a {V} {C}"]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_a_saved_config_can_be_fed_back(path):
+    """Every output folder's config.yaml (all keys, defaults included) is a valid config again, unchanged."""
+    cfg = load_config(path)
+    again = load_config(base=cfg.model_dump(mode="json"))
+    assert again == cfg
+
+
+def test_styleforge_trains_the_text_encoder_against_auxiliary_images_by_default():
+    from t2i_personal.config import MethodConfig
+
+    m = MethodConfig(name="styleforge")
+    assert m.train_text_encoder and m.prior == "auxiliary"
+    assert not MethodConfig(name="styleforge", train_text_encoder=False).train_text_encoder

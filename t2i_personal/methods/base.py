@@ -92,6 +92,11 @@ class Method:
         self.tokens = LearnedTokens(concepts)
         self.spl = SemanticPreservationLoss(config.spl, concepts) if getattr(config, "spl", None) else None
 
+    def check(self, components: Components) -> None:
+        """Refuse, before anything is written, what cannot work with these components."""
+        if self.spl is not None:
+            self.spl.check(components)
+
     def add_tokens(self, components: Components) -> None:
         """Add the learned identifiers to the tokenizers (before any prompt is tokenized)."""
         if self.tokens:
@@ -170,8 +175,7 @@ class Method:
     def save(self, components: Components, out_dir: Path, export) -> dict:
         """Write the inference artifact into ``out_dir`` as ``export`` (an ExportConfig) asks; return its
         description for personalization.json."""
-        with self.tokens.folded(components):  # a saved full pipeline holds the new rows in its own table
-            artifact = self.save_artifact(components, out_dir, export)
+        artifact = self.save_artifact(components, out_dir, export)
         if self.tokens:
             artifact["tokens"] = self.tokens.save(components, out_dir, getattr(torch, export.save_dtype))
         return artifact

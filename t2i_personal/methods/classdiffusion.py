@@ -17,7 +17,10 @@ Deviations from the official code (``Rbrq03/ClassDiffusion``):
 - SPL and prior preservation can be combined (the official script crashes when both are on).
 - The new token keeps its positional embedding in the SPL pass (the official pass overwrites the token's input
   vector with the raw embedding row, dropping it); the gradient reaches the same row either way.
-- SDXL: the loss is averaged over the text encoders that train (the paper covers SD-1.5 only).
+- SDXL: the loss is averaged over the text encoders that train (the paper covers SD-1.5 only; ``argmax_id``,
+  which imitates SD-1.5's pooling, is refused there).
+- The class phrase is the target (no gradient): with a trained text encoder (LoRA or full), which the official
+  setup never has, SPL would otherwise also pull the class phrase towards the personal one.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from ..data.captions import render_prompt
+from ..errors import ConfigError
 
 
 class SemanticPreservationLoss:
@@ -42,9 +46,16 @@ class SemanticPreservationLoss:
             if encoder not in encoders:
                 continue
             f_personal = self.features(encoder, tokenizer, list(personal))
-            f_plain = self.features(encoder, tokenizer, list(plain))
+            with torch.no_grad():  # the class phrase is the target: a trained encoder must not drift it instead
+                f_plain = self.features(encoder, tokenizer, list(plain))
             losses.append((1 - torch.nn.functional.cosine_similarity(f_personal.float(), f_plain.float(), dim=-1)).mean())
         return self.weight * torch.stack(losses).mean()
+
+    def check(self, components) -> None:
+        """Fail before anything is written when the pooling cannot apply to this model."""
+        if self.pooling == "argmax_id" and components.family == "sdxl":
+            raise ConfigError("method.spl.pooling 'argmax_id' reproduces SD-1.5's text-encoder pooling; SDXL's encoders "
+                              "pool differently: use pooling: eos")
 
     def features(self, encoder, tokenizer, phrases: list[str]) -> torch.Tensor:
         """(N, hidden) pooled final-layer features of ``phrases`` (each tokenized alone, no padding, as the paper)."""
@@ -54,8 +65,6 @@ class SemanticPreservationLoss:
             ids = tokenizer(phrase, return_tensors="pt").input_ids.to(device)
             result = encoder(ids)
             if self.pooling == "argmax_id":
-                if hasattr(result, "text_embeds"):  # SDXL's second encoder returns projected embeddings instead
-                    raise NotImplementedError("argmax_id pooling reproduces SD-1.5's CLIPTextModel; use pooling: eos for SDXL")
                 out.append(result.pooler_output[0])
             else:
                 eos = (ids[0] == tokenizer.eos_token_id).nonzero()

@@ -142,7 +142,8 @@ class DreamBooth(Method):
         return self._save_lora(components, out_dir, dtype, export.kohya_lora)
 
     def _save_pipeline(self, components: Components, out_dir: Path, dtype: torch.dtype, single_file: bool) -> dict:
-        components.pipeline().save_pretrained(out_dir, safe_serialization=True)
+        with self.tokens.folded(components):  # the saved pipeline holds the learned rows in its own table
+            components.pipeline().save_pretrained(out_dir, safe_serialization=True)
         if dtype != torch.float32:
             # Cast the written files on the CPU: a cast copy of the modules would need a second model in GPU memory.
             for path in sorted(out_dir.glob("*/*.safetensors")):
@@ -154,7 +155,8 @@ class DreamBooth(Method):
         if single_file:
             from ..models.single_file import save_original_sd_checkpoint, save_original_sdxl_checkpoint
 
-            c, meta = components, {"base_model": components.source}
+            # base-size token table, so the file loads where the base model's does; the tokens ship as embeddings
+            c, meta = self.tokens.without_rows(components), {"base_model": components.source}
             if components.family == "sdxl":
                 save_original_sdxl_checkpoint(c.unet, c.vae, c.text_encoder, c.text_encoder_2, out_dir / SINGLE_FILE,
                                               dtype=dtype, metadata=meta)

@@ -18,6 +18,7 @@ SD 1.x/2.x, and ``{"clip_l": ..., "clip_g": ...}`` for SDXL's two encoders (load
 from __future__ import annotations
 
 import contextlib
+import copy
 import re
 from pathlib import Path
 
@@ -139,6 +140,21 @@ class LearnedTokens:
         target.set_input_embeddings(NewTokenEmbedding(table, rows.to(table.weight.device)))
         target.config.vocab_size = table.num_embeddings + rows.shape[0]
 
+    def without_rows(self, components):
+        """Components whose text encoders are shallow copies holding only the base table (for exports that must
+        match the base architecture, such as single-file checkpoints)."""
+        from dataclasses import replace
+
+        if not self:
+            return components
+        swapped = {}
+        for name in ("text_encoder", "text_encoder_2"):
+            encoder = getattr(components, name)
+            if encoder is not None and isinstance(encoder.get_input_embeddings(), NewTokenEmbedding):
+                path = next(n for n, m in encoder.named_modules() if isinstance(m, NewTokenEmbedding)).split(".")
+                swapped[name] = _with_child(encoder, path, encoder.get_input_embeddings().table)
+        return replace(components, **swapped)
+
     @contextlib.contextmanager
     def folded(self, components):
         """Plain embedding tables in the text encoders while a full pipeline is saved."""
@@ -182,6 +198,15 @@ class LearnedTokens:
             for key, encoder, tokenizer in zip(SDXL_KEYS, (pipeline.text_encoder, pipeline.text_encoder_2),
                                                (pipeline.tokenizer, pipeline.tokenizer_2)):
                 pipeline.load_textual_inversion(state[key], token=entry["token"], text_encoder=encoder, tokenizer=tokenizer)
+
+
+def _with_child(module: torch.nn.Module, path: list[str], child: torch.nn.Module) -> torch.nn.Module:
+    """A shallow copy of ``module`` (sharing every tensor) whose submodule at ``path`` is ``child``."""
+    clone = copy.copy(module)
+    clone._modules = dict(module._modules)  # its own child table, so replacing a child leaves ``module`` intact
+    head = path[0]
+    setattr(clone, head, child if len(path) == 1 else _with_child(getattr(module, head), path[1:], child))
+    return clone
 
 
 def _file_safe(token: str) -> str:

@@ -58,10 +58,7 @@ def check_resume_config(checkpoint: Path, config, num_processes: int) -> None:
                           f"({config.training.max_train_steps}); raise max_train_steps or pick an earlier checkpoint")
     if saved is None:
         return
-    try:  # keys added by a later version read as their defaults, so older checkpoints still resume
-        saved = type(config).model_validate(saved).model_dump(mode="json")
-    except ValueError:
-        pass  # a config this version no longer accepts: compare as saved, listing what differs
+    saved = with_new_defaults(saved, type(config))  # keys added since read as their defaults: older checkpoints resume
     flat_old, flat_new = flatten(saved), flatten(config.model_dump(mode="json"))
     changed = sorted(k for k in set(flat_old) | set(flat_new)
                      if flat_old.get(k) != flat_new.get(k) and k not in RESUME_FREE_KEYS
@@ -71,6 +68,25 @@ def check_resume_config(checkpoint: Path, config, num_processes: int) -> None:
         raise ConfigError(f"training.resume = {checkpoint} was trained with different settings ({details}). Resume with "
                           "the same config (only output, checkpointing, logging, validation and export keys may change), "
                           "or start a new run.")
+
+
+def with_new_defaults(saved: dict, model_cls) -> dict:
+    """``saved`` (a dumped config) with every field it lacks filled with the field's default, recursively."""
+    from pydantic import BaseModel
+
+    out = dict(saved)
+    for name, field in model_cls.model_fields.items():
+        args = (field.annotation, *getattr(field.annotation, "__args__", ()))
+        sections = [a for a in args for a in (a, *getattr(a, "__args__", ())) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if name not in out:
+            if not field.is_required():
+                default = field.get_default(call_default_factory=True)
+                out[name] = default.model_dump(mode="json") if isinstance(default, BaseModel) else default
+        elif sections and isinstance(out[name], dict):
+            out[name] = with_new_defaults(out[name], sections[0])
+        elif sections and isinstance(out[name], list):
+            out[name] = [with_new_defaults(v, sections[0]) if isinstance(v, dict) else v for v in out[name]]
+    return out
 
 
 def flatten(tree, prefix: str = "") -> dict:

@@ -255,6 +255,8 @@ class Trainer:
         instances = load_instance_examples(cfg.concepts, d.max_image_pixels)  # bad images fail before any output
         weight_dtype = DTYPES[t.mixed_precision]
         components = load_components(cfg.model, dtype=torch.float32)  # master weights; mixed precision casts later
+        method = build_method(cfg.method, cfg.concepts)
+        method.check(components)
         base_prediction_type = components.scheduler.config.prediction_type
         if t.prediction_type and t.prediction_type != base_prediction_type and cfg.method.prior == "base_prediction":
             raise ConfigError(f"method.prior 'base_prediction' takes the base model's {base_prediction_type} output as the "
@@ -264,7 +266,6 @@ class Trainer:
         if t.prediction_type:  # validation and exports must sample with what the UNet learns
             components.scheduler = type(components.scheduler).from_config(components.scheduler.config,
                                                                           prediction_type=t.prediction_type)
-        method = build_method(cfg.method, cfg.concepts)
         method.add_tokens(components)  # learned identifiers must be in the vocabulary before prompts are tokenized
         prompts = {e.prompt for e in instances} | {e.prompt for group in (priors or []) for e in group}
         if d.rescale_augmentation:  # instance prompts may get a "far away" / "zoomed in" prefix
