@@ -18,6 +18,18 @@ def _isolated_cache(tmp_path_factory):
     yield
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's spinning threads made
+    such tests up to ~30x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def concept_dir(tmp_path_factory) -> Path:
     from t2i_personal.data.examples import write_examples

@@ -18,14 +18,7 @@ CONCEPTS = [ConceptConfig(identifier="<new1>", initializer_token="dog", class_no
             ConceptConfig(identifier="<new2>", initializer_token="cat", class_noun="cat", instance_dir="unused")]
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy shared CPU, OpenMP's spinning threads made these
-    tests ~30x slower (TODO: move to conftest.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def spl(concepts=CONCEPTS[:1], **config) -> SemanticPreservationLoss:
@@ -164,8 +157,8 @@ def test_sdxl_averages_over_the_encoders_that_train():
         both = loss(components, components.text_encoders)
         first, second = loss(components, [components.text_encoder]), loss(components, [components.text_encoder_2])
     torch.testing.assert_close(both, (first + second) / 2, rtol=1e-5, atol=1e-7)
-    with pytest.raises(NotImplementedError, match="pooling: eos"):
-        spl(CONCEPTS[:1], pooling="argmax_id")(components, components.text_encoders)
+    with pytest.raises(ConfigError, match="pooling: eos"):
+        spl(CONCEPTS[:1], pooling="argmax_id").check(components)
 
 
 def test_config_rejects_spl_when_nothing_on_the_text_side_trains(concept_dir, tmp_path):

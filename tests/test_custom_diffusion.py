@@ -25,14 +25,7 @@ KV = {"to_k_custom_diffusion.weight", "to_v_custom_diffusion.weight"}
 Q_OUT = {"to_q_custom_diffusion.weight", "to_out_custom_diffusion.0.weight", "to_out_custom_diffusion.0.bias"}
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy shared CPU, OpenMP's spinning threads made these
-    tests ~30x slower (TODO: move to conftest.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def cd_config(concept_dir, out, params=None) -> dict:

@@ -22,14 +22,7 @@ PROMPT = f"a photo of {TOKEN} dog"
 EMBEDS = "learned_embeds-0-new1.safetensors"
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy shared CPU, OpenMP's spinning threads made these
-    tests ~30x slower (TODO: move to conftest.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def token_concepts(concept_dir, identifier=TOKEN, initializer="dog") -> list[dict]:

@@ -5,19 +5,13 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import ROOT, base_config, run_training
 from t2i_personal.config import ModelConfig, TrainConfig, load_config
-from t2i_personal.errors import ConfigError, ModelLoadError
+from t2i_personal.errors import ConfigError
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TOKEN_CONCEPT = {"identifier": "<new1>", "initializer_token": "dog", "class_noun": "dog"}

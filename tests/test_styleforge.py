@@ -16,14 +16,7 @@ from t2i_personal.methods.styleforge import RULES, mentions_person, style_prompt
 from t2i_personal.models.loading import load_components
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy shared CPU, OpenMP's spinning threads made these
-    tests ~30x slower (TODO: move to conftest.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def style_concept(identifier, instance_dir, aux) -> dict:

@@ -353,19 +353,22 @@ class ImageTransform:
         Draws from ``rng`` exactly as ``__call__`` does, so cached-latent training sees the same flips."""
         if self.rescale:
             return self._plan_rescale(size, rng)
-        res = self.resolution
         width, height = size
-        scale = res / min(width, height)
-        new_w, new_h = max(res, round(width * scale)), max(res, round(height * scale))
-        if self.center_crop:
-            # Same rounding as the diffusers training scripts, so crop coords match.
-            top, left = int(round((new_h - res) / 2.0)), int(round((new_w - res) / 2.0))
-        else:
-            # Always draw both so rng consumption does not depend on the aspect ratio.
-            top, left = rng.randint(0, new_h - res), rng.randint(0, new_w - res)
+        new_w, new_h, top, left = self._cover(size, self.resolution, rng)
         flipped = bool(self.random_flip and rng.random() < 0.5)
         return TransformedImage(pixels=None, original_size=(height, width), crop_top_left=(top, left),
                                 flipped=flipped, resized_size=(new_w, new_h))
+
+    def _cover(self, size: tuple[int, int], side: int, rng: random.Random) -> tuple[int, int, int, int]:
+        """(new_w, new_h, top, left): resized so the shorter side is ``side``, and where the ``side`` square is cut."""
+        width, height = size
+        scale = side / min(width, height)
+        new_w, new_h = max(side, round(width * scale)), max(side, round(height * scale))
+        if self.center_crop:
+            # Same rounding as the diffusers training scripts, so crop coords match.
+            return new_w, new_h, int(round((new_h - side) / 2.0)), int(round((new_w - side) / 2.0))
+        # Always draw both so rng consumption does not depend on the aspect ratio.
+        return new_w, new_h, rng.randint(0, new_h - side), rng.randint(0, new_w - side)
 
     def _plan_rescale(self, size: tuple[int, int], rng: random.Random) -> TransformedImage:
         res, f = self.resolution, self.vae_scale_factor
@@ -376,13 +379,8 @@ class ImageTransform:
         else:
             low, high = int(1.2 * res), int(1.4 * res)
             side = rng.randint(low, max(low, high - 1))
-        factor = side / min(width, height)
-        new_w, new_h = max(side, round(width * factor)), max(side, round(height * factor))
         # The scaled square inside the resized image: centred or random, as without the augmentation.
-        if self.center_crop:
-            sq_top, sq_left = int(round((new_h - side) / 2.0)), int(round((new_w - side) / 2.0))
-        else:
-            sq_top, sq_left = rng.randint(0, new_h - side), rng.randint(0, new_w - side)
+        new_w, new_h, sq_top, sq_left = self._cover(size, side, rng)
         # Where the square goes on the canvas (side <= res), or where the crop sits inside it (side > res).
         outer, inner = (res, side) if side <= res else (side, res)
         top, left = rng.randint(0, outer - inner), rng.randint(0, outer - inner)
