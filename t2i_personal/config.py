@@ -209,6 +209,12 @@ class TrainingConfig(Section):
     progress_bar: bool = Field(True, description="tqdm bar with the loss")
 
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        return "no" if value is False else value  # YAML reads an unquoted `mixed_precision: no` as false
+
+
 class ExportConfig(Section):
     kohya_lora: bool = Field(True, description="LoRA: also write an A1111/ComfyUI (kohya keys) file")
     save_dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="dtype of exported weights")
@@ -316,6 +322,8 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
     path: list[str | int] = [int(p) if p.isdigit() else p for p in key.strip().split(".")]
     if not raw.strip():
         return path, None
+    if raw.strip().lower() in {"yes", "no", "on", "off", "y", "n"}:
+        return path, raw.strip()  # YAML 1.1 would read these as booleans: mixed_precision=no means "no"
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:

@@ -49,3 +49,14 @@ def test_styleforge_trains_the_text_encoder_against_auxiliary_images_by_default(
     m = MethodConfig(name="styleforge")
     assert m.train_text_encoder and m.prior == "auxiliary"
     assert not MethodConfig(name="styleforge", train_text_encoder=False).train_text_encoder
+
+
+def test_override_no_is_a_word_not_a_boolean():
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml", ["training.mixed_precision=no", "data.random_flip=false"])
+    assert cfg.training.mixed_precision == "no" and cfg.data.random_flip is False
+
+
+def test_yaml_no_for_mixed_precision_means_no(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("concepts: [{identifier: sks, class_noun: dog, instance_dir: x}]\ntraining: {mixed_precision: no}\n")
+    assert load_config(preset).training.mixed_precision == "no"
