@@ -186,7 +186,7 @@ class TrainingConfig(Section):
     lr_warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
     lr_num_cycles: int = Field(1, ge=1, description="cosine_with_restarts cycles")
     lr_power: float = Field(1.0, description="polynomial decay power")
-    optimizer: Literal["adamw", "adamw_8bit"] = Field("adamw", description="adamw_8bit needs bitsandbytes")
+    optimizer: Literal["adamw", "adamw_8bit", "adamw_8bit_if_available"] = Field("adamw", description="adamw_8bit needs bitsandbytes; adamw_8bit_if_available falls back to adamw (with a warning) without it")
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay")

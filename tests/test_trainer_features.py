@@ -86,6 +86,16 @@ def test_8bit_adamw_keeps_quantised_state(concept_dir, tmp_path):
     assert isinstance(trainer.optimizer.optimizer, bnb.optim.AdamW8bit)
 
 
+def test_8bit_adamw_if_available_falls_back_to_adamw(concept_dir, tmp_path, monkeypatch, caplog):
+    from t2i_personal.training import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "_importable", lambda name: name != "bitsandbytes")
+    trainer = run_training(base_config(concept_dir, tmp_path / "out", method={"name": "dreambooth", "adapter": "lora"},
+                                       training={"optimizer": "adamw_8bit_if_available", "max_train_steps": 1}))
+    assert type(trainer.optimizer.optimizer) is torch.optim.AdamW
+    assert "bitsandbytes is not installed" in caplog.text
+
+
 def test_dataloader_workers_do_not_change_the_result(concept_dir, tmp_path):
     """Items are pure functions of (index, epoch, seed): worker processes see exactly what the main process would."""
     common = dict(method={"name": "dreambooth", "adapter": "lora"})

@@ -190,7 +190,11 @@ class Trainer:
     def _optimizer(self, param_groups: list[dict]):
         t = self.config.training
         kwargs = dict(betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
-        if t.optimizer == "adamw_8bit":
+        eight_bit = t.optimizer == "adamw_8bit" or (t.optimizer == "adamw_8bit_if_available" and _importable("bitsandbytes"))
+        if t.optimizer == "adamw_8bit_if_available" and not eight_bit:
+            logger.warning("bitsandbytes is not installed: training with 32-bit AdamW (pip install 't2i-personal[bnb]' "
+                           "for 8-bit AdamW, about 4x less optimizer memory)")
+        if eight_bit:
             import bitsandbytes as bnb
 
             return bnb.optim.AdamW8bit(param_groups, **kwargs)
