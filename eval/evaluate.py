@@ -4,6 +4,8 @@
         --images-per-prompt 4 --seed 0 [--metrics clip_t,clip_i,ti_clip,dino_i] [--out eval_out/]
     accelerate launch eval/evaluate.py ...        # generation split across processes, rank 0 scores
     python eval/evaluate.py --images eval_out/my-dog --concept sks:dog --references data/my-dog --prompts ...
+    python eval/evaluate.py --model outputs/dog-and-cat --metrics clip_t,cp_clip      # Gen4Gen CP-CLIP (OWL-ViT)
+    python eval/evaluate.py --model outputs/my-style --fid-reference data/style-art --fid-feature builtin:toy-clip
 
 Images go to OUT/<model>/<prompt-index>-<slug>/<k>.png (image k of prompt p uses seed SEED + p * N + k); files
 that exist are kept, so rerunning an interrupted evaluation only renders what is missing. See eval/README.md.
@@ -41,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="--images mode: a concept the prompts are rendered for, e.g. sks:dog (repeatable); "
                           "taken from the first --model's record when omitted")
     src.add_argument("--references", action="append", default=[], metavar="DIR",
-                     help="reference images per concept (repeat in concept order) for clip_i/dino_i; default: "
+                     help="reference images per concept (repeat in concept order) for clip_i/dino_i/cp_clip; default: "
                           "the concepts' instance_dir from each model's personalization.json")
     src.add_argument("--prompts", default="dreambench",
                      help="built-in set (dreambench, dreambench-live, dreambench-objects) or a .txt/.yaml file")
@@ -70,6 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="blip1-itc: what ClassDiffusion's code calls BLIP2-T; blip2: a true BLIP-2 ITC score")
     met.add_argument("--dino-model", default=None,
                      help="for dino_i: hub id (e.g. facebook/dino-vits16, from the local cache) or local folder")
+    met.add_argument("--detector", default="google/owlvit-base-patch32",
+                     help="cp_clip's OWL-ViT detector: hub id (from the local Hugging Face cache when offline) or a "
+                          "local transformers folder (default google/owlvit-base-patch32)")
+    met.add_argument("--detection-threshold", type=float, default=0.1,
+                     help="cp_clip: detector boxes not above this score are dropped (default 0.1)")
+    met.add_argument("--fid-reference", default=None, metavar="DIR",
+                     help="a folder of reference images (e.g. a style's artworks): adds set-level FID and KID of "
+                          "each model's images against it to summary.json and report.html")
+    met.add_argument("--fid-feature", default="inception",
+                     help="FID/KID feature extractor: inception (default; needs torch-fidelity and its weights), "
+                          "builtin:toy-clip, or a local DINO / open_clip folder (offline; not comparable with "
+                          "Inception FIDs)")
     met.add_argument("--batch-size", type=int, default=32, help="metric batch size")
     met.add_argument("--bootstrap", type=int, default=0,
                      help="0: normal-approximation 95%% CIs (default); N: percentile bootstrap with N resamples")
@@ -92,9 +106,10 @@ def main(argv: list[str] | None = None) -> int:
                                          negative_prompt=args.negative_prompt),
             metric_options=MetricOptions(clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
                                          dino_model=args.dino_model, blip_model=args.blip_model,
-                                         blip_variant=args.blip_variant, device=args.device or str(state.device),
-                                         batch_size=args.batch_size),
-            bootstrap=args.bootstrap, progress=not args.no_progress)
+                                         blip_variant=args.blip_variant, detector=args.detector,
+                                         detection_threshold=args.detection_threshold, fid_feature=args.fid_feature,
+                                         device=args.device or str(state.device), batch_size=args.batch_size),
+            bootstrap=args.bootstrap, fid_reference=args.fid_reference, progress=not args.no_progress)
         summary = evaluate(cfg, state)
     except (ConfigError, ModelLoadError, ImageLoadError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -103,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         for model, data in summary["models"].items():
             scores = ", ".join(f"{m} {v['mean']:.4f}" if v["mean"] is not None else f"{m} -"
                                for m, v in data["overall"].items())
+            fk = data.get("fid_kid")
+            if fk:
+                scores += f"; fid {fk['fid']:.4f}, kid {fk['kid']:.6f} ± {fk['kid_std']:.6f}"
             print(f"{model}: {data['images']} images; {scores}")
         print(f"done: {args.out}/results.csv, summary.json, report.html")
     return 0

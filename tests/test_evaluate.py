@@ -209,3 +209,166 @@ def test_blip2_t_is_registered_and_names_its_model_when_missing_offline(monkeypa
     assert "blip2_t" in METRICS and "BLIP" in METRICS["blip2_t"].description
     with pytest.raises(ModelLoadError, match="blip-itm-large-coco"):
         build_metrics(["blip2_t"], MetricOptions())
+
+
+# ------------------------------------------------------------------------------------------ CP-CLIP and FID/KID
+
+
+def _image_folder(root, counts=(("000-a-photo-of-sks-dog-in-the-jungle", 3), ("001-a-sks-dog-on-the-beach", 2)),
+                  size=40, seed=0):
+    """A hand-made --images folder in the evaluator's layout (random pixels)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for folder, count in counts:
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for k in range(count):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / folder / f"{k}.png")
+    return root
+
+
+class _FakeDetector:
+    """Finds every query in a box: its left half for the first query, its right half for the second, ..."""
+
+    def __init__(self, score=0.9):
+        self.score, self.calls = score, []
+
+    def __call__(self, image, queries, threshold):
+        import torch
+
+        self.calls.append((tuple(queries), threshold))
+        w, h = image.size
+        step = w / max(1, len(queries))
+        boxes = [[i * step, 0.0, (i + 1) * step, float(h)] for i in range(len(queries))]
+        return {"boxes": torch.tensor(boxes), "scores": torch.full((len(queries),), self.score),
+                "labels": torch.arange(len(queries))}
+
+
+def test_cp_clip_through_the_engine(concept_dir, prompt_file, tmp_path, monkeypatch, one_torch_thread):
+    from t2i_personal.evaluation import engine, evaluate
+
+    images = _image_folder(tmp_path / "mine")
+    detector = _FakeDetector()
+    loaded = []
+
+    def fake_load(source, device="cpu", allow_pickle=False):
+        loaded.append(source)
+        return detector
+
+    monkeypatch.setattr(engine, "load_detector", fake_load)
+    cfg = _cfg(None, prompt_file, tmp_path / "out", images=[str(images)], concepts=["sks:dog"],
+               references=[str(concept_dir)])
+    cfg.metrics = "cp_clip,clip_i"
+    cfg.metric_options.detection_threshold = 0.25
+    summary = evaluate(cfg)
+    assert loaded == ["google/owlvit-base-patch32"]  # the default detector source, loaded once
+    assert detector.calls and all(c == (("dog",), 0.25) for c in detector.calls)
+    rows = _read_csv(tmp_path / "out" / "results.csv")
+    assert list(rows[0]) == ["model", "prompt_index", "prompt", "seed", "path", "cp_clip", "cp_clip_detection_rate",
+                             "clip_i"]
+    assert len(rows) == 5
+    for r in rows:
+        assert math.isfinite(float(r["cp_clip"])) and -1.0 <= float(r["cp_clip"]) <= 1.0
+        assert float(r["cp_clip_detection_rate"]) == 1.0
+    overall = summary["models"]["mine"]["overall"]
+    assert overall["cp_clip_detection_rate"]["mean"] == 1.0 and overall["cp_clip"]["n"] == 5
+    data = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert data["metrics"]["cp_clip"]["metric"] == "CP-CLIP" and data["metrics"]["cp_clip"]["threshold"] == 0.25
+    assert "cp_clip_detection_rate" in (tmp_path / "out" / "report.html").read_text()
+
+    # nothing detected (every box at or below the threshold): score 0, detection rate 0
+    detector.score = 0.2
+    evaluate(cfg)
+    rows = _read_csv(tmp_path / "out" / "results.csv")
+    assert all(float(r["cp_clip"]) == 0.0 and float(r["cp_clip_detection_rate"]) == 0.0 for r in rows)
+
+    # an injected detector (no loading at all)
+    loaded.clear()
+    cfg.metric_options.detector = _FakeDetector()
+    evaluate(cfg)
+    assert not loaded and cfg.metric_options.detector.calls
+
+
+def test_cp_clip_detector_offline_error_and_threshold(concept_dir, prompt_file, tmp_path, monkeypatch):
+    from t2i_personal.errors import ModelLoadError
+    from t2i_personal.evaluation.engine import MetricOptions, build_metrics, prepare
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))  # nothing cached: the offline error must show
+    with pytest.raises(ModelLoadError, match="owlvit-base-patch32"):
+        build_metrics(["cp_clip"], MetricOptions())
+    cfg = _cfg(None, prompt_file, tmp_path / "o", images=[str(_image_folder(tmp_path / "mine"))],
+               concepts=["sks:dog"], references=[str(concept_dir)])
+    cfg.metrics = "cp_clip"
+    cfg.metric_options.detection_threshold = 1.5
+    with pytest.raises(ConfigError, match="--detection-threshold"):
+        prepare(cfg)
+
+
+def test_fid_kid_per_model(prompt_file, tmp_path, one_torch_thread):
+    import shutil
+
+    from t2i_personal.evaluation import evaluate
+
+    images = _image_folder(tmp_path / "mine")
+    other = _image_folder(tmp_path / "other", seed=1)
+    same = tmp_path / "same-as-mine"  # the reference folder: mine's own images, flattened
+    same.mkdir()
+    for path in sorted(images.glob("*/*.png")):
+        shutil.copy(path, same / f"{path.parent.name[:3]}-{path.name}")
+    cfg = _cfg(None, prompt_file, tmp_path / "out", images=[str(images), str(other)], concepts=["sks:dog"],
+               fid_reference=str(same))
+    cfg.metrics = "clip_t"
+    cfg.metric_options.fid_feature = "builtin:toy-clip"
+    summary = evaluate(cfg)
+    data = json.loads((tmp_path / "out" / "summary.json").read_text())
+    for model in ("mine", "other"):
+        fk = data["models"][model]["fid_kid"]
+        assert fk == summary["models"][model]["fid_kid"]
+        assert math.isfinite(fk["fid"]) and math.isfinite(fk["kid"]) and math.isfinite(fk["kid_std"])
+        assert fk["kid_subset_size"] == 5 and fk["count_generated"] == 5 and fk["count_reference"] == 5
+        assert "toy-clip" in fk["feature_extractor"] or "toy" in fk["feature_extractor"].lower()
+    assert data["models"]["mine"]["fid_kid"]["fid"] == pytest.approx(0.0, abs=1e-3)  # a set against itself
+    assert data["models"]["other"]["fid_kid"]["fid"] > 1e-2
+    assert data["metrics"]["fid_kid"]["metric"] == "FID/KID" and data["settings"]["fid_reference"] == str(same)
+    report = (tmp_path / "out" / "report.html").read_text()
+    assert "FID" in report and "KID" in report
+    assert f"{data['models']['mine']['fid_kid']['fid']:.4f}" in report
+    assert f"{data['models']['other']['fid_kid']['fid']:.4f}" in report
+
+    cfg.fid_reference = str(tmp_path / "nope")
+    with pytest.raises(ConfigError, match="--fid-reference"):
+        evaluate(cfg)
+
+
+def test_cli_fid_options(prompt_file, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "eval" / "evaluate.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    images = _image_folder(tmp_path / "mine")
+    args = ["--images", str(images), "--concept", "sks:dog", "--prompts", str(prompt_file), "--out",
+            str(tmp_path / "o"), "--device", "cpu", "--metrics", "clip_t", "--no-progress", "--fid-reference",
+            str(images / "000-a-photo-of-sks-dog-in-the-jungle"), "--fid-feature", "builtin:toy-clip"]
+    assert cli.main(args) == 0
+    assert "fid " in capsys.readouterr().out
+    parsed = cli.build_parser().parse_args(["--images", "x"])
+    assert parsed.detector == "google/owlvit-base-patch32" and parsed.detection_threshold == 0.1
+    assert parsed.fid_feature == "inception" and parsed.fid_reference is None
+
+
+def test_fid_inception_offline_is_a_clear_early_error(prompt_file, tmp_path, monkeypatch):
+    import torch
+
+    from t2i_personal.errors import ModelLoadError
+    from t2i_personal.evaluation import prepare
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "empty-torch-hub"))
+    images = _image_folder(tmp_path / "mine")
+    cfg = _cfg(None, prompt_file, tmp_path / "o", images=[str(images)], concepts=["sks:dog"],
+               fid_reference=str(images / "000-a-photo-of-sks-dog-in-the-jungle"))
+    assert cfg.metric_options.fid_feature == "inception"
+    with pytest.raises(ModelLoadError, match="--fid-feature builtin:toy-clip"):
+        prepare(cfg)  # before anything is generated

@@ -7,6 +7,7 @@ The pieces, usable on their own:
 * :func:`generate`: renders missing images (existing files are kept, so an interrupted run resumes), split across
   ``accelerate`` processes;
 * :func:`score`: one row per image with every metric;
+* :func:`set_distances`: set-level FID / KID of each model's images against a reference folder (``--fid-reference``);
 * :func:`evaluate`: all of the above plus ``results.csv``, ``summary.json`` and ``report.html``.
 
 Layout of the output folder::
@@ -39,18 +40,29 @@ from ..errors import ConfigError
 INPUT_CLASS_PROMPT = "class_prompt"  # the prompt with identifiers replaced by class nouns
 INPUT_SCENE = "scene"  # the prompt with the concept mentions removed
 INPUT_REFERENCES = "references"  # the concept's reference (training) images
+INPUT_CONCEPTS = "concepts"  # the prompt's concepts, each with its class noun and reference images (CP-CLIP)
+INPUTS = (INPUT_CLASS_PROMPT, INPUT_SCENE, INPUT_REFERENCES, INPUT_CONCEPTS)
 
 
 @dataclass(frozen=True)
 class MetricSpec:
     """A registered metric: ``factory(options)`` builds a :class:`t2i_personal.metrics.Metric`; ``input`` says
-    what each image is scored against (:data:`INPUT_CLASS_PROMPT`, :data:`INPUT_SCENE` or
-    :data:`INPUT_REFERENCES`)."""
+    what each image is scored against (:data:`INPUT_CLASS_PROMPT`, :data:`INPUT_SCENE`, :data:`INPUT_REFERENCES`
+    or :data:`INPUT_CONCEPTS`).
+
+    ``extra_columns``: per-image values besides the score, each the name of a per-image tensor attribute of the
+    result of ``metric.evaluate(images, ...)``; recorded as ``<name>_<attribute>`` (e.g. ``cp_clip_detection_rate``)
+    in ``results.csv`` and the summary."""
 
     name: str
     factory: Callable[[MetricOptions], Any]
     input: str
     description: str = ""
+    extra_columns: tuple[str, ...] = ()
+
+    def columns(self) -> list[str]:
+        """The per-image columns this metric fills: its own name, then ``<name>_<extra>``."""
+        return [self.name, *(f"{self.name}_{c}" for c in self.extra_columns)]
 
 
 @dataclass
@@ -62,6 +74,13 @@ class MetricOptions:
     dino_model: str | None = None
     blip_model: str | None = None  # None: the variant's hub default
     blip_variant: str = "blip1-itc"
+    #: CP-CLIP's open-vocabulary detector: a hub id / local folder of an OWL-ViT model, or a loaded detector
+    #: (any callable ``detector(image, queries, threshold)``, see :mod:`t2i_personal.metrics.cp_clip`)
+    detector: Any = "google/owlvit-base-patch32"
+    detection_threshold: float = 0.1
+    #: FID/KID's feature extractor (``--fid-feature``): "inception", "builtin:toy-clip", a DINO / open_clip folder
+    fid_feature: str = "inception"
+    fid_pretrained: str | None = None
     device: str = "cpu"
     batch_size: int = 32
     progress: bool = True
@@ -79,15 +98,44 @@ class MetricOptions:
                                                  allow_pickle=self.allow_pickle)
         return self._cache[key]
 
+    def detector_model(self):
+        """CP-CLIP's detector, loaded once (:func:`load_detector` for a source, else the given callable)."""
+        if not isinstance(self.detector, (str, Path)):
+            return self.detector
+        key = ("detector", str(self.detector))
+        if key not in self._cache:
+            self._cache[key] = load_detector(str(self.detector), device=self.device, allow_pickle=self.allow_pickle)
+        return self._cache[key]
+
+
+def load_detector(source: str, device: str = "cpu", allow_pickle: bool = False):
+    """The OWL-ViT detector of ``cp_clip`` from a hub id (local Hugging Face cache when offline) or a local folder;
+    a :class:`~t2i_personal.errors.ModelLoadError` saying how to provide it otherwise. Tests replace this."""
+    from ..metrics import OwlVitDetector
+
+    return OwlVitDetector(source, device=device, allow_pickle=allow_pickle)
+
 
 METRICS: dict[str, MetricSpec] = {}
 
 
-def register_metric(name: str, factory: Callable[[MetricOptions], Any], input: str, description: str = "") -> None:
-    """Add (or replace) a metric of the evaluator: ``evaluate.py --metrics NAME`` then builds ``factory(options)``."""
-    if input not in (INPUT_CLASS_PROMPT, INPUT_SCENE, INPUT_REFERENCES):
-        raise ValueError(f"input must be {INPUT_CLASS_PROMPT!r}, {INPUT_SCENE!r} or {INPUT_REFERENCES!r}, not {input!r}")
-    METRICS[name] = MetricSpec(name, factory, input, description)
+def register_metric(name: str, factory: Callable[[MetricOptions], Any], input: str, description: str = "",
+                    extra_columns: Sequence[str] = ()) -> None:
+    """Add (or replace) a metric of the evaluator: ``evaluate.py --metrics NAME`` then builds ``factory(options)``.
+
+    ``input`` (what each image is scored against) and how the metric is called:
+
+    * ``"class_prompt"`` / ``"scene"``: ``metric(images, texts)``;
+    * ``"references"``: ``metric(images, references=files)``, once per (model, concept);
+    * ``"concepts"``: ``metric.evaluate(images, concepts)`` (or ``metric(images, concepts)`` without ``evaluate``),
+      once per (model, set of concepts a prompt shows), ``concepts`` being dicts with ``name`` (the identifier),
+      ``class_noun`` and ``references`` (files).
+
+    ``extra_columns``: see :class:`MetricSpec`.
+    """
+    if input not in INPUTS:
+        raise ValueError(f"input must be one of {', '.join(repr(i) for i in INPUTS)}, not {input!r}")
+    METRICS[name] = MetricSpec(name, factory, input, description, tuple(extra_columns))
 
 
 def _clip_t(o: MetricOptions):
@@ -120,12 +168,21 @@ def _blip2_t(o: MetricOptions):
                          device=o.device, allow_pickle=o.allow_pickle)
 
 
+def _cp_clip(o: MetricOptions):
+    from ..metrics import ClipImageScore, CPClipScore
+    return CPClipScore(ClipImageScore(o.clip(), batch_size=o.batch_size, progress=o.progress),
+                       detector=o.detector_model(), threshold=o.detection_threshold)
+
+
 register_metric("clip_t", _clip_t, INPUT_CLASS_PROMPT, "CLIP-T: image vs prompt with the class noun")
 register_metric("blip2_t", _blip2_t, INPUT_CLASS_PROMPT,
                 "BLIP2-T: BLIP ITC cosine, image vs prompt with the class noun (ClassDiffusion's BLIP-1 by default)")
 register_metric("clip_i", _clip_i, INPUT_REFERENCES, "CLIP-I: image vs the concept's reference images")
 register_metric("ti_clip", _ti_clip, INPUT_SCENE, "TI-CLIP: image vs the prompt's scene text")
 register_metric("dino_i", _dino_i, INPUT_REFERENCES, "DINO-I: image vs the concept's reference images (DINO ViT)")
+register_metric("cp_clip", _cp_clip, INPUT_CONCEPTS,
+                "CP-CLIP (Gen4Gen): OWL-ViT crops of the prompt's concepts vs their reference images (--clip-model); "
+                "per-image detection rate in cp_clip_detection_rate", extra_columns=("detection_rate",))
 
 DEFAULT_METRICS = ("clip_t", "clip_i", "ti_clip")
 
@@ -152,6 +209,11 @@ def parse_metric_names(names: str | Sequence[str] | None) -> list[str]:
 
 def build_metrics(names: Sequence[str], options: MetricOptions) -> dict[str, Any]:
     return {name: METRICS[name].factory(options) for name in parse_metric_names(list(names))}
+
+
+def metric_columns(names: Sequence[str]) -> list[str]:
+    """The per-image columns of ``names``: each metric's score, then its extra columns (``cp_clip_detection_rate``)."""
+    return [c for n in names for c in METRICS[n].columns()]
 
 
 # ------------------------------------------------------------------------------------------------------- sources
@@ -420,7 +482,33 @@ def score(rows: list[ImageRow], sources: Sequence[Source], prompts: Sequence[Seq
     for name, metric in metrics.items():
         spec = METRICS[name]
         values = [math.nan] * len(rows)
-        if spec.input == INPUT_REFERENCES:
+        extras = {c: [math.nan] * len(rows) for c in spec.extra_columns}
+        if spec.input == INPUT_CONCEPTS:
+            # group by (model, the prompt's concepts): the references are embedded once per composition
+            comp: dict[tuple[int, tuple[int, ...]], list[int]] = {}
+            for i, row in enumerate(rows):
+                s, _ = by_name[row.model]
+                cs = tuple(prompts[s][row.prompt_index].concept_indices)
+                if cs:  # a prompt showing no concept is not scored (NaN)
+                    comp.setdefault((s, cs), []).append(i)
+            for (s, cs), idx in comp.items():
+                concepts = []
+                for c in cs:
+                    refs = sources[s].references[c] if c < len(sources[s].references) else []
+                    if not refs:
+                        raise ConfigError(f"{name} needs reference images of concept {sources[s].concepts[c]} of "
+                                          f"{sources[s].name}: pass --references DIR")
+                    concepts.append({"name": sources[s].concepts[c]["identifier"],
+                                     "class_noun": sources[s].concepts[c]["class_noun"], "references": refs})
+                batch = [images[i] for i in idx]
+                result = metric.evaluate(batch, concepts) if hasattr(metric, "evaluate") else None
+                out = result.per_image if result is not None else metric(batch, concepts)
+                for i, v in zip(idx, out.tolist()):
+                    values[i] = v
+                for c in spec.extra_columns:
+                    for i, v in zip(idx, torch.as_tensor(getattr(result, c)).tolist()):
+                        extras[c][i] = v
+        elif spec.input == INPUT_REFERENCES:
             # group by (model, concept): the reference embeddings are computed once per concept
             groups: dict[tuple[int, int], list[int]] = {}
             for i, row in enumerate(rows):
@@ -452,7 +540,73 @@ def score(rows: list[ImageRow], sources: Sequence[Source], prompts: Sequence[Seq
                     values[i] = v
         for row, v in zip(rows, values):
             row.scores[name] = float(v)
+        for c, vs in extras.items():
+            for row, v in zip(rows, vs):
+                row.scores[f"{name}_{c}"] = float(v)
     return {name: metric.describe() for name, metric in metrics.items()}
+
+
+_FID_HINT = ("(On the command line: --fid-feature builtin:toy-clip, or --fid-feature /path/to/a/local/dino-or-open_clip "
+             "folder.)")
+
+
+def check_fid_feature(feature: str) -> None:
+    """Fail before any generation where the default Inception extractor cannot load: torch-fidelity missing, or
+    its weights neither in torch hub's cache nor downloadable (``HF_HUB_OFFLINE`` set)."""
+    import os
+
+    from ..errors import ModelLoadError
+    from ..metrics.fid import INCEPTION, INCEPTION_WEIGHTS_FILE, INCEPTION_WEIGHTS_URL
+
+    if feature != INCEPTION:
+        return
+    try:
+        from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
+    except ImportError:  # pragma: no cover - torchmetrics is a dependency
+        _TORCH_FIDELITY_AVAILABLE = False
+    if not _TORCH_FIDELITY_AVAILABLE:
+        raise ModelLoadError("--fid-feature inception (the default) needs the torch-fidelity package (pip install "
+                             f"torch-fidelity) and its weights {INCEPTION_WEIGHTS_FILE}; torch-fidelity is not "
+                             f"installed. {_FID_HINT} Such numbers are not comparable with Inception FIDs.")
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
+    if not cached.is_file() and os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise ModelLoadError(f"--fid-feature inception (the default): its weights {INCEPTION_WEIGHTS_FILE} are not in "
+                             f"{cached.parent} and this machine is offline (HF_HUB_OFFLINE); download "
+                             f"{INCEPTION_WEIGHTS_URL} to that folder. {_FID_HINT}")
+
+
+def set_distances(rows: list[ImageRow], sources: Sequence[Source], reference: str | Path,
+                  options: MetricOptions) -> tuple[dict[str, dict], dict]:
+    """Set-level FID and KID (:class:`~t2i_personal.metrics.ImageSetDistance`, feature extractor
+    ``options.fid_feature``) of each model's images (all prompts together) against the ``reference`` folder.
+
+    Returns ``({model: {"fid", "kid", "kid_std", "kid_x1e3", "kid_std_x1e3", "kid_subset_size",
+    "feature_extractor", "count_generated", "count_reference", "reference", ...}}, describe())``.
+    """
+    from ..errors import ModelLoadError
+    from ..metrics import ImageSetDistance
+
+    try:
+        metric = ImageSetDistance(options.fid_feature, pretrained=options.fid_pretrained,
+                                  batch_size=options.batch_size, progress=options.progress, device=options.device,
+                                  allow_pickle=options.allow_pickle)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"--fid-feature {options.fid_feature}: {exc} {_FID_HINT}") from exc
+    out: dict[str, dict] = {}
+    for source in sources:
+        paths = [r.path for r in rows if r.model == source.name]
+        try:
+            result = metric.evaluate(paths, str(reference))
+        except ValueError as exc:  # fewer than 2 images on a side
+            raise ConfigError(f"FID/KID of {source.name} against --fid-reference {reference}: {exc}") from exc
+        info = result.to_dict()
+        out[source.name] = {"fid": info.get("fid"), "kid": info.get("kid"), "kid_std": info.get("kid_std"),
+                            "kid_x1e3": info.get("kid_x1e3"), "kid_std_x1e3": info.get("kid_std_x1e3"),
+                            "kid_subset_size": info.get("kid_subset_size"),
+                            "feature_extractor": info.get("feature_extractor"),
+                            "count_generated": result.count_generated, "count_reference": result.count_reference,
+                            "reference": str(reference), **({"note": info["note"]} if "note" in info else {})}
+    return out, metric.describe()
 
 
 # -------------------------------------------------------------------------------------------------------- driver
@@ -472,6 +626,7 @@ class EvalConfig:
     generation: GenerationOptions = field(default_factory=GenerationOptions)
     metric_options: MetricOptions = field(default_factory=MetricOptions)
     bootstrap: int = 0  # 0: normal-approximation CIs; N > 0: percentile bootstrap with N resamples
+    fid_reference: str | None = None  # a folder of reference images: FID / KID per model (metric_options.fid_feature)
     progress: bool = True
 
 
@@ -487,8 +642,20 @@ def prepare(cfg: EvalConfig) -> tuple[list[Source], list[list[Any]], list[str]]:
     if "dino_i" in names and not cfg.metric_options.dino_model:
         raise ConfigError("dino_i needs --dino-model (e.g. facebook/dino-vits16 in the local Hugging Face cache, or "
                           "a local transformers folder)")
+    if "cp_clip" in names and not 0.0 <= cfg.metric_options.detection_threshold <= 1.0:
+        raise ConfigError(f"--detection-threshold must be in [0, 1], not {cfg.metric_options.detection_threshold}")
+    if cfg.fid_reference is not None:
+        from ..data.images import list_image_files
+
+        ref = Path(cfg.fid_reference).expanduser()
+        if not ref.is_dir():
+            raise ConfigError(f"--fid-reference {cfg.fid_reference}: no such folder (expected a folder of reference "
+                              "images, e.g. the style's artworks)")
+        if len(list_image_files(ref)) < 2:
+            raise ConfigError(f"--fid-reference {cfg.fid_reference}: FID/KID need at least 2 reference images")
+        check_fid_feature(cfg.metric_options.fid_feature)
     sources: list[Source] = []
-    need_refs = any(METRICS[n].input == INPUT_REFERENCES for n in names)
+    need_refs = any(METRICS[n].input in (INPUT_REFERENCES, INPUT_CONCEPTS) for n in names)
     for m in cfg.models:
         sources.append(load_model_source(m, cfg.references or None, need_refs))
     if cfg.images:
@@ -532,11 +699,15 @@ def evaluate(cfg: EvalConfig, state=None) -> dict | None:
     metrics = build_metrics(names, options)
     rows = collect_rows(sources, prompts, out_dir, cfg.images_per_prompt, cfg.seed)
     info = score(rows, sources, prompts, metrics)
-    summary = summarize(rows, names, info, sources, prompts, bootstrap=cfg.bootstrap, seed=cfg.seed,
-                        settings=_settings(cfg))
-    write_results_csv(rows, names, out_dir / "results.csv", out_dir)
+    columns = metric_columns(names)
+    distances = None
+    if cfg.fid_reference is not None:
+        distances, info["fid_kid"] = set_distances(rows, sources, cfg.fid_reference, options)
+    summary = summarize(rows, columns, info, sources, prompts, bootstrap=cfg.bootstrap, seed=cfg.seed,
+                        settings=_settings(cfg), set_metrics=distances)
+    write_results_csv(rows, columns, out_dir / "results.csv", out_dir)
     write_summary(summary, out_dir / "summary.json")
-    write_report_html(rows, names, summary, sources, prompts, out_dir)
+    write_report_html(rows, columns, summary, sources, prompts, out_dir)
     return summary
 
 
@@ -545,4 +716,4 @@ def _settings(cfg: EvalConfig) -> dict:
     return {"prompts": cfg.prompts, "images_per_prompt": cfg.images_per_prompt, "seed": cfg.seed,
             "seed_rule": "seed + prompt_index * images_per_prompt + k", "steps": g.steps, "guidance": g.guidance,
             "height": g.height, "width": g.width, "dtype": g.dtype, "negative_prompt": g.negative_prompt,
-            "models": list(cfg.models), "images": list(cfg.images)}
+            "models": list(cfg.models), "images": list(cfg.images), "fid_reference": cfg.fid_reference}

@@ -40,8 +40,12 @@ def _stats(values: list[float], bootstrap: int = 0, seed: int = 0) -> dict:
 
 
 def summarize(rows, names: list[str], info: dict[str, dict], sources, prompts, *, bootstrap: int = 0, seed: int = 0,
-              settings: dict | None = None) -> dict:
-    """Per model: overall and per prompt, for each metric, mean, 95 % CI, std and n; plus the metrics' describe()."""
+              settings: dict | None = None, set_metrics: dict[str, dict] | None = None) -> dict:
+    """Per model: overall and per prompt, for each per-image column (``names``: metrics and their extra columns
+    such as ``cp_clip_detection_rate``), mean, 95 % CI, std and n; plus the metrics' describe().
+
+    ``set_metrics``: per model, set-level values (FID / KID, see :func:`~.engine.set_distances`), stored as the
+    model's ``fid_kid``."""
     from .. import __version__ as version
 
     ci = (f"percentile bootstrap, {bootstrap} resamples of the per-image scores (seed {seed})" if bootstrap > 0
@@ -63,6 +67,8 @@ def summarize(rows, names: list[str], info: dict[str, dict], sources, prompts, *
             "concepts": source.concepts, "images": len(mine),
             "overall": {m: _stats([r.scores[m] for r in mine], bootstrap, seed) for m in names},
             "per_prompt": per_prompt}
+        if set_metrics is not None and source.name in set_metrics:
+            models[source.name]["fid_kid"] = set_metrics[source.name]
     return {"t2i_personal_version": version, "confidence_interval": ci, "metrics": info,
             "settings": settings or {}, "models": models}
 
@@ -122,6 +128,16 @@ def _fmt(stats: dict) -> str:
     return f"{stats['mean']:.4f} [{stats['ci95_low']:.4f}, {stats['ci95_high']:.4f}]"
 
 
+def _fid_cells(data: dict | None) -> list[str]:
+    if not data:
+        return ["–"] * 4
+    fid = "–" if data.get("fid") is None else f"{data['fid']:.4f}"
+    kid = ("–" if data.get("kid") is None else
+           f"{data['kid'] * 1e3:.4f} ± {(data.get('kid_std') or 0.0) * 1e3:.4f}")
+    subset = "–" if data.get("kid_subset_size") is None else str(data["kid_subset_size"])
+    return [fid, kid, subset, str(data.get("feature_extractor") or "–")]
+
+
 def _bar_chart(summary: dict, metric: str, path: Path) -> None:
     import matplotlib
 
@@ -169,13 +185,25 @@ def write_report_html(rows, names: list[str], summary: dict, sources, prompts, o
               f"{esc(summary['confidence_interval'])}.</p>"),
              "<h2>Metrics</h2><table><tr><th>model</th><th>images</th>"]
     parts += [f"<th>{esc(m)}</th>" for m in names]
+    with_fid = any("fid_kid" in d for d in summary["models"].values())
+    if with_fid:
+        parts += [f"<th>{h}</th>" for h in ("FID", "KID ×10³ (± std)", "KID subset size", "FID/KID features")]
     parts.append("</tr>")
     for model, data in summary["models"].items():
-        parts.append(f"<tr><td>{esc(model)}</td><td>{data['images']}</td>"
-                     + "".join(f"<td>{esc(_fmt(data['overall'][m]))}</td>" for m in names) + "</tr>")
+        cells = "".join(f"<td>{esc(_fmt(data['overall'][m]))}</td>" for m in names)
+        if with_fid:
+            cells += "".join(f"<td>{esc(v)}</td>" for v in _fid_cells(data.get("fid_kid")))
+        parts.append(f"<tr><td>{esc(model)}</td><td>{data['images']}</td>{cells}</tr>")
     parts.append("</table>")
+    if with_fid:
+        ref = next(d["fid_kid"].get("reference") for d in summary["models"].values() if "fid_kid" in d)
+        parts.append(f"<p>FID / KID: each model's images (all prompts) against the reference folder "
+                     f"<code>{esc(str(ref))}</code>; numbers from different feature extractors are not comparable."
+                     "</p>")
     parts.append("<h3>What was computed</h3><ul>")
-    for m in names:
+    for m in [*names, *(["fid_kid"] if with_fid else [])]:
+        if m not in summary["metrics"]:
+            continue  # an extra column (cp_clip_detection_rate): described with its metric
         desc = ", ".join(f"{k}: {v}" for k, v in summary["metrics"].get(m, {}).items())
         parts.append(f"<li><b>{esc(m)}</b>: {esc(desc)}</li>")
     parts.append("</ul><h2>Charts</h2>")

@@ -35,10 +35,10 @@ import torch
 from PIL import Image
 
 from ..errors import ModelLoadError
-from ..models.loading import HUB_ID, PICKLE_SUFFIXES
+from ..models.loading import HUB_ID
 from .base import MetricResult, to_pil_list
 from .clip import DEFAULT_CLIP, ClipImageScore
-from .loading import MetricModel, _offline_error
+from .loading import MetricModel, _offline_error, check_weights_dir
 
 DEFAULT_DETECTOR = "google/owlvit-base-patch32"
 DEFAULT_THRESHOLD = 0.1
@@ -83,15 +83,7 @@ def load_model_and_processor(model_cls, processor_cls, source: str | os.PathLike
     path = Path(src).expanduser()
     local = path.is_dir()
     if local:
-        files = [f.name for f in path.iterdir() if f.is_file()]
-        if not any(f.endswith(".safetensors") for f in files):
-            pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
-            if pickles and not allow_pickle:
-                raise ModelLoadError(
-                    f"{path} holds only pickle weights ({', '.join(sorted(pickles))}), which can run arbitrary "
-                    "code when loaded. Convert them to safetensors, or pass allow_pickle=True if you trust them.")
-            if not pickles:
-                raise ModelLoadError(f"{path} has no weights (expected model.safetensors)")
+        check_weights_dir(path, allow_pickle, "model.safetensors")
     elif not HUB_ID.match(src):
         raise ModelLoadError(f"{what} {src!r} is neither a local folder nor a hub id (org/name)")
     try:

@@ -116,7 +116,8 @@ def _load_builtin(name: str, device) -> MetricModel:
                        extra={"embed_dim": _embed_dim(model), "image_size": _image_size(model)})
 
 
-def _check_open_clip_dir(path: Path, allow_pickle: bool) -> None:
+def check_weights_dir(path: Path, allow_pickle: bool, expected: str) -> None:
+    """A local model folder must hold safetensors weights; pickle-only folders load only when allowed."""
     files = [f.name for f in path.iterdir() if f.is_file()]
     if any(f.endswith(".safetensors") for f in files):
         return
@@ -126,7 +127,7 @@ def _check_open_clip_dir(path: Path, allow_pickle: bool) -> None:
             f"{path} holds only pickle weights ({', '.join(sorted(pickles))}), which can run arbitrary code when loaded. "
             "Convert them to safetensors, or pass allow_pickle=True if you trust these files.")
     if not pickles:
-        raise ModelLoadError(f"{path} has {OPEN_CLIP_CONFIG} but no weights (expected open_clip_model.safetensors)")
+        raise ModelLoadError(f"{path} has no weights (expected {expected})")
 
 
 def _load_open_clip_dir(path: Path, src: str, device, allow_pickle: bool) -> MetricModel:
@@ -136,7 +137,7 @@ def _load_open_clip_dir(path: Path, src: str, device, allow_pickle: bool) -> Met
 
     if not (path / OPEN_CLIP_CONFIG).is_file():
         raise ModelLoadError(f"{path} is not an open_clip folder: {OPEN_CLIP_CONFIG} is missing")
-    _check_open_clip_dir(path, allow_pickle)
+    check_weights_dir(path, allow_pickle, "open_clip_model.safetensors")
     register_config()  # the toy CLIP's name, in case a config refers to it
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
@@ -206,16 +207,7 @@ def _load_transformers(location: str, src: str, device, allow_pickle: bool, loca
     from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
     if local:
-        folder = Path(location)
-        files = [f.name for f in folder.iterdir() if f.is_file()]
-        pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
-        if not any(f.endswith(".safetensors") for f in files):
-            if pickles and not allow_pickle:
-                raise ModelLoadError(
-                    f"{folder} holds only pickle weights ({', '.join(sorted(pickles))}), which can run arbitrary code "
-                    "when loaded. Convert them to safetensors, or pass allow_pickle=True if you trust these files.")
-            if not pickles:
-                raise ModelLoadError(f"{folder} has no weights (expected model.safetensors)")
+        check_weights_dir(Path(location), allow_pickle, "model.safetensors")
     try:
         config = AutoConfig.from_pretrained(location, local_files_only=local)
         # ViTModel adds a pooler that DINO checkpoints lack (it would be random, and reported as missing); the
