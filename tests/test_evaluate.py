@@ -372,3 +372,31 @@ def test_fid_inception_offline_is_a_clear_early_error(prompt_file, tmp_path, mon
     assert cfg.metric_options.fid_feature == "inception"
     with pytest.raises(ModelLoadError, match="--fid-feature builtin:toy-clip"):
         prepare(cfg)  # before anything is generated
+
+
+def test_models_with_the_same_folder_name_get_distinct_names(tmp_path):
+    from t2i_personal.evaluation.engine import EvalConfig, prepare
+
+    folders = [tmp_path / p for p in ("a/out", "b/out", "c/out-1")]
+    for f in folders:
+        f.mkdir(parents=True)
+    sources, _, _ = prepare(EvalConfig(images=[str(f) for f in folders], concepts=["sks:dog"], metrics="clip_t"))
+    names = [s.name for s in sources]
+    assert len(set(names)) == 3, names
+
+
+def test_resume_refuses_images_made_by_another_model_or_settings(tmp_path):
+    from types import SimpleNamespace
+
+    from t2i_personal.evaluation.engine import GENERATION_RECORD, EvalConfig, GenerationOptions, claim_generation_folders
+
+    a, b = tmp_path / "runs" / "a" / "output", tmp_path / "runs" / "b" / "output"
+    cfg = EvalConfig(models=[str(a)], prompts="p.txt", out=str(tmp_path / "eval"), generation=GenerationOptions(steps=5))
+    claim_generation_folders([SimpleNamespace(name="output", model_dir=a)], tmp_path / "eval", cfg)
+    assert (tmp_path / "eval" / "output" / GENERATION_RECORD).is_file()
+    claim_generation_folders([SimpleNamespace(name="output", model_dir=a)], tmp_path / "eval", cfg)  # same: fine
+    with pytest.raises(ConfigError, match="generated differently"):
+        claim_generation_folders([SimpleNamespace(name="output", model_dir=b)], tmp_path / "eval", cfg)
+    cfg.generation.steps = 10
+    with pytest.raises(ConfigError, match="steps"):
+        claim_generation_folders([SimpleNamespace(name="output", model_dir=a)], tmp_path / "eval", cfg)

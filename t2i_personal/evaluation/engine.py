@@ -667,13 +667,13 @@ def prepare(cfg: EvalConfig) -> tuple[list[Source], list[list[Any]], list[str]]:
                               "(repeatable), or a --model whose record gives them")
         for d in cfg.images:
             sources.append(load_images_source(d, concepts, cfg.references or None))
-    seen: dict[str, int] = {}
-    for s in sources:  # distinct folder names
-        if s.name in seen:
-            seen[s.name] += 1
-            s.name = f"{s.name}-{seen[s.name]}"
-        else:
-            seen[s.name] = 0
+    taken: set[str] = set()
+    for s in sources:  # distinct folder names, also against names that already end in -N
+        base, n = s.name, 0
+        while s.name in taken:
+            n += 1
+            s.name = f"{base}-{n}"
+        taken.add(s.name)
     prompts = [load_prompt_set(cfg.prompts, s.concepts) for s in sources]
     return sources, prompts, names
 
@@ -687,6 +687,10 @@ def evaluate(cfg: EvalConfig, state=None) -> dict | None:
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = plan_jobs(sources, prompts, out_dir, cfg.images_per_prompt, cfg.seed)
     cfg.generation.progress = cfg.progress
+    if state is None or state.is_main_process:
+        claim_generation_folders(sources, out_dir, cfg)
+    if state is not None:
+        state.wait_for_everyone()
     generate(sources, prompts, jobs, cfg.generation, state)
     if state is not None:
         state.wait_for_everyone()
@@ -709,6 +713,35 @@ def evaluate(cfg: EvalConfig, state=None) -> dict | None:
     write_summary(summary, out_dir / "summary.json")
     write_report_html(rows, columns, summary, sources, prompts, out_dir)
     return summary
+
+
+GENERATION_RECORD = "generation.json"
+
+
+def claim_generation_folders(sources: Sequence[Source], out_dir: Path, cfg: EvalConfig) -> None:
+    """Each generating model's folder records which model and settings made its images; a rerun that would
+    reuse images made by another model or other settings is refused instead of silently scoring them."""
+    import json
+
+    from ..training.checkpoint import write_json_atomic
+
+    g = cfg.generation
+    for s in sources:
+        if s.model_dir is None:
+            continue
+        claim = {"model": str(Path(s.model_dir).resolve()), "prompts": str(cfg.prompts), "seed": cfg.seed,
+                 "images_per_prompt": cfg.images_per_prompt, "steps": g.steps, "guidance": g.guidance,
+                 "height": g.height, "width": g.width, "dtype": g.dtype, "negative_prompt": g.negative_prompt}
+        path = out_dir / s.name / GENERATION_RECORD
+        if path.is_file():
+            old = json.loads(path.read_text())
+            changed = sorted(k for k in claim if old.get(k) != claim[k])
+            if changed:
+                details = "; ".join(f"{k}: {old.get(k)!r} -> {claim[k]!r}" for k in changed)
+                raise ConfigError(f"{path.parent} holds images generated differently ({details}); resuming would "
+                                  "score them as this model's. Use a new --out, or delete that folder.")
+        else:
+            write_json_atomic(path, claim)
 
 
 def _settings(cfg: EvalConfig) -> dict:
