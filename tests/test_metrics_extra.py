@@ -295,12 +295,7 @@ BLIP_PROMPTS = ["a photo of a dog", "a red car on the beach", "a cat"]
 
 @pytest.fixture(scope="module")
 def blip_dir(tmp_path_factory):
-    from transformers import (
-        BlipConfig,
-        BlipForImageTextRetrieval,
-        BlipImageProcessor,
-        BlipProcessor,
-    )
+    from transformers import BlipConfig, BlipForImageTextRetrieval, BlipImageProcessor, BlipProcessor
 
     folder = tmp_path_factory.mktemp("tiny-blip")
     tokenizer, vocab = _bert_tokenizer(tmp_path_factory.mktemp("bert-tok"))
@@ -316,12 +311,7 @@ def blip_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def blip2_dir(tmp_path_factory):
-    from transformers import (
-        Blip2Config,
-        Blip2ForImageTextRetrieval,
-        Blip2Processor,
-        BlipImageProcessor,
-    )
+    from transformers import Blip2Config, Blip2ForImageTextRetrieval, Blip2Processor, BlipImageProcessor
 
     folder = tmp_path_factory.mktemp("tiny-blip2")
     tokenizer, vocab = _bert_tokenizer(tmp_path_factory.mktemp("bert-tok2"))

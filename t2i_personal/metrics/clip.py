@@ -56,6 +56,9 @@ class _ClipMetric(Metric):
         image_features = self._batched(images, self._embed_images, self.name)
         return (image_features * text_features[[row[t] for t in texts]]).sum(dim=1)
 
+    def compute(self, images, prompts, references) -> torch.Tensor:  # image vs text (CLIP-I overrides)
+        return self._image_text(images, prompts)
+
     def describe(self) -> dict:
         info = self.clip.describe()
         return {"metric": self.name, "backbone": info.pop("backbone"), "pretrained": info.pop("pretrained"),
@@ -75,9 +78,6 @@ class ClipTextScore(_ClipMetric):
         self.text_form = text_form
         super().__init__(model, **kwargs)
 
-    def compute(self, images, prompts, references) -> torch.Tensor:
-        return self._image_text(images, prompts)
-
     def describe(self) -> dict:
         text = ("prompt with the identifier replaced by the class noun" if self.text_form == "class noun"
                 else "raw prompt, identifier included")
@@ -89,9 +89,6 @@ class TIClipScore(_ClipMetric):
 
     name = "TI-CLIP"
     needs_prompts = True
-
-    def compute(self, images, prompts, references) -> torch.Tensor:
-        return self._image_text(images, prompts)
 
     def describe(self) -> dict:
         return {**super().describe(), "text": "given scene text"}
