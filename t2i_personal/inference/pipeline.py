@@ -57,6 +57,7 @@ def load_personalized(output_dir: str | Path, device: str | torch.device | None 
         raise ModelLoadError(f"{folder / RECORD_NAME} names method {record['method']!r}, unknown to this version "
                              f"(known: {sorted(METHODS)}); upgrade t2i-personal.")
     pipe = method.load_into(pipe, folder, record)
+    pipe._t2i_personal_record = record  # what FreeCure reads: the concepts, the base model, the artifact type
     if device is not None:
         pipe.to(device)
     return pipe

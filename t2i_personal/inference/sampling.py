@@ -15,6 +15,12 @@ def generate(pipe, prompts: list[str], *, generators, autocast_dtype: torch.dtyp
     device = pipe.unet.device
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         latents = pipe(prompts, output_type="latent", generator=generators, **kwargs).images
+    return decode_latents(pipe, latents)
+
+
+@torch.no_grad()
+def decode_latents(pipe, latents: torch.Tensor) -> list:
+    """PIL images from ``output_type="latent"`` latents, decoded in the VAE's own dtype."""
     vae = pipe.vae
     latents = latents.to(next(vae.parameters()).dtype) / vae.config.scaling_factor
     if getattr(vae.config, "shift_factor", None):

@@ -1,0 +1,377 @@
+"""FreeCure (Cai et al., "Foundation Cures Personalization", v2): repair the attributes a personalized model drops.
+
+One call:
+
+1. **foundation pass** — the un-personalized model (LoRA disabled, Custom Diffusion processors set aside, or the
+   base model of a full fine-tune) generates the prompt with each identifier removed and its class noun kept, from
+   the same seed (same initial latent, same per-step noise), recording the conditional K/V of the FASA layers
+   (:mod:`.fasa`) and, when a mask needs them, the attribute tokens' cross-attention maps;
+2. **masks** of the prompt's attributes on the foundation image (:mod:`.masks`);
+3. **personalized pass** with FASA on the chosen self-attention layers: inside the masks the personalized
+   queries also read the foundation's keys/values (+ω), elsewhere nothing changes;
+4. **APG** (:mod:`.apg`) when the prompt has expression words.
+
+About 2× a plain generation (one foundation and one personalized pass) where the released code runs two dual
+passes (≈4×); ``benchmarks/freecure_cost.py`` measures it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from ..errors import ConfigError
+from ..inference.sampling import decode_latents
+from . import apg as apg_module
+from .fasa import DEFAULT_OMEGA, FasaState, FoundationAwareSelfAttention, resolve_layers, unet_family
+from .masks import (MASK_SOURCES, TOY_FACE_PARSER, DEFAULT_FACE_PARSER, CrossAttentionRecorder, FaceParser,
+                    cross_attention_mask, face_attribute, face_parsing_mask, find_attributes, is_person,
+                    load_face_parser, map_layers, mask_image, token_positions, user_mask)
+
+
+@dataclass
+class FreeCureOutput:
+    """What one call returns; lists hold one entry per image.
+
+    ``images``: the repaired images (after APG when it ran); ``foundation_images``: what the foundation drew from the
+    same seed; ``masks``: per image, ``{attribute: L image}`` at image size; ``mask``: their union per image;
+    ``mask_sources``: ``{attribute: "face_parsing" | "cross_attention" | "user"}``; ``before_apg``: the FASA
+    result when APG ran; ``personalized_images``: the plain personalized generation (``compare=True`` only).
+    """
+
+    images: list[Image.Image]
+    foundation_images: list[Image.Image]
+    masks: list[dict[str, Image.Image]]
+    mask: list[Image.Image]
+    attributes: list[str]
+    mask_sources: dict[str, str]
+    prompts: list[str]
+    foundation_prompts: list[str]
+    apg_applied: bool = False
+    before_apg: list[Image.Image] | None = None
+    personalized_images: list[Image.Image] | None = None
+    settings: dict = field(default_factory=dict)
+
+    def panel(self, index: int = 0) -> Image.Image:
+        """A labelled strip: foundation | attribute mask over it | (personalized) | repaired."""
+        from PIL import ImageDraw
+
+        foundation = self.foundation_images[index]
+        overlay = foundation.convert("RGB").copy()
+        tint = Image.new("RGB", overlay.size, (255, 0, 80))
+        overlay = Image.composite(Image.blend(overlay, tint, 0.55), overlay, self.mask[index])
+        tiles = [("foundation", foundation), ("mask: " + ", ".join(self.attributes) if self.attributes else "mask",
+                                              overlay)]
+        if self.personalized_images is not None:
+            tiles.append(("personalized", self.personalized_images[index]))
+        if self.before_apg is not None:
+            tiles.append(("FASA", self.before_apg[index]))
+        tiles.append(("FreeCure" + (" + APG" if self.apg_applied else ""), self.images[index]))
+        w, h = foundation.size
+        scale = max(1, 192 // max(w, h))
+        label_h = 14
+        canvas = Image.new("RGB", (len(tiles) * w * scale, h * scale + label_h), "white")
+        draw = ImageDraw.Draw(canvas)
+        for i, (label, image) in enumerate(tiles):
+            canvas.paste(image.convert("RGB").resize((w * scale, h * scale), Image.NEAREST), (i * w * scale, label_h))
+            draw.text((i * w * scale + 3, 1), label, fill="black")
+        return canvas
+
+
+def to_foundation_prompt(prompt: str, concepts) -> str:
+    """The prompt with each identifier removed and its class noun kept: "a sks dog in a hat" -> "a dog in a hat"."""
+    for identifier, class_noun in concepts:
+        ident = re.escape(identifier)
+        prompt = re.sub(rf"(?<!\w){ident}\s+{re.escape(class_noun)}(?!\w)", class_noun, prompt)
+        prompt = re.sub(rf"(?<!\w){ident}(?!\w)", class_noun, prompt)
+    return re.sub(r"\s{2,}", " ", prompt).strip()
+
+
+def _record(pipe) -> dict | None:
+    return getattr(pipe, "_t2i_personal_record", None)
+
+
+def _lora_adapters(pipe) -> bool:
+    try:
+        return any(pipe.get_list_adapters().values())
+    except (AttributeError, ValueError):
+        return False
+
+
+class _SharedFoundation:
+    """The personalized pipeline itself with its personalization switched off for the duration of a ``with``."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    @contextmanager
+    def active(self):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        pipe = self.pipe
+        lora = _lora_adapters(pipe)
+        original = dict(pipe.unet.attn_processors)
+        custom = {k for k, p in original.items() if type(p).__name__.startswith("CustomDiffusion")}
+        if lora:
+            pipe.disable_lora()
+        if custom:
+            pipe.unet.set_attn_processor({k: AttnProcessor2_0() if k in custom else p for k, p in original.items()})
+        try:
+            yield pipe
+        finally:
+            if custom:
+                pipe.unet.set_attn_processor(original)
+            if lora:
+                pipe.enable_lora()
+
+
+class _SeparateFoundation:
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    @contextmanager
+    def active(self):
+        yield self.pipe
+
+
+def _build_foundation(pipe, foundation):
+    """``None``: from the pipeline itself (adapters off) or, for a full fine-tune loaded by ``load_personalized``,
+    its recorded base model; a pipeline; or a base-model source (``builtin:...``, hub id, folder, file)."""
+    if foundation is None:
+        record = _record(pipe)
+        personalized_weights = record is not None and record["artifact"]["type"] == "pipeline"
+        adapters = _lora_adapters(pipe) or any(type(p).__name__.startswith("CustomDiffusion")
+                                               for p in pipe.unet.attn_processors.values())
+        if adapters or (record is not None and not personalized_weights):
+            return _SharedFoundation(pipe)
+        if personalized_weights:
+            foundation = {k: v for k, v in record["base_model"].items()}
+        else:
+            raise ConfigError("FreeCure cannot tell what the foundation of this pipeline is: it carries no LoRA or "
+                              "Custom Diffusion adapter to switch off and was not loaded with load_personalized. "
+                              "Pass foundation=<the base pipeline> or foundation='<base model id or folder>'.")
+    if isinstance(foundation, (str, dict)):
+        from ..config import ModelConfig
+        from ..models.loading import load_components
+
+        cfg = ModelConfig(pretrained=foundation) if isinstance(foundation, str) else ModelConfig(
+            **{k: v for k, v in foundation.items() if k in ModelConfig.model_fields})
+        foundation = load_components(cfg, dtype=pipe.unet.dtype).pipeline()
+        foundation.to(pipe.unet.device)
+    if not hasattr(foundation, "unet"):
+        raise ConfigError(f"foundation must be a diffusers pipeline or a model source, not {type(foundation).__name__}")
+    if unet_family(foundation.unet) != unet_family(pipe.unet):
+        raise ConfigError("the foundation and the personalized pipeline are different model families (SD-1.x/2.x "
+                          "vs SDXL): FASA mixes their attention, so they must share an architecture")
+    foundation.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # the same sampler for both
+    if hasattr(foundation, "set_progress_bar_config"):
+        foundation.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
+    return _SeparateFoundation(foundation)
+
+
+class FreeCure:
+    """``FreeCure(pipe)(prompt, seed=0)``: the personalized generation with its dropped attributes repaired.
+
+    ``foundation``: ``None`` (derived from ``pipe``, see :func:`_build_foundation`), a pipeline, or a model source.
+    ``attributes``: ``"auto"`` (face parts and accessories named in the prompt) or a list of words/phrases.
+    ``mask_source``: ``"auto"`` (face parsing for face parts of a person, cross-attention otherwise),
+    ``"face_parsing"``, ``"cross_attention"``, or a mask image (path, PIL, array). ``omega``/``layers``: FASA's
+    weight and self-attention layers (``None``: the released code's defaults for the family). ``apg``: run APG
+    when the prompt has expression words; ``apg_gamma``: how far to invert. ``concepts``: ``[(identifier,
+    class_noun)]``, read from the result's record when ``pipe`` came from ``load_personalized``.
+    """
+
+    def __init__(self, pipe, foundation=None, *, attributes="auto", mask_source="auto", omega: float | None = None,
+                 layers=None, apg: bool = True, apg_gamma: float = 0.5,
+                 expression_words=apg_module.EXPRESSION_WORDS, face_parser: str | FaceParser = "auto",
+                 concepts=None, allow_pickle: bool = False):
+        if isinstance(mask_source, str) and mask_source not in MASK_SOURCES:
+            raise ConfigError(f"mask_source {mask_source!r}: use one of {', '.join(MASK_SOURCES)} or a mask image")
+        if not 0.0 <= apg_gamma <= 1.0:
+            raise ConfigError(f"apg_gamma must be in [0, 1] (the fraction of the trajectory to invert), not {apg_gamma}")
+        self.pipe = pipe
+        self.family = unet_family(pipe.unet)
+        self.layers = resolve_layers(pipe.unet, layers)
+        self.omega = DEFAULT_OMEGA[self.family] if omega is None else float(omega)
+        self.attributes = attributes
+        self.mask_source = mask_source
+        self.apg, self.apg_gamma, self.expression_words = apg, apg_gamma, tuple(expression_words)
+        self.allow_pickle = allow_pickle
+        record = _record(pipe)
+        if concepts is None:
+            concepts = [(c["identifier"], c["class_noun"]) for c in (record or {}).get("concepts", [])]
+        self.concepts = [tuple(c) for c in concepts]
+        if face_parser == "auto":
+            base = (record or {}).get("base_model", {}).get("pretrained", "")
+            face_parser = TOY_FACE_PARSER if base == "builtin:toy" else DEFAULT_FACE_PARSER
+        self._face_parser = face_parser
+        self.foundation = _build_foundation(pipe, foundation)
+
+    # --------------------------------------------------------------------------------------------------- masks
+
+    def face_parser(self) -> FaceParser:
+        if not isinstance(self._face_parser, FaceParser):
+            self._face_parser = load_face_parser(self._face_parser, self.pipe.unet.device, self.allow_pickle)
+        return self._face_parser
+
+    def _plan_attributes(self, prompts: list[str], attributes) -> dict[str, str]:
+        """``{attribute: mask source}`` for this call."""
+        if not isinstance(self.mask_source, str):
+            return {"mask": "user"}
+        if attributes == "auto":
+            attributes = []
+            for p in prompts:
+                attributes += [a for a in find_attributes(p) if a not in attributes]
+        elif isinstance(attributes, str):
+            attributes = [a.strip() for a in attributes.split(",") if a.strip()]
+        person = any(is_person(c) for _, c in self.concepts) or any(
+            is_person(" ".join(re.findall(r"[a-z]+", p.lower()))) for p in prompts)
+        plan = {}
+        for a in attributes:
+            if self.mask_source == "auto":
+                plan[a] = "face_parsing" if person and face_attribute(a) else "cross_attention"
+            else:
+                plan[a] = self.mask_source
+        if "face_parsing" in plan.values() and self.mask_source == "auto":
+            try:
+                self.face_parser()
+            except Exception as exc:  # noqa: BLE001 - any loader failure: say so and use the other source
+                warnings.warn(f"FreeCure: no face parser ({exc}); using cross-attention masks instead", stacklevel=3)
+                plan = {a: "cross_attention" for a in plan}
+        return plan
+
+    def _masks(self, plan, maps, foundation_images, foundation_prompts, batch, latent_shape):
+        per_attribute = {}
+        for attribute, source in plan.items():
+            if source == "user":
+                per_attribute[attribute] = user_mask(self.mask_source, batch, latent_shape)
+            elif source == "face_parsing":
+                per_attribute[attribute] = face_parsing_mask(self.face_parser(), foundation_images, attribute,
+                                                             latent_shape)
+            else:
+                positions = [token_positions(self.pipe.tokenizer, p, attribute) for p in foundation_prompts]
+                missing = [p for p, pos in zip(foundation_prompts, positions) if not pos]
+                if missing:
+                    raise ConfigError(f"FreeCure attribute {attribute!r} does not occur in the prompt {missing[0]!r}: "
+                                      "a cross-attention mask needs the attribute's words in the prompt")
+                per_attribute[attribute] = cross_attention_mask(maps, positions, latent_shape)
+        return per_attribute
+
+    # --------------------------------------------------------------------------------------------------- passes
+
+    @staticmethod
+    @contextmanager
+    def _processors(unet, replace: dict, state: FasaState | None):
+        """Temporarily swap some processors (others stay the same objects) and count UNet calls as steps."""
+        original = dict(unet.attn_processors)
+        unet.set_attn_processor({k: replace.get(k, p) for k, p in original.items()})
+        hook = unet.register_forward_pre_hook(state.next_step) if state is not None else None
+        try:
+            yield
+        finally:
+            if hook is not None:
+                hook.remove()
+            unet.set_attn_processor(original)
+
+    def _run(self, pipe, prompts, generators, states, kwargs) -> torch.Tensor:
+        for g, s in zip(generators, states):
+            g.set_state(s)
+        generator = generators[0] if len(generators) == 1 else generators
+        return pipe(prompts, generator=generator, output_type="latent", **kwargs).images
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str], *, seed: int | list[int] | None = None, generator=None,
+                 foundation_prompt: str | list[str] | None = None, num_inference_steps: int = 50,
+                 guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
+                 negative_prompt: str | list[str] | None = None, attributes=None, compare: bool = False,
+                 **pipe_kwargs) -> FreeCureOutput:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        batch = len(prompts)
+        if foundation_prompt is None:
+            foundation_prompts = [to_foundation_prompt(p, self.concepts) for p in prompts]
+        else:
+            foundation_prompts = [foundation_prompt] * batch if isinstance(foundation_prompt, str) else list(
+                foundation_prompt)
+        if len(foundation_prompts) != batch:
+            raise ConfigError(f"{len(foundation_prompts)} foundation prompts for {batch} prompts")
+        generators = self._generators(seed, generator, batch)
+        states = [g.get_state() for g in generators]
+        pipe = self.pipe
+        sample = pipe.unet.config.sample_size
+        sample = sample if isinstance(sample, int) else sample[0]
+        height = height or sample * pipe.vae_scale_factor
+        width = width or sample * pipe.vae_scale_factor
+        latent_shape = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+        negatives = None if negative_prompt is None else (
+            [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt))
+        if guidance_scale is None:  # the pipeline's own default (7.5 for SD-1.x/2.x, 5.0 for SDXL)
+            guidance_scale = inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default
+        kwargs = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
+                      width=width, negative_prompt=negatives, **pipe_kwargs)
+        plan = self._plan_attributes(foundation_prompts, self.attributes if attributes is None else attributes)
+
+        state = FasaState(omega=self.omega, batch=batch)
+        maps: dict = {}
+        with self.foundation.active() as base:
+            replace = {f"{n}.processor": FoundationAwareSelfAttention(n, state) for n in self.layers}
+            if "cross_attention" in plan.values():
+                current = base.unet.attn_processors
+                for n in map_layers(base.unet, self.family):
+                    replace[f"{n}.processor"] = CrossAttentionRecorder(n, current[f"{n}.processor"], maps, batch)
+            state.start("record")
+            with self._processors(base.unet, replace, state):
+                foundation_latents = self._run(base, foundation_prompts, generators, states, kwargs)
+            foundation_images = decode_latents(base, foundation_latents)
+
+        per_attribute = self._masks(plan, maps, foundation_images, foundation_prompts, batch, latent_shape)
+        union = torch.zeros(batch, 1, *latent_shape)
+        for m in per_attribute.values():
+            union = torch.maximum(union, m.cpu())
+        state.masks = union.to(pipe.unet.device)
+
+        state.start("repair")
+        replace = {f"{n}.processor": FoundationAwareSelfAttention(n, state) for n in self.layers}
+        with self._processors(pipe.unet, replace, state):
+            latents = self._run(pipe, prompts, generators, states, kwargs)
+        state.cache.clear()
+
+        before_apg = None
+        expressive = self.apg and any(apg_module.expression_words_in(p, self.expression_words) for p in prompts)
+        if expressive and self.apg_gamma > 0:
+            before_apg = decode_latents(pipe, latents)
+            neutral = [apg_module.neutral_prompt(p, self.expression_words) for p in prompts]
+            latents = apg_module.invert_and_regenerate(
+                pipe, latents, neutral, prompts, gamma=self.apg_gamma, steps=num_inference_steps,
+                guidance=guidance_scale, height=height, width=width, negative_prompt=negatives)
+        images = decode_latents(pipe, latents)
+
+        personalized = None
+        if compare:
+            personalized = decode_latents(pipe, self._run(pipe, prompts, generators, states, kwargs))
+        size = images[0].size
+        masks = [{a: mask_image(m[i], size) for a, m in per_attribute.items()} for i in range(batch)]
+        return FreeCureOutput(
+            images=images, foundation_images=foundation_images, masks=masks,
+            mask=[mask_image(union[i], size) for i in range(batch)], attributes=list(plan),
+            mask_sources=dict(plan), prompts=prompts, foundation_prompts=foundation_prompts,
+            apg_applied=before_apg is not None, before_apg=before_apg, personalized_images=personalized,
+            settings={"omega": self.omega, "layers": list(self.layers), "apg_gamma": self.apg_gamma,
+                      "steps": num_inference_steps, "guidance_scale": guidance_scale, "height": height,
+                      "width": width})
+
+    def _generators(self, seed, generator, batch) -> list[torch.Generator]:
+        """One generator (a single seed: the pipeline's own per-batch noise) or one per image (a list)."""
+        if generator is not None:
+            gens = generator if isinstance(generator, list) else [generator]
+        else:
+            seeds = seed if isinstance(seed, list) else [0 if seed is None else seed]
+            gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+        if len(gens) not in (1, batch):
+            raise ConfigError(f"{len(gens)} seeds/generators for {batch} prompts")
+        return gens
