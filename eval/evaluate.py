@@ -6,6 +6,7 @@
     python eval/evaluate.py --images eval_out/my-dog --concept sks:dog --references data/my-dog --prompts ...
     python eval/evaluate.py --model outputs/dog-and-cat --metrics clip_t,cp_clip      # Gen4Gen CP-CLIP (OWL-ViT)
     python eval/evaluate.py --model outputs/my-style --fid-reference data/style-art --fid-feature builtin:toy-clip
+    python eval/evaluate.py --model outputs/me --prompts prompts.yaml --freecure    # with and without FreeCure
 
 Images go to OUT/<model>/<prompt-index>-<slug>/<k>.png (image k of prompt p uses seed SEED + p * N + k); files
 that exist are kept, so rerunning an interrupted evaluation only renders what is missing. See eval/README.md.
@@ -58,6 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--device", default=None, help="default: accelerate's device (cuda if available, else cpu)")
     gen.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    fc = p.add_argument_group("FreeCure (attribute repair), scored side by side with the plain model")
+    fc.add_argument("--freecure", action="store_true",
+                    help="also generate every --model with FreeCure, as '<model>+freecure'")
+    fc.add_argument("--freecure-attributes", default=None,
+                    help="comma-separated attributes to repair (default auto: those the prompt names)")
+    fc.add_argument("--freecure-mask-source", default=None,
+                    help="auto (default), face_parsing, cross_attention, or a mask image")
+    fc.add_argument("--freecure-omega", type=float, default=None, help="FASA weight (default per family)")
+    fc.add_argument("--freecure-face-parser", default=None, help="face-parsing model (hub id or folder)")
     met = p.add_argument_group("metrics")
     met.add_argument("--metrics", default=None,
                      help=f"comma-separated, from {', '.join(sorted(METRICS))} (default clip_t,clip_i,ti_clip)")
@@ -98,18 +108,22 @@ def main(argv: list[str] | None = None) -> int:
         from accelerate import PartialState
 
         state = PartialState(cpu=args.device == "cpu")
+        freecure = {k: v for k, v in {"attributes": args.freecure_attributes, "mask_source": args.freecure_mask_source,
+                                      "omega": args.freecure_omega, "face_parser": args.freecure_face_parser}.items()
+                    if v is not None}
         cfg = EvalConfig(
             models=args.model, images=args.images, prompts=args.prompts, images_per_prompt=args.images_per_prompt,
             seed=args.seed, metrics=args.metrics, out=args.out, concepts=args.concept, references=args.references,
             generation=GenerationOptions(steps=args.steps, guidance=args.guidance, height=args.height,
                                          width=args.width, device=args.device, dtype=args.dtype,
-                                         negative_prompt=args.negative_prompt),
+                                         negative_prompt=args.negative_prompt, freecure=freecure),
             metric_options=MetricOptions(clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
                                          dino_model=args.dino_model, blip_model=args.blip_model,
                                          blip_variant=args.blip_variant, detector=args.detector,
                                          detection_threshold=args.detection_threshold, fid_feature=args.fid_feature,
                                          device=args.device or str(state.device), batch_size=args.batch_size),
-            bootstrap=args.bootstrap, fid_reference=args.fid_reference, progress=not args.no_progress)
+            bootstrap=args.bootstrap, fid_reference=args.fid_reference, freecure=args.freecure,
+            progress=not args.no_progress)
         summary = evaluate(cfg, state)
     except (ConfigError, ModelLoadError, ImageLoadError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -392,11 +392,11 @@ def test_resume_refuses_images_made_by_another_model_or_settings(tmp_path):
 
     a, b = tmp_path / "runs" / "a" / "output", tmp_path / "runs" / "b" / "output"
     cfg = EvalConfig(models=[str(a)], prompts="p.txt", out=str(tmp_path / "eval"), generation=GenerationOptions(steps=5))
-    claim_generation_folders([SimpleNamespace(name="output", model_dir=a)], tmp_path / "eval", cfg)
+    claim_generation_folders([SimpleNamespace(name="output", model_dir=a, freecure=False)], tmp_path / "eval", cfg)
     assert (tmp_path / "eval" / "output" / GENERATION_RECORD).is_file()
-    claim_generation_folders([SimpleNamespace(name="output", model_dir=a)], tmp_path / "eval", cfg)  # same: fine
+    claim_generation_folders([SimpleNamespace(name="output", model_dir=a, freecure=False)], tmp_path / "eval", cfg)  # same: fine
     with pytest.raises(ConfigError, match="generated differently"):
-        claim_generation_folders([SimpleNamespace(name="output", model_dir=b)], tmp_path / "eval", cfg)
+        claim_generation_folders([SimpleNamespace(name="output", model_dir=b, freecure=False)], tmp_path / "eval", cfg)
     cfg.generation.steps = 10
     with pytest.raises(ConfigError, match="steps"):
-        claim_generation_folders([SimpleNamespace(name="output", model_dir=a)], tmp_path / "eval", cfg)
+        claim_generation_folders([SimpleNamespace(name="output", model_dir=a, freecure=False)], tmp_path / "eval", cfg)

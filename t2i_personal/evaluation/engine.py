@@ -25,7 +25,7 @@ import difflib
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -233,6 +233,7 @@ class Source:
     images_dir: Path | None = None
     resolution: int | None = None
     record: dict | None = None
+    freecure: bool = False  # generate with FreeCure attribute repair (a second source of the same model)
 
 
 def _instance_dirs(value) -> list[str]:
@@ -367,7 +368,10 @@ class GenerationOptions:
     dtype: str = "float32"
     negative_prompt: str | None = None
     progress: bool = True
+    freecure: dict = field(default_factory=dict)  # FreeCure(...) options for the "+freecure" sources
 
+
+FREECURE_SUFFIX = "+freecure"
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -402,6 +406,10 @@ def generate(sources: Sequence[Source], prompts: Sequence[Sequence[Any]], jobs: 
             pipe = load_personalized(source.model_dir, device=device, dtype=_DTYPES[options.dtype])
             if hasattr(pipe, "set_progress_bar_config"):
                 pipe.set_progress_bar_config(disable=True)
+            if source.freecure:
+                from ..freecure import FreeCure
+
+                pipe = _FreeCureImages(FreeCure(pipe, **options.freecure))
             height = options.height or source.resolution or 512
             width = options.width or source.resolution or 512
             for job in todo:
@@ -415,6 +423,24 @@ def generate(sources: Sequence[Source], prompts: Sequence[Sequence[Any]], jobs: 
                 bar.update(1)
             del pipe
     return written
+
+
+class _FreeCureImages:
+    """FreeCure called like a pipeline: ``.images`` are the repaired images. Explicit attributes that a prompt does
+    not name are skipped for that prompt (a prompt set mixes prompts with and without them)."""
+
+    def __init__(self, cure):
+        self.cure = cure
+
+    def __call__(self, prompt, *, generator, **kwargs):
+        from types import SimpleNamespace
+
+        attributes = self.cure.attributes
+        if not isinstance(attributes, str) or attributes != "auto":
+            named = [a.strip() for a in (attributes.split(",") if isinstance(attributes, str) else attributes)]
+            words = set(re.findall(r"[a-z]+", prompt.lower()))
+            kwargs["attributes"] = [a for a in named if set(re.findall(r"[a-z]+", a.lower())) <= words]
+        return SimpleNamespace(images=self.cure(prompt, generator=generator, **kwargs).images)
 
 
 # ------------------------------------------------------------------------------------------------------- scoring
@@ -627,6 +653,7 @@ class EvalConfig:
     metric_options: MetricOptions = field(default_factory=MetricOptions)
     bootstrap: int = 0  # 0: normal-approximation CIs; N > 0: percentile bootstrap with N resamples
     fid_reference: str | None = None  # a folder of reference images: FID / KID per model (metric_options.fid_feature)
+    freecure: bool = False  # each --model also as "<name>+freecure", generated with FreeCure, scored side by side
     progress: bool = True
 
 
@@ -658,6 +685,11 @@ def prepare(cfg: EvalConfig) -> tuple[list[Source], list[list[Any]], list[str]]:
     need_refs = any(METRICS[n].input in (INPUT_REFERENCES, INPUT_CONCEPTS) for n in names)
     for m in cfg.models:
         sources.append(load_model_source(m, cfg.references or None, need_refs))
+        if cfg.freecure:
+            plain = sources[-1]
+            sources.append(replace(plain, name=plain.name + FREECURE_SUFFIX, freecure=True))
+    if cfg.generation.freecure and not cfg.freecure:
+        raise ConfigError("FreeCure options were given without --freecure")
     if cfg.images:
         concepts = [parse_concept(c) for c in cfg.concepts]
         if not concepts and sources:
@@ -731,7 +763,8 @@ def claim_generation_folders(sources: Sequence[Source], out_dir: Path, cfg: Eval
             continue
         claim = {"model": str(Path(s.model_dir).resolve()), "prompts": str(cfg.prompts), "seed": cfg.seed,
                  "images_per_prompt": cfg.images_per_prompt, "steps": g.steps, "guidance": g.guidance,
-                 "height": g.height, "width": g.width, "dtype": g.dtype, "negative_prompt": g.negative_prompt}
+                 "height": g.height, "width": g.width, "dtype": g.dtype, "negative_prompt": g.negative_prompt,
+                 "freecure": {k: str(v) for k, v in g.freecure.items()} if s.freecure else None}
         path = out_dir / s.name / GENERATION_RECORD
         if path.is_file():
             old = json.loads(path.read_text())
@@ -749,4 +782,5 @@ def _settings(cfg: EvalConfig) -> dict:
     return {"prompts": cfg.prompts, "images_per_prompt": cfg.images_per_prompt, "seed": cfg.seed,
             "seed_rule": "seed + prompt_index * images_per_prompt + k", "steps": g.steps, "guidance": g.guidance,
             "height": g.height, "width": g.width, "dtype": g.dtype, "negative_prompt": g.negative_prompt,
-            "models": list(cfg.models), "images": list(cfg.images), "fid_reference": cfg.fid_reference}
+            "models": list(cfg.models), "images": list(cfg.images), "fid_reference": cfg.fid_reference,
+            "freecure": {k: str(v) for k, v in g.freecure.items()} if cfg.freecure else None}

@@ -100,7 +100,9 @@ def invert_and_regenerate(pipe, latents: torch.Tensor, neutral: list[str], full:
     k = int(round(gamma * steps))
     if k == 0:
         return latents
-    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    # Latents are not bounded to [-1, 1]: DDIM's default clip_sample (taken when converting e.g. SDXL's Euler
+    # config) would clamp every predicted z0 and destroy the inversion.
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, thresholding=False)
     scheduler.set_timesteps(steps, device=latents.device)
     timesteps = [int(t) for t in scheduler.timesteps]  # descending
     stride = scheduler.config.num_train_timesteps // steps
