@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from t2i_personal.errors import ConfigError, ModelLoadError
+from t2i_personal.errors import ConfigError
 from t2i_personal.freecure import FreeCure, to_foundation_prompt
 from t2i_personal.freecure.fasa import FasaState, FoundationAwareSelfAttention, default_layers, resolve_layers
 
@@ -187,3 +187,14 @@ def test_a_pipeline_without_adapters_or_record_needs_an_explicit_foundation():
     with pytest.raises(ConfigError, match="model families"):
         FreeCure(plain, foundation=other)
     assert FreeCure(plain, foundation="builtin:tiny-sd").foundation.pipe is not plain
+
+
+def test_half_precision_paths_run_and_keep_the_empty_mask_identity():
+    """The CUDA fp16/bf16 code paths (bias dtype, cache casts, recorder) on the CPU, in bfloat16."""
+    pipe = _lora_pipe("builtin:tiny-sd").to(torch.bfloat16)
+    cure = FreeCure(pipe, concepts=[("sks", "dog")])
+    out = _run(cure)
+    assert out.mask_sources == {"hat": "cross_attention"}
+    assert np.isfinite(_array(out.images[0])).all() and _array(out.images[0]).std() > 0
+    empty = _run(FreeCure(pipe, concepts=[("sks", "dog")], attributes=[]))
+    assert np.abs(_array(empty.images[0]) - _plain(pipe)).max() <= 1.5 / 255

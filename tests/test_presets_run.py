@@ -12,7 +12,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 GPU_PRESETS = ["textual_inversion", "custom_diffusion", "classdiffusion", "dreambooth_lora_spl", "styleforge_single",
                "styleforge_multi"]
-TOY_PRESETS = ["quickstart_classdiffusion", "quickstart_styleforge"]
+TOY_PRESETS = ["quickstart_classdiffusion", "quickstart_styleforge", "quickstart_face"]
 CPU = ["training.max_train_steps=2", "training.mixed_precision=no", "training.report_to=none",
        "training.progress_bar=false", "validation.prompts=[]", "training.checkpointing_steps=1000",
        "data.class_generation_steps=2", "data.class_generation_batch_size=2"]
@@ -59,3 +59,11 @@ def test_toy_world_preset_trains_on_its_shipped_data(preset, tmp_path):
     cfg, trainer, out = _train(preset, CPU + [f"training.output_dir={tmp_path / 'out'}"])
     assert cfg.model.pretrained == "builtin:toy" and cfg.data.resolution == 64
     assert (out / "personalization.json").is_file() and trainer.last_logs["loss"] > 0
+    if preset == "quickstart_face":  # FreeCure's README example: the toy face parser is chosen for a toy result
+        from t2i_personal.freecure import FreeCure
+
+        pipe = load_personalized(out)
+        pipe.set_progress_bar_config(disable=True)
+        result = FreeCure(pipe)("a photo of sks person with short blonde hair", seed=0, num_inference_steps=2)
+        assert result.mask_sources == {"hair": "face_parsing"}
+        assert result.foundation_prompts == ["a photo of person with short blonde hair"]

@@ -171,29 +171,40 @@ def token_positions(tokenizer, prompt: str, phrase: str) -> list[int]:
 
 
 class CrossAttentionRecorder:
-    """Wraps a cross-attention (``attn2``) processor: output unchanged, and the conditional rows' attention
-    probabilities, averaged over heads, summed into ``maps[name]`` (``[B, N, tokens]``) on every call."""
+    """A cross-attention (``attn2``) processor that also sums the conditional rows' attention probabilities,
+    averaged over heads, into ``maps[name]`` (``[B, N, tokens]``) on every call.
+
+    Over diffusers' standard processor it computes the attention itself from one set of projections (the text has
+    only 77 keys, so explicit probabilities are cheap); any other processor (IP-Adapter, ...) is called as is and
+    the probabilities are computed beside it.
+    """
 
     def __init__(self, name: str, inner, maps: dict, batch: int):
+        from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
         self.name, self.inner, self.maps, self.batch = name, inner, maps, batch
+        self.standard = type(inner) in (AttnProcessor, AttnProcessor2_0)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
-        with torch.no_grad():
-            rows = hidden_states.shape[0]
-            cond = slice(rows - self.batch, rows)
-            x = hidden_states[cond]
-            if attn.group_norm is not None:
-                x = attn.group_norm(x.transpose(1, 2)).transpose(1, 2)
-            context = encoder_hidden_states[cond]
-            if attn.norm_cross:
-                context = attn.norm_encoder_hidden_states(context)
-            b, n, _ = x.shape
-            q = attn.to_q(x).view(b, n, attn.heads, -1).transpose(1, 2)
-            k = attn.to_k(context).view(b, context.shape[1], attn.heads, -1).transpose(1, 2)
-            probs = (q.float() @ k.float().transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1).mean(1)
-            self.maps[self.name] = self.maps.get(self.name, 0) + probs
-        return out
+        standard = (self.standard and attention_mask is None and attn.spatial_norm is None
+                    and hidden_states.ndim == 3 and not attn.residual_connection)
+        rows = hidden_states.shape[0]
+        x = hidden_states if standard else hidden_states[rows - self.batch:]
+        context = encoder_hidden_states if standard else encoder_hidden_states[rows - self.batch:]
+        if attn.group_norm is not None:
+            x = attn.group_norm(x.transpose(1, 2)).transpose(1, 2)
+        if attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        b, n, _ = x.shape
+        q = attn.to_q(x).view(b, n, attn.heads, -1).transpose(1, 2)
+        k = attn.to_k(context).view(b, context.shape[1], attn.heads, -1).transpose(1, 2)
+        probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)  # [b, heads, N, tokens]
+        self.maps[self.name] = self.maps.get(self.name, 0) + probs[b - self.batch:].float().mean(1).detach()
+        if not standard:
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        v = attn.to_v(context).view(b, context.shape[1], attn.heads, -1).transpose(1, 2)
+        out = (probs @ v).transpose(1, 2).reshape(b, n, -1)
+        return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
 
 
 def _attention_factors(unet) -> dict[str, int]:
