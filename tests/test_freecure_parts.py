@@ -240,6 +240,12 @@ def test_cli_writes_the_panel_and_record(results, tmp_path, capsys):
     assert record["foundation_prompt"] == "a dog wearing a red hat" and record["mask_sources"] == {
         "hat": "cross_attention"}
     assert Image.open(out / "panel.png").width == 4 * 192  # foundation | mask | personalized | repaired, 6x each
+    mask = np.zeros((32, 32), np.uint8)
+    mask[:16] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    assert main(["--model", str(results / "full"), "--prompt", "a sks dog", "--steps", "2", "--height", "32",
+                 "--width", "32", "--mask-source", str(tmp_path / "mask.png"), "--out", str(tmp_path / "m")]) == 0
+    assert json.loads((tmp_path / "m" / "freecure.json").read_text())["mask_sources"] == {"mask": "user"}
     assert main(["--model", str(results / "full"), "--prompt", "a sks dog", "--mask-source", "nowhere.png",
                  "--out", str(out)]) == 2
     assert "nowhere.png" in capsys.readouterr().err

@@ -16,3 +16,13 @@ def test_readme_top_commands():
                      "python -m pytest -q"]
     ci = (ROOT / ".ci" / "run").read_text()
     assert block[0] in ci and block[2] in ci
+
+
+def test_readme_names_only_files_that_exist():
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    named = set(re.findall(r"\b((?:configs|benchmarks|docs|eval|train)/[\w./-]+\.(?:yaml|py|png|md))", readme))
+    assert {"configs/quickstart_face.yaml", "benchmarks/freecure_cost.py", "docs/freecure-toy-face.png"} <= named
+    missing = sorted(n for n in named if not (ROOT / n).is_file())
+    assert not missing, f"README names files that do not exist: {missing}"

@@ -63,15 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     from . import FreeCure
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    mask_source = args.mask_source
-    if mask_source not in ("auto", "face_parsing", "cross_attention"):
-        if not Path(mask_source).is_file():
-            print(f"error: --mask-source {mask_source!r} is neither auto, face_parsing, cross_attention nor an "
-                  "existing mask image", file=sys.stderr)
-            return 2
     try:
         pipe = load_personalized(args.model, device=device, dtype=getattr(torch, args.dtype))
-        cure = FreeCure(pipe, foundation=args.foundation, attributes=args.attributes, mask_source=mask_source,
+        cure = FreeCure(pipe, foundation=args.foundation, attributes=args.attributes, mask_source=args.mask_source,
                         omega=args.omega, layers=args.layers.split(",") if args.layers else None,
                         apg=not args.no_apg, apg_gamma=args.apg_gamma, face_parser=args.face_parser,
                         allow_pickle=args.allow_pickle)

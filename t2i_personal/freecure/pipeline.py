@@ -18,10 +18,12 @@ passes (≈4×); ``benchmarks/freecure_cost.py`` measures it.
 from __future__ import annotations
 
 import inspect
+import os
 import re
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -72,7 +74,9 @@ class FreeCureOutput:
             tiles.append(("personalized", self.personalized_images[index]))
         if self.before_apg is not None:
             tiles.append(("FASA", self.before_apg[index]))
-        tiles.append(("FreeCure" + (" + APG" if self.apg_applied else ""), self.images[index]))
+        omega = self.settings.get("omega")
+        label = "FreeCure" + (f" w={omega:g}" if omega is not None else "") + (" + APG" if self.apg_applied else "")
+        tiles.append((label, self.images[index]))
         w, h = foundation.size
         scale = max(1, 192 // max(w, h))
         label_h = 14
@@ -191,8 +195,11 @@ class FreeCure:
                  layers=None, apg: bool = True, apg_gamma: float = 0.5,
                  expression_words=apg_module.EXPRESSION_WORDS, face_parser: str | FaceParser = "auto",
                  concepts=None, allow_pickle: bool = False):
-        if isinstance(mask_source, str) and mask_source not in MASK_SOURCES:
-            raise ConfigError(f"mask_source {mask_source!r}: use one of {', '.join(MASK_SOURCES)} or a mask image")
+        if isinstance(mask_source, (str, os.PathLike)) and str(mask_source) not in MASK_SOURCES:
+            if not Path(mask_source).expanduser().is_file():
+                raise ConfigError(f"mask_source {str(mask_source)!r} is neither one of {', '.join(MASK_SOURCES)} nor "
+                                  "an existing mask image file (white = attribute)")
+            mask_source = Path(mask_source).expanduser()
         if not 0.0 <= apg_gamma <= 1.0:
             raise ConfigError(f"apg_gamma must be in [0, 1] (the fraction of the trajectory to invert), not {apg_gamma}")
         self.pipe = pipe
@@ -222,7 +229,7 @@ class FreeCure:
 
     def _plan_attributes(self, prompts: list[str], attributes) -> dict[str, str]:
         """``{attribute: mask source}`` for this call."""
-        if not isinstance(self.mask_source, str):
+        if not isinstance(self.mask_source, str):  # a mask image: a file, PIL image, array or tensor
             return {"mask": "user"}
         if attributes == "auto":
             attributes = []
