@@ -198,3 +198,20 @@ def test_half_precision_paths_run_and_keep_the_empty_mask_identity():
     assert np.isfinite(_array(out.images[0])).all() and _array(out.images[0]).std() > 0
     empty = _run(FreeCure(pipe, concepts=[("sks", "dog")], attributes=[]))
     assert np.abs(_array(empty.images[0]) - _plain(pipe)).max() <= 1.5 / 255
+
+
+def test_several_images_per_prompt_and_no_guidance():
+    """``num_images_per_prompt`` gives the same images as the pipeline's own, each with its own mask; a call without
+    CFG (guidance 1: conditional rows only) works too."""
+    pipe = _lora_pipe("builtin:tiny-sd")
+    cure = FreeCure(pipe, concepts=[("sks", "dog")], attributes=[])
+    out = _run(cure, num_images_per_prompt=2)
+    plain = pipe(PROMPT, generator=torch.Generator().manual_seed(0), num_inference_steps=STEPS, height=SIZE,
+                 width=SIZE, num_images_per_prompt=2, output_type="np").images
+    assert len(out.images) == 2 and len(out.mask) == 2
+    for got, want in zip(out.images, plain):
+        assert np.abs(_array(got) - want).max() <= 1.5 / 255
+    hat = _run(FreeCure(pipe, concepts=[("sks", "dog")]), num_images_per_prompt=2, guidance_scale=1.0)
+    assert len(hat.masks) == 2 and all("hat" in m for m in hat.masks)
+    with pytest.raises(ConfigError, match="prompt_embeds"):
+        cure(PROMPT, prompt_embeds=torch.zeros(1, 77, 32))

@@ -276,3 +276,14 @@ def test_evaluate_scores_with_and_without_freecure_side_by_side(results, tmp_pat
     assert np.abs(beach[0] - beach[1]).max() <= 1  # nothing to repair: the plain image
     record = json.loads((tmp_path / "eval" / "full+freecure" / "generation.json").read_text())
     assert record["freecure"] == {"attributes": "hat"}
+
+
+def test_auto_masks_fall_back_to_cross_attention_without_a_face_parser(lora_sd):
+    cure = FreeCure(lora_sd, concepts=[("sks", "man")], face_parser="no-such/face-parser")
+    with pytest.warns(UserWarning, match="no face parser"):
+        out = cure("a sks man with glasses", seed=0, num_inference_steps=2, height=SIZE, width=SIZE)
+    assert out.mask_sources == {"glasses": "cross_attention"}
+    strict = FreeCure(lora_sd, concepts=[("sks", "man")], face_parser="no-such/face-parser",
+                      mask_source="face_parsing")
+    with pytest.raises(ModelLoadError, match="no-such/face-parser"):
+        strict("a sks man with glasses", seed=0, num_inference_steps=2, height=SIZE, width=SIZE)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelLoadError
 from ..inference.sampling import decode_latents
 from . import apg as apg_module
 from .fasa import DEFAULT_OMEGA, FasaState, FoundationAwareSelfAttention, resolve_layers, unet_family
@@ -237,8 +237,7 @@ class FreeCure:
                 attributes += [a for a in find_attributes(p) if a not in attributes]
         elif isinstance(attributes, str):
             attributes = [a.strip() for a in attributes.split(",") if a.strip()]
-        person = any(is_person(c) for _, c in self.concepts) or any(
-            is_person(" ".join(re.findall(r"[a-z]+", p.lower()))) for p in prompts)
+        person = any(is_person(c) for _, c in self.concepts) or any(is_person(p) for p in prompts)
         plan = {}
         for a in attributes:
             if self.mask_source == "auto":
@@ -248,7 +247,7 @@ class FreeCure:
         if "face_parsing" in plan.values() and self.mask_source == "auto":
             try:
                 self.face_parser()
-            except Exception as exc:  # noqa: BLE001 - any loader failure: say so and use the other source
+            except ModelLoadError as exc:  # e.g. offline without a local copy: say so, use the other source
                 warnings.warn(f"FreeCure: no face parser ({exc}); using cross-attention masks instead", stacklevel=3)
                 plan = {a: "cross_attention" for a in plan}
         return plan
@@ -298,15 +297,31 @@ class FreeCure:
                  guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
                  negative_prompt: str | list[str] | None = None, attributes=None, compare: bool = False,
                  **pipe_kwargs) -> FreeCureOutput:
+        """Generate ``prompt`` (one or a list) with the attributes repaired.
+
+        ``seed`` (one for the batch, or one per prompt) or ``generator``: both passes start from the same generator
+        state. ``foundation_prompt``: default, the prompt with each identifier removed and its class noun kept.
+        ``attributes`` overrides the constructor's for this call. ``compare=True`` also renders the plain
+        personalized images (one pass more). Other keyword arguments (``num_images_per_prompt``, ``eta``, ...) go
+        to the pipeline.
+        """
+        if "prompt_embeds" in pipe_kwargs:
+            raise ConfigError("FreeCure needs the prompt text (it derives the foundation prompt and finds attribute "
+                              "words in it): pass prompt=..., not prompt_embeds")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        batch = len(prompts)
         if foundation_prompt is None:
             foundation_prompts = [to_foundation_prompt(p, self.concepts) for p in prompts]
         else:
-            foundation_prompts = [foundation_prompt] * batch if isinstance(foundation_prompt, str) else list(
+            foundation_prompts = [foundation_prompt] * len(prompts) if isinstance(foundation_prompt, str) else list(
                 foundation_prompt)
-        if len(foundation_prompts) != batch:
-            raise ConfigError(f"{len(foundation_prompts)} foundation prompts for {batch} prompts")
+        if len(foundation_prompts) != len(prompts):
+            raise ConfigError(f"{len(foundation_prompts)} foundation prompts for {len(prompts)} prompts")
+        # n images per prompt = the prompt repeated n times: the pipeline draws the same [B·n] noise either way,
+        # and every image gets its own mask
+        per_prompt = int(pipe_kwargs.pop("num_images_per_prompt", 1) or 1)
+        prompts = [p for p in prompts for _ in range(per_prompt)]
+        foundation_prompts = [p for p in foundation_prompts for _ in range(per_prompt)]
+        batch = len(prompts)
         generators = self._generators(seed, generator, batch)
         states = [g.get_state() for g in generators]
         pipe = self.pipe
@@ -316,7 +331,8 @@ class FreeCure:
         width = width or sample * pipe.vae_scale_factor
         latent_shape = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
         negatives = None if negative_prompt is None else (
-            [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt))
+            [negative_prompt] * batch if isinstance(negative_prompt, str)
+            else [n for n in negative_prompt for _ in range(per_prompt)])
         if guidance_scale is None:  # the pipeline's own default (7.5 for SD-1.x/2.x, 5.0 for SDXL)
             guidance_scale = inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default
         kwargs = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
