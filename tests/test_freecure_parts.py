@@ -287,3 +287,20 @@ def test_auto_masks_fall_back_to_cross_attention_without_a_face_parser(lora_sd):
                       mask_source="face_parsing")
     with pytest.raises(ModelLoadError, match="no-such/face-parser"):
         strict("a sks man with glasses", seed=0, num_inference_steps=2, height=SIZE, width=SIZE)
+
+
+def test_fasa_brings_the_foundations_picture_on_the_toy_model():
+    """The mechanism on a trained model: same model on both sides, black hair asked of the "personalized" pass,
+    blonde of the foundation; with the whole image as mask, FASA's result lies clearly closer to the foundation's
+    picture than the plain generation does."""
+    from t2i_personal.models.loading import load_components
+
+    pipe = load_components("builtin:toy").pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    cure = FreeCure(pipe, foundation=pipe, mask_source=np.ones((64, 64)), apg=False)
+    for seed in (0, 1):
+        out = cure("a photo of a person with short black hair", seed=seed, num_inference_steps=20,
+                   foundation_prompt="a photo of a person with short blonde hair", guidance_scale=5, compare=True)
+        plain, found, cured = (np.asarray(im, np.float64) for im in
+                               (out.personalized_images[0], out.foundation_images[0], out.images[0]))
+        assert np.abs(cured - found).mean() < 0.7 * np.abs(plain - found).mean()
