@@ -46,11 +46,23 @@ def _array(image):
     return np.asarray(image, dtype=np.float64) / 255.0
 
 
-def test_empty_mask_is_plain_generation_and_a_full_mask_changes_it(pipe):
+def test_empty_mask_is_plain_attention_and_a_full_mask_changes_it(pipe):
     plain = _plain(pipe)
-    empty = _run(FreeCure(pipe, concepts=[("sks", "dog")], attributes=[]))
-    assert empty.attributes == []
-    assert np.abs(_array(empty.images[0]) - plain).max() <= 1.5 / 255  # PNG quantisation only
+    nothing = _run(FreeCure(pipe, concepts=[("sks", "dog")], attributes=[]))
+    assert nothing.attributes == [] and nothing.foundation_images == []  # nothing to repair: no foundation pass
+    assert np.abs(_array(nothing.images[0]) - plain).max() <= 1.5 / 255  # PNG quantisation only
+    # FASA with an all-empty mask is exactly plain attention
+    cure = FreeCure(pipe, concepts=[("sks", "dog")])
+    state = FasaState(omega=3.0, batch=1)
+    processors = {f"{n}.processor": FoundationAwareSelfAttention(n, state) for n in cure.layers}
+    state.start("record")
+    with FreeCure._processors(pipe.unet, processors, state):
+        _plain(pipe, "a dog wearing a red hat")
+    state.masks = torch.zeros(1, 1, SIZE // pipe.vae_scale_factor, SIZE // pipe.vae_scale_factor)
+    state.start("repair")
+    with FreeCure._processors(pipe.unet, processors, state):
+        repaired = _plain(pipe)
+    assert np.abs(repaired - plain).max() < 1e-5
     full = _run(FreeCure(pipe, concepts=[("sks", "dog")], mask_source=np.ones((SIZE, SIZE)), omega=2.0))
     assert full.mask_sources == {"mask": "user"}
     assert np.abs(_array(full.images[0]) - plain).mean() > 0.01
@@ -215,3 +227,28 @@ def test_several_images_per_prompt_and_no_guidance():
     assert len(hat.masks) == 2 and all("hat" in m for m in hat.masks)
     with pytest.raises(ConfigError, match="prompt_embeds"):
         cure(PROMPT, prompt_embeds=torch.zeros(1, 77, 32))
+
+
+def test_batched_prompts_repair_only_what_each_prompt_names(pipe):
+    prompts = ["a sks dog wearing a red hat", "a sks dog on the beach"]
+    out = _run(FreeCure(pipe, concepts=[("sks", "dog")], omega=4.0), prompts)
+    plain = pipe(prompts, generator=torch.Generator().manual_seed(0), num_inference_steps=STEPS, height=SIZE,
+                 width=SIZE, output_type="np").images
+    assert out.mask_sources == {"hat": "cross_attention"}
+    assert np.asarray(out.mask[0]).any() and not np.asarray(out.mask[1]).any()
+    assert np.abs(_array(out.images[1]) - plain[1]).max() <= 1.5 / 255  # empty mask row: plain attention
+    assert np.abs(_array(out.images[0]) - plain[0]).mean() > 1e-3
+
+
+def test_non_square_latents(pipe):
+    out = FreeCure(pipe, concepts=[("sks", "dog")])(PROMPT, seed=0, num_inference_steps=2, height=48, width=32)
+    assert out.images[0].size == (32, 48) and out.mask[0].size == (32, 48)
+
+
+def test_layer_grid_follows_the_unets_rounding():
+    from t2i_personal.freecure.fasa import layer_grid
+
+    assert layer_grid(81, (65, 65)) == (9, 9)  # 65 -> 33 -> 17 -> 9, not round(65 / 7)
+    assert layer_grid(12, (8, 6)) == (4, 3) and layer_grid(6 * 4, (6, 4)) == (6, 4)
+    with pytest.raises(RuntimeError, match="no UNet level"):
+        layer_grid(10, (8, 8))

@@ -172,13 +172,16 @@ def test_inversion_then_regeneration_reproduces_the_input_at_small_gamma(name):
 
 @pytest.fixture(scope="module")
 def results(concept_dir, tmp_path_factory):
-    """A full fine-tune and a Custom Diffusion result on builtin:tiny-sd, 2 steps each."""
+    """A full fine-tune, a Custom Diffusion result and a v-prediction LoRA (on the epsilon base) on builtin:tiny-sd,
+    2 steps each."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("freecure-results")
     run_training(base_config(concept_dir, root / "full", training={"max_train_steps": 2}, export={}))
     run_training(base_config(concept_dir, root / "cd", method={"name": "custom_diffusion"},
                              training={"max_train_steps": 2, "learning_rate": 1e-2}, export={}))
+    run_training(base_config(concept_dir, root / "vpred", method={"name": "dreambooth", "adapter": "lora"},
+                             training={"max_train_steps": 2, "prediction_type": "v_prediction"}, export={}))
     torch.set_num_threads(threads)
     return root
 
@@ -246,6 +249,9 @@ def test_cli_writes_the_panel_and_record(results, tmp_path, capsys):
     assert main(["--model", str(results / "full"), "--prompt", "a sks dog", "--steps", "2", "--height", "32",
                  "--width", "32", "--mask-source", str(tmp_path / "mask.png"), "--out", str(tmp_path / "m")]) == 0
     assert json.loads((tmp_path / "m" / "freecure.json").read_text())["mask_sources"] == {"mask": "user"}
+    assert main(["--model", str(results / "full"), "--prompt", "a sks dog", "--steps", "0"]) == 2
+    assert main(["--model", str(results / "full"), "--prompt", "a sks dog", "--height", "30", "--out",
+                 str(tmp_path / "odd")]) == 2
     assert main(["--model", str(results / "full"), "--prompt", "a sks dog", "--mask-source", "nowhere.png",
                  "--out", str(out)]) == 2
     assert "nowhere.png" in capsys.readouterr().err
@@ -304,3 +310,58 @@ def test_fasa_brings_the_foundations_picture_on_the_toy_model():
         plain, found, cured = (np.asarray(im, np.float64) for im in
                                (out.personalized_images[0], out.foundation_images[0], out.images[0]))
         assert np.abs(cured - found).mean() < 0.7 * np.abs(plain - found).mean()
+
+
+def test_face_parsing_source_keeps_face_parts_and_refuses_others_before_sampling(lora_sd):
+    cure = FreeCure(lora_sd, concepts=[("sks", "man")], face_parser="builtin:toy-face-parser",
+                    mask_source="face_parsing")
+    with pytest.warns(UserWarning, match="scarf are not face parts"):
+        out = cure("a sks man with glasses and a scarf", seed=0, num_inference_steps=2, height=SIZE, width=SIZE)
+    assert out.mask_sources == {"glasses": "face_parsing"}
+    calls = []
+    hook = lora_sd.unet.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        with pytest.raises(ConfigError, match="not a face part"):
+            cure("a sks man with a scarf", attributes=["scarf"], seed=0, num_inference_steps=2)
+    finally:
+        hook.remove()
+    assert calls == []  # refused before any sampling
+
+
+def test_fp16_vae_with_force_upcast_decodes_in_float32(monkeypatch):
+    from t2i_personal.inference.sampling import decode_latents
+    from t2i_personal.models.loading import load_components
+
+    pipe = load_components("builtin:tiny-sdxl").pipeline()
+    pipe.vae.to(torch.float16)
+    pipe.vae.register_to_config(force_upcast=True)
+    seen = []
+    decode = pipe.vae.decode
+    monkeypatch.setattr(pipe.vae, "decode", lambda z, **kw: (seen.append(z.dtype), decode(z, **kw))[1])
+    images = decode_latents(pipe, torch.randn(1, 4, 8, 8))
+    assert seen == [torch.float32] and next(pipe.vae.parameters()).dtype == torch.float16
+    assert images[0].size == (32, 32)
+
+
+def test_foundation_keeps_the_base_parameterisation(results):
+    from t2i_personal import load_personalized
+
+    pipe = load_personalized(results / "vpred")
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    cure = FreeCure(pipe)
+    with cure.foundation.active() as base:
+        assert base.scheduler.config.prediction_type == "epsilon"
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+
+
+def test_evaluator_checks_freecure_options_before_generating(results, tmp_path):
+    from t2i_personal.evaluation import EvalConfig, GenerationOptions, evaluate
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a {V} {C} wearing a red hat\n")
+    cfg = EvalConfig(models=[str(results / "full")], prompts=str(prompts), images_per_prompt=1, metrics="clip_t",
+                     out=str(tmp_path / "eval"), freecure=True, progress=False,
+                     generation=GenerationOptions(steps=1, device="cpu", freecure={"mask_source": "nowhere.png"}))
+    with pytest.raises(ConfigError, match="nowhere.png"):
+        evaluate(cfg)
+    assert not (tmp_path / "eval" / "full+freecure").exists()

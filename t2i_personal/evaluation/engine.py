@@ -690,6 +690,10 @@ def prepare(cfg: EvalConfig) -> tuple[list[Source], list[list[Any]], list[str]]:
             sources.append(replace(plain, name=plain.name + FREECURE_SUFFIX, freecure=True))
     if cfg.generation.freecure and not cfg.freecure:
         raise ConfigError("FreeCure options were given without --freecure")
+    if cfg.freecure:  # before any folder is claimed or image generated
+        from ..freecure.pipeline import check_options
+
+        check_options(**cfg.generation.freecure)
     if cfg.images:
         concepts = [parse_concept(c) for c in cfg.concepts]
         if not concepts and sources:

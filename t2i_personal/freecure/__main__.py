@@ -12,6 +12,7 @@ mask sources, settings).
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -63,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     from . import FreeCure
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.steps < 1:
+        print(f"error: --steps must be at least 1, not {args.steps}", file=sys.stderr)
+        return 2
     try:
         pipe = load_personalized(args.model, device=device, dtype=getattr(torch, args.dtype))
         cure = FreeCure(pipe, foundation=args.foundation, attributes=args.attributes, mask_source=args.mask_source,
@@ -72,15 +76,18 @@ def main(argv: list[str] | None = None) -> int:
         result = cure(args.prompt, seed=args.seed, num_inference_steps=args.steps, guidance_scale=args.guidance,
                       height=args.height, width=args.width, negative_prompt=args.negative_prompt,
                       compare=args.compare)
-    except (ConfigError, ModelLoadError, ImageLoadError, FileNotFoundError) as exc:
+    except (ConfigError, ModelLoadError, ImageLoadError, FileNotFoundError, ValueError) as exc:
+        # ValueError: what the diffusers pipeline says of bad sizes or options (e.g. "divisible by 8")
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out)
     save_image_atomic(result.images[0], out / "repaired.png")
-    save_image_atomic(result.foundation_images[0], out / "foundation.png")
+    if result.foundation_images:
+        save_image_atomic(result.foundation_images[0], out / "foundation.png")
     save_image_atomic(result.mask[0], out / "mask.png")
     for attribute, image in result.masks[0].items():
-        save_image_atomic(image, out / "masks" / f"{attribute.replace(' ', '_')}.png")
+        name = re.sub(r"[^A-Za-z0-9_-]+", "_", attribute).strip("_") or "mask"  # never a path from user text
+        save_image_atomic(image, out / "masks" / f"{name}.png")
     if result.personalized_images is not None:
         save_image_atomic(result.personalized_images[0], out / "personalized.png")
     if result.before_apg is not None:

@@ -120,7 +120,7 @@ class FasaState:
         """``[batch, 1, 1, 2N]``: 0 on own keys, ω on foundation keys inside the mask, −∞ outside it."""
         key = (tokens, dtype, device)
         if key not in self._bias:
-            h, w = _layer_shape(tokens, spatial_shape)
+            h, w = layer_grid(tokens, spatial_shape)
             mask = F.interpolate(self.masks.float(), size=(h, w), mode="nearest").flatten(1).to(device)  # [B, N]
             foundation = torch.where(mask > 0.5, torch.tensor(self.omega, device=device),
                                      torch.tensor(-math.inf, device=device))
@@ -129,13 +129,14 @@ class FasaState:
         return self._bias[key]
 
 
-def _layer_shape(tokens: int, latent_shape: tuple[int, int]) -> tuple[int, int]:
-    """The (h, w) grid of a layer with ``tokens`` positions, from the latent's aspect ratio."""
-    lh, lw = latent_shape
-    factor = round(math.sqrt(lh * lw / tokens))
-    h, w = math.ceil(lh / factor), math.ceil(lw / factor)
+def layer_grid(tokens: int, latent_shape: tuple[int, int]) -> tuple[int, int]:
+    """The (h, w) grid of a UNet layer with ``tokens`` positions: the latent grid halved (rounding up, as the
+    UNet's stride-2 convolutions do) until it has that many cells."""
+    h, w = latent_shape
+    while h * w > tokens:
+        h, w = -(-h // 2), -(-w // 2)
     if h * w != tokens:
-        raise RuntimeError(f"cannot place {tokens} tokens on the {lh}×{lw} latent grid")
+        raise RuntimeError(f"no UNet level of the {latent_shape[0]}×{latent_shape[1]} latent grid has {tokens} cells")
     return h, w
 
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import ConfigError, ModelLoadError
+from .fasa import layer_grid
 
 DEFAULT_FACE_PARSER = "jonathandinu/face-parsing"
 TOY_FACE_PARSER = "builtin:toy-face-parser"
@@ -198,12 +199,13 @@ class CrossAttentionRecorder:
         b, n, _ = x.shape
         q = attn.to_q(x).view(b, n, attn.heads, -1).transpose(1, 2)
         k = attn.to_k(context).view(b, context.shape[1], attn.heads, -1).transpose(1, 2)
-        probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)  # [b, heads, N, tokens]
-        self.maps[self.name] = self.maps.get(self.name, 0) + probs[b - self.batch:].float().mean(1).detach()
+        # logits and softmax in float32 whatever the model's dtype (SD-2.x's upcast_attention, fp16 overflow)
+        probs = (q.float() @ k.float().transpose(-1, -2) * attn.scale).softmax(-1)  # [b, heads, N, tokens]
+        self.maps[self.name] = self.maps.get(self.name, 0) + probs[b - self.batch:].mean(1).detach()
         if not standard:
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         v = attn.to_v(context).view(b, context.shape[1], attn.heads, -1).transpose(1, 2)
-        out = (probs @ v).transpose(1, 2).reshape(b, n, -1)
+        out = (probs.to(v.dtype) @ v).transpose(1, 2).reshape(b, n, -1)
         return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
 
 
@@ -238,11 +240,9 @@ def map_layers(unet, family: str) -> list[str]:
 def cross_attention_mask(maps: dict, positions: list[list[int]], latent_shape: tuple[int, int]) -> torch.Tensor:
     """``[B, 1, h, w]`` in {0, 1}: Otsu-thresholded, layer-averaged attention to each image's token ``positions``."""
     per_layer = []
-    lh, lw = latent_shape
     for probs in maps.values():
         b, n, _ = probs.shape
-        factor = round((lh * lw / n) ** 0.5)
-        h, w = -(-lh // factor), -(-lw // factor)
+        h, w = layer_grid(n, latent_shape)
         columns = torch.stack([probs[i, :, positions[i]].sum(-1) for i in range(b)])  # [B, N]
         grid = columns.view(b, 1, h, w)
         per_layer.append(F.interpolate(grid, size=latent_shape, mode="bilinear", align_corners=False))

@@ -18,6 +18,7 @@ passes (≈4×); ``benchmarks/freecure_cost.py`` measures it.
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import re
 import warnings
@@ -32,7 +33,8 @@ from ..errors import ConfigError, ModelLoadError
 from ..inference.sampling import decode_latents
 from . import apg as apg_module
 from .fasa import DEFAULT_OMEGA, FasaState, FoundationAwareSelfAttention, resolve_layers, unet_family
-from .masks import (MASK_SOURCES, TOY_FACE_PARSER, DEFAULT_FACE_PARSER, CrossAttentionRecorder, FaceParser,
+from .masks import (DEFAULT_FACE_PARSER, FACE_ATTRIBUTES, MASK_SOURCES, TOY_FACE_PARSER, CrossAttentionRecorder,
+                    FaceParser,
                     cross_attention_mask, face_attribute, face_parsing_mask, find_attributes, is_person,
                     load_face_parser, map_layers, mask_image, token_positions, user_mask)
 
@@ -41,10 +43,11 @@ from .masks import (MASK_SOURCES, TOY_FACE_PARSER, DEFAULT_FACE_PARSER, CrossAtt
 class FreeCureOutput:
     """What one call returns; lists hold one entry per image.
 
-    ``images``: the repaired images (after APG when it ran); ``foundation_images``: what the foundation drew from the
-    same seed; ``masks``: per image, ``{attribute: L image}`` at image size; ``mask``: their union per image;
-    ``mask_sources``: ``{attribute: "face_parsing" | "cross_attention" | "user"}``; ``before_apg``: the FASA
-    result when APG ran; ``personalized_images``: the plain personalized generation (``compare=True`` only).
+    ``images``: the repaired images (after APG when it ran); ``foundation_images``: what the foundation drew
+    from the same seed (empty when no attribute was planned: then only the plain generation runs); ``masks``:
+    per image, ``{attribute: L image}`` at image size; ``mask``: their union per image; ``mask_sources``:
+    ``{attribute: "face_parsing" | "cross_attention" | "user"}``; ``before_apg``: the FASA result when APG ran;
+    ``personalized_images``: the plain personalized generation (``compare=True`` only).
     """
 
     images: list[Image.Image]
@@ -64,12 +67,13 @@ class FreeCureOutput:
         """A labelled strip: foundation | attribute mask over it | (personalized) | repaired."""
         from PIL import ImageDraw
 
-        foundation = self.foundation_images[index]
-        overlay = foundation.convert("RGB").copy()
-        tint = Image.new("RGB", overlay.size, (255, 0, 80))
-        overlay = Image.composite(Image.blend(overlay, tint, 0.55), overlay, self.mask[index])
-        tiles = [("foundation", foundation), ("mask: " + ", ".join(self.attributes) if self.attributes else "mask",
-                                              overlay)]
+        tiles = []
+        if self.foundation_images:  # absent when the prompt named nothing to repair
+            foundation = self.foundation_images[index]
+            overlay = foundation.convert("RGB").copy()
+            tint = Image.new("RGB", overlay.size, (255, 0, 80))
+            overlay = Image.composite(Image.blend(overlay, tint, 0.55), overlay, self.mask[index])
+            tiles = [("foundation", foundation), ("mask: " + ", ".join(self.attributes), overlay)]
         if self.personalized_images is not None:
             tiles.append(("personalized", self.personalized_images[index]))
         if self.before_apg is not None:
@@ -77,7 +81,7 @@ class FreeCureOutput:
         omega = self.settings.get("omega")
         label = "FreeCure" + (f" w={omega:g}" if omega is not None else "") + (" + APG" if self.apg_applied else "")
         tiles.append((label, self.images[index]))
-        w, h = foundation.size
+        w, h = self.images[index].size
         scale = max(1, 192 // max(w, h))
         label_h = 14
         canvas = Image.new("RGB", (len(tiles) * w * scale, h * scale + label_h), "white")
@@ -97,6 +101,21 @@ def to_foundation_prompt(prompt: str, concepts) -> str:
     return re.sub(r"\s{2,}", " ", prompt).strip()
 
 
+def check_options(mask_source="auto", apg_gamma: float = 0.5, omega: float | None = None, **_ignored):
+    """Check FreeCure's options without a model (the evaluator does before it generates anything); returns the
+    mask source, a path when it names a mask image file."""
+    if isinstance(mask_source, (str, os.PathLike)) and str(mask_source) not in MASK_SOURCES:
+        if not Path(mask_source).expanduser().is_file():
+            raise ConfigError(f"mask_source {str(mask_source)!r} is neither one of {', '.join(MASK_SOURCES)} nor "
+                              "an existing mask image file (white = attribute)")
+        mask_source = Path(mask_source).expanduser()
+    if not 0.0 <= float(apg_gamma) <= 1.0:
+        raise ConfigError(f"apg_gamma must be in [0, 1] (the fraction of the trajectory to invert), not {apg_gamma}")
+    if omega is not None and not math.isfinite(float(omega)):
+        raise ConfigError(f"omega must be a finite number (FASA's logit bias inside the mask), not {omega}")
+    return mask_source
+
+
 def _record(pipe) -> dict | None:
     return getattr(pipe, "_t2i_personal_record", None)
 
@@ -106,6 +125,14 @@ def _lora_adapters(pipe) -> bool:
         return any(pipe.get_list_adapters().values())
     except (AttributeError, ValueError):
         return False
+
+
+def _foundation_scheduler(pipe):
+    """The personalized pipeline's sampler with the base model's own parameterisation: an adapter trained with
+    another ``prediction_type`` than its base must not impose it on the base."""
+    base_type = (_record(pipe) or {}).get("base_prediction_type")
+    overrides = {"prediction_type": base_type} if base_type else {}
+    return type(pipe.scheduler).from_config(pipe.scheduler.config, **overrides)
 
 
 class _SharedFoundation:
@@ -122,6 +149,8 @@ class _SharedFoundation:
         lora = _lora_adapters(pipe)
         original = dict(pipe.unet.attn_processors)
         custom = {k for k, p in original.items() if type(p).__name__.startswith("CustomDiffusion")}
+        scheduler = pipe.scheduler
+        pipe.scheduler = _foundation_scheduler(pipe)
         if lora:
             pipe.disable_lora()
         if custom:
@@ -133,6 +162,7 @@ class _SharedFoundation:
                 pipe.unet.set_attn_processor(original)
             if lora:
                 pipe.enable_lora()
+            pipe.scheduler = scheduler
 
 
 class _SeparateFoundation:
@@ -173,7 +203,7 @@ def _build_foundation(pipe, foundation):
     if unet_family(foundation.unet) != unet_family(pipe.unet):
         raise ConfigError("the foundation and the personalized pipeline are different model families (SD-1.x/2.x "
                           "vs SDXL): FASA mixes their attention, so they must share an architecture")
-    foundation.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # the same sampler for both
+    foundation.scheduler = _foundation_scheduler(pipe)  # the same sampler for both passes
     if hasattr(foundation, "set_progress_bar_config"):
         foundation.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
     return _SeparateFoundation(foundation)
@@ -195,13 +225,7 @@ class FreeCure:
                  layers=None, apg: bool = True, apg_gamma: float = 0.5,
                  expression_words=apg_module.EXPRESSION_WORDS, face_parser: str | FaceParser = "auto",
                  concepts=None, allow_pickle: bool = False):
-        if isinstance(mask_source, (str, os.PathLike)) and str(mask_source) not in MASK_SOURCES:
-            if not Path(mask_source).expanduser().is_file():
-                raise ConfigError(f"mask_source {str(mask_source)!r} is neither one of {', '.join(MASK_SOURCES)} nor "
-                                  "an existing mask image file (white = attribute)")
-            mask_source = Path(mask_source).expanduser()
-        if not 0.0 <= apg_gamma <= 1.0:
-            raise ConfigError(f"apg_gamma must be in [0, 1] (the fraction of the trajectory to invert), not {apg_gamma}")
+        mask_source = check_options(mask_source=mask_source, apg_gamma=apg_gamma, omega=omega)
         self.pipe = pipe
         self.family = unet_family(pipe.unet)
         self.layers = resolve_layers(pipe.unet, layers)
@@ -227,46 +251,65 @@ class FreeCure:
             self._face_parser = load_face_parser(self._face_parser, self.pipe.unet.device, self.allow_pickle)
         return self._face_parser
 
-    def _plan_attributes(self, prompts: list[str], attributes) -> dict[str, str]:
-        """``{attribute: mask source}`` for this call."""
+    def _plan_attributes(self, prompts: list[str], attributes) -> tuple[dict, dict, dict]:
+        """For this call, checked before anything is sampled: ``{attribute: mask source}``, ``{attribute: [per
+        image: repaired?]}`` (an image whose prompt does not name an "auto" attribute gets an empty mask) and, for
+        cross-attention masks, ``{attribute: [per image: token positions]}``."""
+        every = [True] * len(prompts)
         if not isinstance(self.mask_source, str):  # a mask image: a file, PIL image, array or tensor
-            return {"mask": "user"}
+            return {"mask": "user"}, {"mask": every}, {}
+        named = [find_attributes(p) for p in prompts]
         if attributes == "auto":
-            attributes = []
-            for p in prompts:
-                attributes += [a for a in find_attributes(p) if a not in attributes]
-        elif isinstance(attributes, str):
-            attributes = [a.strip() for a in attributes.split(",") if a.strip()]
+            chosen = list(dict.fromkeys(a for found in named for a in found))
+            if self.mask_source == "face_parsing":  # what the face parser can find
+                dropped = [a for a in chosen if not face_attribute(a)]
+                if dropped:
+                    warnings.warn(f"FreeCure: {', '.join(dropped)} are not face parts; mask_source='face_parsing' "
+                                  "leaves them unrepaired (mask_source='auto' uses cross-attention for them)",
+                                  stacklevel=3)
+                chosen = [a for a in chosen if face_attribute(a)]
+            applies = {a: [a in found for found in named] for a in chosen}
+        else:
+            chosen = [a.strip() for a in attributes.split(",") if a.strip()] if isinstance(attributes, str) else list(
+                attributes)
+            applies = {a: every for a in chosen}
         person = any(is_person(c) for _, c in self.concepts) or any(is_person(p) for p in prompts)
         plan = {}
-        for a in attributes:
+        for a in chosen:
             if self.mask_source == "auto":
                 plan[a] = "face_parsing" if person and face_attribute(a) else "cross_attention"
             else:
                 plan[a] = self.mask_source
+            if plan[a] == "face_parsing" and not face_attribute(a):
+                raise ConfigError(f"attribute {a!r} is not a face part the face parser knows (face attributes: "
+                                  f"{', '.join(FACE_ATTRIBUTES)}); use mask_source='cross_attention' or 'auto' for it")
         if "face_parsing" in plan.values() and self.mask_source == "auto":
             try:
                 self.face_parser()
             except ModelLoadError as exc:  # e.g. offline without a local copy: say so, use the other source
                 warnings.warn(f"FreeCure: no face parser ({exc}); using cross-attention masks instead", stacklevel=3)
                 plan = {a: "cross_attention" for a in plan}
-        return plan
+        positions = {}
+        for a, source in plan.items():
+            if source == "cross_attention":
+                positions[a] = [token_positions(self.pipe.tokenizer, p, a) if use else []
+                                for p, use in zip(prompts, applies[a])]
+                if not any(positions[a]):
+                    raise ConfigError(f"FreeCure attribute {a!r} does not occur in the prompt {prompts[0]!r}: a "
+                                      "cross-attention mask needs the attribute's words in the prompt")
+        return plan, applies, positions
 
-    def _masks(self, plan, maps, foundation_images, foundation_prompts, batch, latent_shape):
+    def _masks(self, plan, applies, positions, maps, foundation_images, batch, latent_shape):
         per_attribute = {}
         for attribute, source in plan.items():
             if source == "user":
-                per_attribute[attribute] = user_mask(self.mask_source, batch, latent_shape)
+                mask = user_mask(self.mask_source, batch, latent_shape)
             elif source == "face_parsing":
-                per_attribute[attribute] = face_parsing_mask(self.face_parser(), foundation_images, attribute,
-                                                             latent_shape)
+                mask = face_parsing_mask(self.face_parser(), foundation_images, attribute, latent_shape)
             else:
-                positions = [token_positions(self.pipe.tokenizer, p, attribute) for p in foundation_prompts]
-                missing = [p for p, pos in zip(foundation_prompts, positions) if not pos]
-                if missing:
-                    raise ConfigError(f"FreeCure attribute {attribute!r} does not occur in the prompt {missing[0]!r}: "
-                                      "a cross-attention mask needs the attribute's words in the prompt")
-                per_attribute[attribute] = cross_attention_mask(maps, positions, latent_shape)
+                mask = cross_attention_mask(maps, positions[attribute], latent_shape)
+            where = torch.tensor(applies[attribute], dtype=mask.dtype).view(-1, 1, 1, 1)
+            per_attribute[attribute] = mask * where
         return per_attribute
 
     # --------------------------------------------------------------------------------------------------- passes
@@ -337,32 +380,39 @@ class FreeCure:
             guidance_scale = inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default
         kwargs = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
                       width=width, negative_prompt=negatives, **pipe_kwargs)
-        plan = self._plan_attributes(foundation_prompts, self.attributes if attributes is None else attributes)
+        plan, applies, positions = self._plan_attributes(foundation_prompts,
+                                                         self.attributes if attributes is None else attributes)
 
         state = FasaState(omega=self.omega, batch=batch)
         maps: dict = {}
-        with self.foundation.active() as base:
-            replace = {f"{n}.processor": FoundationAwareSelfAttention(n, state) for n in self.layers}
-            if "cross_attention" in plan.values():
-                current = base.unet.attn_processors
-                for n in map_layers(base.unet, self.family):
-                    replace[f"{n}.processor"] = CrossAttentionRecorder(n, current[f"{n}.processor"], maps, batch)
-            state.start("record")
-            with self._processors(base.unet, replace, state):
-                foundation_latents = self._run(base, foundation_prompts, generators, states, kwargs)
-            foundation_images = decode_latents(base, foundation_latents)
-
-        per_attribute = self._masks(plan, maps, foundation_images, foundation_prompts, batch, latent_shape)
+        foundation_images: list = []
+        per_attribute: dict = {}
+        if plan:  # nothing to repair (no attribute named): the plain generation, no foundation pass
+            with self.foundation.active() as base:
+                replace = {f"{n}.processor": FoundationAwareSelfAttention(n, state) for n in self.layers}
+                if "cross_attention" in plan.values():
+                    current = base.unet.attn_processors
+                    for n in map_layers(base.unet, self.family):
+                        replace[f"{n}.processor"] = CrossAttentionRecorder(n, current[f"{n}.processor"], maps, batch)
+                state.start("record")
+                with self._processors(base.unet, replace, state):
+                    foundation_latents = self._run(base, foundation_prompts, generators, states, kwargs)
+                foundation_images = decode_latents(base, foundation_latents)
+            per_attribute = self._masks(plan, applies, positions, maps, foundation_images, batch, latent_shape)
         union = torch.zeros(batch, 1, *latent_shape)
         for m in per_attribute.values():
             union = torch.maximum(union, m.cpu())
         state.masks = union.to(pipe.unet.device)
 
-        state.start("repair")
-        replace = {f"{n}.processor": FoundationAwareSelfAttention(n, state) for n in self.layers}
-        with self._processors(pipe.unet, replace, state):
+        if plan:
+            state.start("repair")
+            replace = {f"{n}.processor": FoundationAwareSelfAttention(n, state) for n in self.layers}
+            with self._processors(pipe.unet, replace, state):
+                latents = self._run(pipe, prompts, generators, states, kwargs)
+            state.cache.clear()
+        else:
             latents = self._run(pipe, prompts, generators, states, kwargs)
-        state.cache.clear()
+        unrepaired = None if plan else latents
 
         before_apg = None
         expressive = self.apg and any(apg_module.expression_words_in(p, self.expression_words) for p in prompts)
@@ -376,7 +426,8 @@ class FreeCure:
 
         personalized = None
         if compare:
-            personalized = decode_latents(pipe, self._run(pipe, prompts, generators, states, kwargs))
+            plain = unrepaired if unrepaired is not None else self._run(pipe, prompts, generators, states, kwargs)
+            personalized = decode_latents(pipe, plain)
         size = images[0].size
         masks = [{a: mask_image(m[i], size) for a, m in per_attribute.items()} for i in range(batch)]
         return FreeCureOutput(

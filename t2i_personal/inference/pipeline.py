@@ -43,6 +43,7 @@ def load_personalized_components(output_dir: str | Path, dtype: torch.dtype | No
         components = load_components(ModelConfig(**base), dtype=dtype)
         override = record.get("config", {}).get("training", {}).get("prediction_type")
         if override:  # the adapter learned this parameterisation, whatever the base model's scheduler says
+            components.extras["base_prediction_type"] = components.scheduler.config.prediction_type
             components.scheduler = type(components.scheduler).from_config(components.scheduler.config,
                                                                           prediction_type=override)
     return components, folder, record
@@ -57,7 +58,8 @@ def load_personalized(output_dir: str | Path, device: str | torch.device | None 
         raise ModelLoadError(f"{folder / RECORD_NAME} names method {record['method']!r}, unknown to this version "
                              f"(known: {sorted(METHODS)}); upgrade t2i-personal.")
     pipe = method.load_into(pipe, folder, record)
-    pipe._t2i_personal_record = record  # what FreeCure reads: the concepts, the base model, the artifact type
+    # what FreeCure reads: the concepts, the base model, the artifact type, the base's own parameterisation
+    pipe._t2i_personal_record = {**record, "base_prediction_type": components.extras.get("base_prediction_type")}
     if device is not None:
         pipe.to(device)
     return pipe
