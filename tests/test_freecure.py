@@ -196,7 +196,7 @@ def test_a_pipeline_without_adapters_or_record_needs_an_explicit_foundation():
     with pytest.raises(ConfigError, match="foundation="):
         FreeCure(plain)
     other = load_components("builtin:tiny-sdxl").pipeline()
-    with pytest.raises(ConfigError, match="model families"):
+    with pytest.raises(ConfigError, match="different UNet architectures"):
         FreeCure(plain, foundation=other)
     assert FreeCure(plain, foundation="builtin:tiny-sd").foundation.pipe is not plain
 

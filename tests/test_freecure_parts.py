@@ -365,3 +365,20 @@ def test_evaluator_checks_freecure_options_before_generating(results, tmp_path):
     with pytest.raises(ConfigError, match="nowhere.png"):
         evaluate(cfg)
     assert not (tmp_path / "eval" / "full+freecure").exists()
+
+
+def test_same_named_models_pair_with_their_freecure_twins(results, tmp_path):
+    import shutil
+
+    from t2i_personal.evaluation import EvalConfig, GenerationOptions
+    from t2i_personal.evaluation.engine import prepare
+
+    other = tmp_path / "elsewhere" / "full"
+    shutil.copytree(results / "full", other)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a {V} {C} wearing a red hat\n")
+    cfg = EvalConfig(models=[str(results / "full"), str(other)], prompts=str(prompts), metrics="clip_t",
+                     freecure=True, generation=GenerationOptions(device="cpu"))
+    sources, _, _ = prepare(cfg)
+    assert [s.name for s in sources] == ["full", "full+freecure", "full-1", "full-1+freecure"]
+    assert [s.freecure for s in sources] == [False, True, False, True]

@@ -685,9 +685,6 @@ def prepare(cfg: EvalConfig) -> tuple[list[Source], list[list[Any]], list[str]]:
     need_refs = any(METRICS[n].input in (INPUT_REFERENCES, INPUT_CONCEPTS) for n in names)
     for m in cfg.models:
         sources.append(load_model_source(m, cfg.references or None, need_refs))
-        if cfg.freecure:
-            plain = sources[-1]
-            sources.append(replace(plain, name=plain.name + FREECURE_SUFFIX, freecure=True))
     if cfg.generation.freecure and not cfg.freecure:
         raise ConfigError("FreeCure options were given without --freecure")
     if cfg.freecure:  # before any folder is claimed or image generated
@@ -710,6 +707,9 @@ def prepare(cfg: EvalConfig) -> tuple[list[Source], list[list[Any]], list[str]]:
             n += 1
             s.name = f"{base}-{n}"
         taken.add(s.name)
+    if cfg.freecure:  # after the names are distinct, so "dog-1" pairs with "dog-1+freecure"
+        sources = [v for s in sources for v in
+                   ([s, replace(s, name=s.name + FREECURE_SUFFIX, freecure=True)] if s.model_dir is not None else [s])]
     prompts = [load_prompt_set(cfg.prompts, s.concepts) for s in sources]
     return sources, prompts, names
 

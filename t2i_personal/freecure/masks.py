@@ -137,10 +137,12 @@ def load_face_parser(source: str = DEFAULT_FACE_PARSER, device="cpu", allow_pick
     return FaceParser(model.to(device=device, dtype=torch.float32).eval(), processor, str(source))
 
 
-def face_parsing_mask(parser: FaceParser, images: list[Image.Image], attribute: str,
+def face_parsing_mask(parser: FaceParser, images_or_labels, attribute: str,
                       latent_shape: tuple[int, int]) -> torch.Tensor:
-    """``[B, 1, h, w]`` in {0, 1}: where the parser finds ``attribute``'s labels, on the latent grid."""
-    labels = torch.from_numpy(parser.parse(images))  # [B, H, W]
+    """``[B, 1, h, w]`` in {0, 1}: where the parser finds ``attribute``'s labels, on the latent grid. Takes the
+    images or their label maps (``parser.parse(images)``, to parse once for several attributes)."""
+    labels = images_or_labels if isinstance(images_or_labels, np.ndarray) else parser.parse(images_or_labels)
+    labels = torch.from_numpy(labels)  # [B, H, W]
     inside = torch.isin(labels, torch.tensor(parser.label_ids(attribute))).float()[:, None]
     return (F.adaptive_avg_pool2d(inside, latent_shape) >= 0.5).float()
 

@@ -200,9 +200,11 @@ def _build_foundation(pipe, foundation):
         foundation.to(pipe.unet.device)
     if not hasattr(foundation, "unet"):
         raise ConfigError(f"foundation must be a diffusers pipeline or a model source, not {type(foundation).__name__}")
-    if unet_family(foundation.unet) != unet_family(pipe.unet):
-        raise ConfigError("the foundation and the personalized pipeline are different model families (SD-1.x/2.x "
-                          "vs SDXL): FASA mixes their attention, so they must share an architecture")
+    if unet_family(foundation.unet) != unet_family(pipe.unet) or (
+            {n for n, _ in foundation.unet.named_modules() if n.endswith("attn1")}
+            != {n for n, _ in pipe.unet.named_modules() if n.endswith("attn1")}):
+        raise ConfigError("the foundation and the personalized pipeline have different UNet architectures: FASA "
+                          "mixes their self-attention layer by layer, so they must share one (same family, same blocks)")
     foundation.scheduler = _foundation_scheduler(pipe)  # the same sampler for both passes
     if hasattr(foundation, "set_progress_bar_config"):
         foundation.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
@@ -300,12 +302,14 @@ class FreeCure:
         return plan, applies, positions
 
     def _masks(self, plan, applies, positions, maps, foundation_images, batch, latent_shape):
-        per_attribute = {}
+        per_attribute, labels = {}, None
         for attribute, source in plan.items():
             if source == "user":
                 mask = user_mask(self.mask_source, batch, latent_shape)
             elif source == "face_parsing":
-                mask = face_parsing_mask(self.face_parser(), foundation_images, attribute, latent_shape)
+                if labels is None:  # one parse of the foundation images serves every attribute
+                    labels = self.face_parser().parse(foundation_images)
+                mask = face_parsing_mask(self.face_parser(), labels, attribute, latent_shape)
             else:
                 mask = cross_attention_mask(maps, positions[attribute], latent_shape)
             where = torch.tensor(applies[attribute], dtype=mask.dtype).view(-1, 1, 1, 1)
