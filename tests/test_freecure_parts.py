@@ -1,4 +1,5 @@
-"""FreeCure's parts: keyword table, face parsers through the one loader, APG, foundations of each kind, CLI, evaluator."""
+"""FreeCure's parts: keyword table, face parsers through the one loader, APG, foundations of each kind, CLI and
+evaluator."""
 
 import json
 
@@ -382,3 +383,39 @@ def test_same_named_models_pair_with_their_freecure_twins(results, tmp_path):
     sources, _, _ = prepare(cfg)
     assert [s.name for s in sources] == ["full", "full+freecure", "full-1", "full-1+freecure"]
     assert [s.freecure for s in sources] == [False, True, False, True]
+
+
+def test_apg_uses_the_generations_clip_skip_and_attention_kwargs(monkeypatch):
+    from peft import LoraConfig
+
+    from t2i_personal.models.loading import load_components
+
+    # SDXL: the tiny SD-1 text encoder (transformers 5) has no .text_model, which diffusers' SD-1 clip_skip reads
+    pipe = load_components("builtin:tiny-sdxl").pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    pipe.unet.add_adapter(LoraConfig(r=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False))
+    skips, attention = [], []
+    encode = pipe.encode_prompt
+    monkeypatch.setattr(pipe, "encode_prompt",
+                        lambda *a, **kw: (skips.append(kw.get("clip_skip")), encode(*a, **kw))[1])
+    hook = pipe.unet.register_forward_pre_hook(
+        lambda _m, _a, kw: attention.append(kw.get("cross_attention_kwargs")), with_kwargs=True)
+    try:
+        out = FreeCure(pipe, concepts=[("sks", "man")], attributes=[])(
+            "a smiling sks man", seed=0, num_inference_steps=4, height=SIZE, width=SIZE, clip_skip=1,
+            cross_attention_kwargs={"scale": 0.5})
+    finally:
+        hook.remove()
+    assert out.apg_applied and skips and set(skips) == {1}
+    assert attention and all(kw == {"scale": 0.5} for kw in attention)  # the pipeline's calls and APG's alike
+
+
+def test_cache_on_another_device_gives_the_same_images(lora_sd):
+    from t2i_personal.freecure.fasa import FasaState
+
+    default = FreeCure(lora_sd, concepts=[("sks", "dog")], omega=3.0)
+    offloaded = FreeCure(lora_sd, concepts=[("sks", "dog")], omega=3.0, cache_device="cpu")
+    a = default("a sks dog wearing a red hat", seed=0, num_inference_steps=3, height=SIZE, width=SIZE)
+    b = offloaded("a sks dog wearing a red hat", seed=0, num_inference_steps=3, height=SIZE, width=SIZE)
+    assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
+    assert FasaState(omega=1.0, batch=1, cache_device="cpu").cache_device == "cpu"

@@ -51,25 +51,29 @@ def neutral_prompt(prompt: str, words=EXPRESSION_WORDS) -> str:
 class Conditioning:
     """The UNet's text conditioning for prompts, as the pipeline would build it (SD-1.x/2.x and SDXL)."""
 
-    def __init__(self, pipe, prompts: list[str], negative: list[str] | None, cfg: bool, height: int, width: int):
+    def __init__(self, pipe, prompts: list[str], negative: list[str] | None, cfg: bool, height: int, width: int,
+                 clip_skip: int | None = None, cross_attention_kwargs: dict | None = None):
         device = pipe.unet.device
         self.cfg = cfg
         self.added = None
+        self.cross_attention_kwargs = cross_attention_kwargs
         if hasattr(pipe, "text_encoder_2"):
             pe, ne, ppe, npe = pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
-                                                  do_classifier_free_guidance=cfg, negative_prompt=negative)
+                                                  do_classifier_free_guidance=cfg, negative_prompt=negative,
+                                                  clip_skip=clip_skip)
             ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=pe.dtype,
                                          text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
             ids = ids.to(device).repeat(len(prompts), 1)
             text = torch.cat([npe, ppe]) if cfg else ppe
             self.added = {"text_embeds": text, "time_ids": torch.cat([ids, ids]) if cfg else ids}
         else:
-            pe, ne = pipe.encode_prompt(prompts, device, 1, cfg, negative)
+            pe, ne = pipe.encode_prompt(prompts, device, 1, cfg, negative, clip_skip=clip_skip)
         self.embeddings = torch.cat([ne, pe]) if cfg else pe
 
     def noise(self, unet, latents: torch.Tensor, t, guidance: float) -> torch.Tensor:
         x = torch.cat([latents, latents]) if self.cfg else latents
-        out = unet(x, t, encoder_hidden_states=self.embeddings, added_cond_kwargs=self.added, return_dict=False)[0]
+        out = unet(x, t, encoder_hidden_states=self.embeddings, added_cond_kwargs=self.added,
+                   cross_attention_kwargs=self.cross_attention_kwargs, return_dict=False)[0]
         if self.cfg:
             uncond, cond = out.chunk(2)
             out = uncond + guidance * (cond - uncond)
@@ -91,8 +95,10 @@ def _as_epsilon(output: torch.Tensor, latents: torch.Tensor, alpha: torch.Tensor
 @torch.no_grad()
 def invert_and_regenerate(pipe, latents: torch.Tensor, neutral: list[str], full: list[str], *, gamma: float,
                           steps: int, guidance: float, height: int, width: int,
-                          negative_prompt: list[str] | None = None) -> torch.Tensor:
-    """APG on clean latents ``[B, C, h, w]`` (unscaled VAE latents, as ``output_type="latent"`` returns)."""
+                          negative_prompt: list[str] | None = None, clip_skip: int | None = None,
+                          cross_attention_kwargs: dict | None = None) -> torch.Tensor:
+    """APG on clean latents ``[B, C, h, w]`` (unscaled VAE latents, as ``output_type="latent"`` returns), with the
+    generation's ``clip_skip`` and ``cross_attention_kwargs`` (e.g. a LoRA ``scale``)."""
     from diffusers import DDIMScheduler
 
     if not 0.0 <= gamma <= 1.0:
@@ -112,7 +118,8 @@ def invert_and_regenerate(pipe, latents: torch.Tensor, neutral: list[str], full:
     dtype = unet.dtype
     x = latents.to(dtype)
 
-    inverse = Conditioning(pipe, neutral, None, cfg=False, height=height, width=width)
+    extra = {"clip_skip": clip_skip, "cross_attention_kwargs": cross_attention_kwargs}
+    inverse = Conditioning(pipe, neutral, None, cfg=False, height=height, width=width, **extra)
     for t in reversed(timesteps[-k:]):  # from the cleanest level upwards
         a_from, a_to = _alpha(scheduler, t - stride).to(x.device), _alpha(scheduler, t).to(x.device)
         out = inverse.noise(unet, scheduler.scale_model_input(x, t), t, 1.0).float()
@@ -120,7 +127,7 @@ def invert_and_regenerate(pipe, latents: torch.Tensor, neutral: list[str], full:
         x0 = (x.float() - (1 - a_from).sqrt() * eps) / a_from.sqrt()
         x = (a_to.sqrt() * x0 + (1 - a_to).sqrt() * eps).to(dtype)
 
-    forward = Conditioning(pipe, full, negative_prompt, cfg=guidance > 1.0, height=height, width=width)
+    forward = Conditioning(pipe, full, negative_prompt, cfg=guidance > 1.0, height=height, width=width, **extra)
     for t in timesteps[-k:]:
         out = forward.noise(unet, scheduler.scale_model_input(x, t), t, guidance)
         x = scheduler.step(out, t, x, eta=0.0, return_dict=False)[0]

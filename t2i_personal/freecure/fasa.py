@@ -97,6 +97,7 @@ class FasaState:
     omega: float
     batch: int
     masks: torch.Tensor | None = None
+    cache_device: str | torch.device | None = None  # None: beside the model
     mode: str = "off"
     step: int = -1
     cache: dict = field(default_factory=dict)
@@ -175,17 +176,21 @@ class FoundationAwareSelfAttention:
 
         cond = state.conditional_rows(hidden_states.shape[0])
         if state.mode == "repair" and state.masks is not None:
-            found_key, found_value = state.cache[(self.name, state.step)]
+            found_key, found_value = (t.to(device=key.device, dtype=key.dtype, non_blocking=True)
+                                      for t in state.cache[(self.name, state.step)])
             bias = state.key_bias(key.shape[2], tuple(state.masks.shape[-2:]), query.dtype, query.device)
             repaired = F.scaled_dot_product_attention(
-                query[cond], torch.cat([key[cond], found_key.to(key.dtype)], dim=2),
-                torch.cat([value[cond], found_value.to(value.dtype)], dim=2), attn_mask=bias)
+                query[cond], torch.cat([key[cond], found_key], dim=2),
+                torch.cat([value[cond], found_value], dim=2), attn_mask=bias)
             plain = F.scaled_dot_product_attention(query[:cond.start], key[:cond.start], value[:cond.start])
             out = torch.cat([plain, repaired])  # unconditional rows first, as the pipeline stacked them
         else:
             out = F.scaled_dot_product_attention(query, key, value)
             if state.mode == "record":
-                state.cache[(self.name, state.step)] = (key[cond].detach(), value[cond].detach())
+                kept = (key[cond].detach(), value[cond].detach())
+                if state.cache_device is not None:
+                    kept = tuple(t.to(state.cache_device) for t in kept)
+                state.cache[(self.name, state.step)] = kept
 
         out = out.transpose(1, 2).reshape(out.shape[0], -1, out.shape[1] * out.shape[3]).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
