@@ -236,7 +236,8 @@ def test_cli_writes_the_panel_and_record(results, tmp_path, capsys):
 
     out = tmp_path / "fc"
     code = main(["--model", str(results / "full"), "--prompt", "a sks dog wearing a red hat", "--steps", "2",
-                 "--height", "32", "--width", "32", "--device", "cpu", "--compare", "--out", str(out)])
+                 "--height", "32", "--width", "32", "--device", "cpu", "--compare", "--cache-device", "cpu",
+                 "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     for name in ("repaired.png", "foundation.png", "mask.png", "masks/hat.png", "personalized.png", "panel.png"):
         assert (out / name).is_file(), name

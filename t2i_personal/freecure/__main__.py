@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--foundation", default=None,
                    help="the foundation model (default: the result's own base, or its adapters switched off)")
     p.add_argument("--compare", action="store_true", help="also render the plain personalized image (one pass more)")
+    p.add_argument("--cache-device", default=None,
+                   help="where the foundation's keys/values wait between the passes, e.g. cpu to spare GPU memory "
+                        "(default: beside the model)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--allow-pickle", action="store_true", help="allow a face parser stored only as a pickle .bin")
@@ -72,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         cure = FreeCure(pipe, foundation=args.foundation, attributes=args.attributes, mask_source=args.mask_source,
                         omega=args.omega, layers=args.layers.split(",") if args.layers else None,
                         apg=not args.no_apg, apg_gamma=args.apg_gamma, face_parser=args.face_parser,
-                        allow_pickle=args.allow_pickle)
+                        allow_pickle=args.allow_pickle, cache_device=args.cache_device)
         result = cure(args.prompt, seed=args.seed, num_inference_steps=args.steps, guidance_scale=args.guidance,
                       height=args.height, width=args.width, negative_prompt=args.negative_prompt,
                       compare=args.compare)
