@@ -335,6 +335,31 @@ class FreeCure:
                 hook.remove()
             unet.set_attn_processor(original)
 
+    def _foundation_pass(self, state: FasaState, maps: dict, plan: dict, run, prompts: list[str]) -> list:
+        """The foundation's images; its conditional K/V of the FASA layers go to ``state.cache`` and, for
+        cross-attention masks, its attention maps to ``maps``."""
+        with self.foundation.active() as base:
+            replace = {f"{n}.processor": FoundationAwareSelfAttention(n, state) for n in self.layers}
+            if "cross_attention" in plan.values():
+                current = base.unet.attn_processors
+                for n in map_layers(base.unet, self.family):
+                    replace[f"{n}.processor"] = CrossAttentionRecorder(n, current[f"{n}.processor"], maps,
+                                                                       state.batch)
+            state.start("record")
+            with self._processors(base.unet, replace, state):
+                latents = run(base, prompts)
+            return decode_latents(base, latents)
+
+    def _repair_pass(self, state: FasaState, run, prompts: list[str]) -> torch.Tensor:
+        """The personalized generation's latents with FASA reading the cached foundation keys/values."""
+        state.start("repair")
+        replace = {f"{n}.processor": FoundationAwareSelfAttention(n, state) for n in self.layers}
+        try:
+            with self._processors(self.pipe.unet, replace, state):
+                return run(self.pipe, prompts)
+        finally:
+            state.cache.clear()
+
     def _run(self, pipe, prompts, generators, states, kwargs) -> torch.Tensor:
         for g, s in zip(generators, states):
             g.set_state(s)
@@ -391,34 +416,21 @@ class FreeCure:
                                                          self.attributes if attributes is None else attributes)
 
         state = FasaState(omega=self.omega, batch=batch, cache_device=self.cache_device)
-        maps: dict = {}
+
+        def run(target, texts):  # every pass starts from the same generator state: the same initial latent
+            return self._run(target, texts, generators, states, kwargs)
+
         foundation_images: list = []
         per_attribute: dict = {}
-        if plan:  # nothing to repair (no attribute named): the plain generation, no foundation pass
-            with self.foundation.active() as base:
-                replace = {f"{n}.processor": FoundationAwareSelfAttention(n, state) for n in self.layers}
-                if "cross_attention" in plan.values():
-                    current = base.unet.attn_processors
-                    for n in map_layers(base.unet, self.family):
-                        replace[f"{n}.processor"] = CrossAttentionRecorder(n, current[f"{n}.processor"], maps, batch)
-                state.start("record")
-                with self._processors(base.unet, replace, state):
-                    foundation_latents = self._run(base, foundation_prompts, generators, states, kwargs)
-                foundation_images = decode_latents(base, foundation_latents)
+        if plan:  # else nothing to repair (no attribute named): only the plain generation runs
+            maps: dict = {}
+            foundation_images = self._foundation_pass(state, maps, plan, run, foundation_prompts)
             per_attribute = self._masks(plan, applies, positions, maps, foundation_images, batch, latent_shape)
         union = torch.zeros(batch, 1, *latent_shape)
         for m in per_attribute.values():
             union = torch.maximum(union, m.cpu())
         state.masks = union.to(pipe.unet.device)
-
-        if plan:
-            state.start("repair")
-            replace = {f"{n}.processor": FoundationAwareSelfAttention(n, state) for n in self.layers}
-            with self._processors(pipe.unet, replace, state):
-                latents = self._run(pipe, prompts, generators, states, kwargs)
-            state.cache.clear()
-        else:
-            latents = self._run(pipe, prompts, generators, states, kwargs)
+        latents = self._repair_pass(state, run, prompts) if plan else run(pipe, prompts)
         unrepaired = None if plan else latents
 
         before_apg = None
@@ -435,8 +447,7 @@ class FreeCure:
 
         personalized = None
         if compare:
-            plain = unrepaired if unrepaired is not None else self._run(pipe, prompts, generators, states, kwargs)
-            personalized = decode_latents(pipe, plain)
+            personalized = decode_latents(pipe, unrepaired if unrepaired is not None else run(pipe, prompts))
         size = images[0].size
         masks = [{a: mask_image(m[i], size) for a, m in per_attribute.items()} for i in range(batch)]
         return FreeCureOutput(
