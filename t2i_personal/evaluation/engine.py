@@ -437,7 +437,9 @@ class _FreeCureImages:
 
         attributes = self.cure.attributes
         if not isinstance(attributes, str) or attributes != "auto":
-            named = [a.strip() for a in (attributes.split(",") if isinstance(attributes, str) else attributes)]
+            from ..freecure.masks import attribute_list
+
+            named = attribute_list(attributes)
             words = set(re.findall(r"[a-z]+", prompt.lower()))
             kwargs["attributes"] = [a for a in named if set(re.findall(r"[a-z]+", a.lower())) <= words]
         return SimpleNamespace(images=self.cure(prompt, generator=generator, **kwargs).images)

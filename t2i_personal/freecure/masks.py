@@ -70,6 +70,12 @@ def face_attribute(word: str) -> str | None:
     return next((k for k, (words, _) in FACE_ATTRIBUTES.items() if last[0] in words), None)
 
 
+def attribute_list(attributes) -> list[str]:
+    """Explicit attributes as a list: ``"hair, glasses"`` or ``["hair", "glasses"]`` -> ``["hair", "glasses"]``."""
+    items = attributes.split(",") if isinstance(attributes, str) else attributes
+    return [a.strip() for a in items if a.strip()]
+
+
 def find_attributes(prompt: str) -> list[str]:
     """The attribute words of a prompt, in order: face-table words and accessories (``"auto"`` attributes)."""
     known = {w for words, _ in FACE_ATTRIBUTES.values() for w in words} | set(ACCESSORY_WORDS)

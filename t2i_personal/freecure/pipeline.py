@@ -34,9 +34,8 @@ from ..inference.sampling import decode_latents
 from . import apg as apg_module
 from .fasa import DEFAULT_OMEGA, FasaState, FoundationAwareSelfAttention, resolve_layers, unet_family
 from .masks import (DEFAULT_FACE_PARSER, FACE_ATTRIBUTES, MASK_SOURCES, TOY_FACE_PARSER, CrossAttentionRecorder,
-                    FaceParser,
-                    cross_attention_mask, face_attribute, face_parsing_mask, find_attributes, is_person,
-                    load_face_parser, map_layers, mask_image, token_positions, user_mask)
+                    FaceParser, attribute_list, cross_attention_mask, face_attribute, face_parsing_mask,
+                    find_attributes, is_person, load_face_parser, map_layers, mask_image, token_positions, user_mask)
 
 
 @dataclass
@@ -275,8 +274,7 @@ class FreeCure:
                 chosen = [a for a in chosen if face_attribute(a)]
             applies = {a: [a in found for found in named] for a in chosen}
         else:
-            chosen = [a.strip() for a in attributes.split(",") if a.strip()] if isinstance(attributes, str) else list(
-                attributes)
+            chosen = attribute_list(attributes)
             applies = {a: every for a in chosen}
         person = any(is_person(c) for _, c in self.concepts) or any(is_person(p) for p in prompts)
         plan = {}
