@@ -24,6 +24,7 @@ import copy
 import json
 import math
 import random
+import shlex
 import shutil
 import tempfile
 import time
@@ -290,6 +291,16 @@ def sample_images(pipe, prompts: list[str], *, seed: int = 0, steps: int = 25, g
     return np.clip(np.rint(out * 255), 0, 255).astype(np.uint8)
 
 
+def reproduce_command(settings: dict, vae_steps_run: int, unet_steps_run: int) -> str:
+    """The command that repeats a run exactly: every recorded setting, the steps run, and no time budgets."""
+    fixed = {**settings, "vae_steps": vae_steps_run, "unet_steps": unet_steps_run, "vae_time_budget_s": None,
+             "unet_time_budget_s": None}
+    device, seed = fixed.pop("device"), fixed.pop("seed")
+    fixed.pop("workers", None)  # rendering is identical for any worker count
+    sets = " ".join("--set " + shlex.quote(f"{k}={v if isinstance(v, str) else json.dumps(v)}") for k, v in fixed.items())
+    return f"python -m t2i_personal.toyworld.pretrain generator --device {device.split(':')[0]} --seed {seed} {sets}"
+
+
 def _last(points: list[tuple[int, float]]) -> float | None:
     return points[-1][1] if points else None
 
@@ -366,11 +377,7 @@ def train(out_dir: str | Path = WEIGHTS, *, device: str = "cpu", seed: int = 0, 
         "previous": previous,
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                      "transformers": transformers.__version__},
-        "reproduce": (f"python -m t2i_personal.toyworld.pretrain generator --device {device.split(':')[0]} "
-                      f"--seed {seed} --set vae_steps={vae_info['steps']} --set unet_steps={den_info['steps']} "
-                      "--set vae_time_budget_s=null --set unet_time_budget_s=null"
-                      + (f" --set init_from={init_from} --set vae_train_encoder={str(vae_train_encoder).lower()}"
-                         if init_from else "")),
+        "reproduce": reproduce_command(settings, vae_info["steps"], den_info["steps"]),
     }
     save_json_atomic(record, folder / "training.json")
     return record

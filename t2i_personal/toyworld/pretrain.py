@@ -25,7 +25,8 @@ WEIGHTS_ROOT = Path(__file__).parent / "weights"
 # name -> (module, output folder). Recipes below: settings passed to the module's ``train``.
 MODELS = {"generator": ("generator", "toy-sd"), "clip": ("clip", "clip"), "face-parser": ("face_parser", "face-parser"),
           "oracle": ("oracle", "oracle")}
-# The GPU recipe made the shipped weights (all four at once on one GPU, about 7 minutes). The CPU recipe keeps each
+# The GPU recipe made the shipped weights (all four at once on one GPU, about 7 minutes); the generator then
+# continued from its own weights (``init_from``), each run's command in its training.json. The CPU recipe keeps each
 # model under 45 minutes on 2 cores with smaller batches; its models are weaker (see the README).
 RECIPES = {
     "gpu": {
