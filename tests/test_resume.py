@@ -49,3 +49,54 @@ def test_stop_and_resume_is_bit_exact(adapter, concept_dir, tmp_path):
         te_a = load_file(str(tmp_path / "straight" / "text_encoder" / "model.safetensors"))
         te_b = load_file(str(out / "text_encoder" / "model.safetensors"))
         assert all((te_a[k] == te_b[k]).all() for k in te_a)
+
+
+def test_stop_request_saves_a_checkpoint_and_logs_progress(concept_dir, tmp_path):
+    import json
+
+    from t2i_personal.config import TrainConfig
+    from t2i_personal.training.trainer import Trainer
+
+    trainer = Trainer(TrainConfig.model_validate(base_config(concept_dir, tmp_path / "out", training={"max_train_steps": 5})))
+    trainer.request_stop()  # e.g. the demo's Cancel: honoured after the step in progress
+    out = trainer.train()
+    assert not (out / "personalization.json").exists()
+    assert [p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith(".")] == ["checkpoint-000001"]
+    lines = [json.loads(line) for line in (out / "logs" / "progress.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1] and lines[0]["loss"] > 0 and "lr" in lines[0]
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_a_checkpoint_that_resumes_bit_exact(concept_dir, tmp_path):
+    import json
+    import signal
+    import time
+
+    training, method = {"max_train_steps": 30, "checkpointing_steps": 100}, {"name": "dreambooth", "adapter": "lora"}
+    straight = base_config(concept_dir, tmp_path / "straight", training=training, method=method)
+    assert cli(straight, tmp_path).returncode == 0
+
+    stopped = base_config(concept_dir, tmp_path / "stopped", training=training, method=method)
+    path = tmp_path / "stopped.yaml"
+    path.write_text(yaml.safe_dump(stopped))
+    proc = subprocess.Popen([PYTHON, str(ROOT / "train" / "train.py"), "--config", str(path)], env=python_subprocess_env(),
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    progress = tmp_path / "stopped" / "logs" / "progress.jsonl"
+    deadline = time.monotonic() + 300
+    while not (progress.exists() and progress.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert "training.resume=latest" in err
+    checkpoints = [p.name for p in (tmp_path / "stopped" / "checkpoints").iterdir() if not p.name.startswith(".")]
+    assert len(checkpoints) == 1 and checkpoints[0] < "checkpoint-000030", checkpoints
+
+    r = cli(stopped, tmp_path, "training.resume=latest")
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = load_file(str(tmp_path / "straight" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(tmp_path / "stopped" / "pytorch_lora_weights.safetensors"))
+    assert all((a[k] == b[k]).all() for k in a)
+    steps = [json.loads(line)["step"] for line in progress.read_text().splitlines()]
+    assert steps == list(range(1, 31))  # lines after the resumed step were dropped, none repeated

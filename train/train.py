@@ -31,12 +31,18 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, args.overrides)
         for override in args.overrides:
             logging.info("override: %s", override)
-        from t2i_personal.training.trainer import train
+        from t2i_personal.training.checkpoint import RECORD_NAME
+        from t2i_personal.training.trainer import Trainer, stop_on_signals
 
-        out = train(config)
+        with stop_on_signals(Trainer(config)) as trainer:
+            out = trainer.train()
     except (ConfigError, ModelLoadError, ImageLoadError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if not (out / RECORD_NAME).exists():  # stopped early (Ctrl-C / SIGTERM / training.stop_after_step)
+        print(f"stopped: resumable checkpoint in {out}/checkpoints/; continue with the same command plus "
+              "training.resume=latest", file=sys.stderr)
+        return 130 if trainer.stop_requested.is_set() else 0
     print(f"done: results in {out}/ (validation grids in {out}/validation/, load with "
           f"t2i_personal.load_personalized('{out}'))")
     return 0

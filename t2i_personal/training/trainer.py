@@ -11,9 +11,11 @@ import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +77,9 @@ class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = config
         self.output_dir = Path(config.training.output_dir)
+        # Set from another thread or a signal handler (Ctrl-C, the demo's Cancel): the loop finishes its step,
+        # saves a resumable checkpoint and returns.
+        self.stop_requested = threading.Event()
         launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION")
         if "mixed_precision" not in config.training.model_fields_set and launcher_precision:
             # `accelerate config` / `accelerate launch --mixed_precision` decide unless the YAML says otherwise
@@ -238,7 +243,7 @@ class Trainer:
             accelerator.init_trackers("t2i-personal", config=flat)
         global_step = self._loop(run, global_step)
         if global_step < t.max_train_steps:
-            logger.info("stopped after step %d (training.stop_after_step); resume with training.resume=latest", global_step)
+            logger.info("stopped after step %d; resume with training.resume=latest", global_step)
         else:
             if run.validation_prompts:
                 self._validate(run.components, run.validation_prompts, accelerator, run.weight_dtype, global_step)
@@ -328,6 +333,23 @@ class Trainer:
         logger.info("resumed from %s at step %d", run.resume_from, step)
         return step
 
+    def request_stop(self) -> None:
+        """Stop after the current step with a resumable checkpoint (``training.resume=latest`` continues)."""
+        self.stop_requested.set()
+
+    def _progress_log(self, global_step: int, main_process: bool):
+        """``logs/progress.jsonl``: one JSON line per step (loss terms, lr, seconds) and per validation grid, for
+        live views (the demo's loss plot). On resume, lines after the resumed step are dropped first."""
+        path = self.output_dir / "logs" / "progress.jsonl"
+        if not main_process:
+            return None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if global_step and path.exists():
+            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= global_step]
+        ckpt.write_text_atomic(path, "".join(line + "\n" for line in kept))
+        return path.open("a", buffering=1)
+
     def _loop(self, run: "_Run", global_step: int) -> int:
         """Optimizer steps until max_train_steps (or stop_after_step); returns the last step done."""
         t, d, accelerator = self.config.training, self.config.data, run.accelerator
@@ -342,6 +364,17 @@ class Trainer:
         bar = tqdm(total=t.max_train_steps, initial=global_step, desc="training", unit="step",
                    disable=not (t.progress_bar and accelerator.is_local_main_process))
         self.step_seconds: list[float] = []  # per optimizer step (loss.item() synchronises), for benchmarks
+        log_file = self._progress_log(global_step, accelerator.is_main_process)
+        try:
+            global_step = self._steps(run, global_step, stop_at, batches, bar, log_file)
+        finally:
+            if log_file is not None:
+                log_file.close()
+        bar.close()
+        return global_step
+
+    def _steps(self, run: "_Run", global_step: int, stop_at: int, batches, bar, log_file) -> int:
+        t, accelerator, accum = self.config.training, run.accelerator, self.config.training.gradient_accumulation_steps
         while global_step < stop_at:
             started, logs = time.perf_counter(), {}
             for micro in range(accum):
@@ -368,15 +401,24 @@ class Trainer:
             bar.set_postfix(loss=f"{logs['loss']:.4f}")
             if t.report_to != "none":
                 accelerator.log(logs, step=global_step)
+            if log_file is not None:
+                log_file.write(json.dumps({"step": global_step, **logs, "seconds": self.step_seconds[-1]}) + "\n")
             if global_step >= t.max_train_steps:
                 # always resumable from the end (to train on later); the final export is its inference artifact
                 self._save_checkpoint(run.components, run.method, accelerator, global_step, with_artifact=False)
                 break
             if run.validation_prompts and global_step % self.config.validation.every_n_steps == 0:
-                self._validate(run.components, run.validation_prompts, accelerator, run.weight_dtype, global_step)
-            if global_step % t.checkpointing_steps == 0 or global_step == stop_at:
+                grid = self._validate(run.components, run.validation_prompts, accelerator, run.weight_dtype, global_step)
+                if log_file is not None:
+                    log_file.write(json.dumps({"step": global_step, "validation": str(grid)}) + "\n")
+            stopping = self.stop_requested.is_set()
+            if accelerator.num_processes > 1:  # every rank must stop at the same step, or the checkpoint's collectives hang
+                stopping = bool(accelerator.reduce(torch.tensor(float(stopping), device=accelerator.device), "max").item())
+            if global_step % t.checkpointing_steps == 0 or global_step == stop_at or stopping:
                 self._save_checkpoint(run.components, run.method, accelerator, global_step)
-        bar.close()
+            if stopping:
+                logger.info("stop requested: checkpoint saved at step %d", global_step)
+                break
         return global_step
 
     def _micro_step(self, batch) -> dict[str, torch.Tensor]:
@@ -555,3 +597,26 @@ def _importable(name: str) -> bool:
 
 def train(config: TrainConfig) -> Path:
     return Trainer(config).train()
+
+
+@contextmanager
+def stop_on_signals(trainer: Trainer, signals=(signal.SIGINT, signal.SIGTERM)):
+    """The first Ctrl-C / SIGTERM asks ``trainer`` to stop after its current step with a resumable checkpoint; a
+    second one aborts at once (the default behaviour)."""
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+
+    def handle(signum, frame):
+        if trainer.stop_requested.is_set():
+            signal.signal(signum, previous[signum])
+            signal.raise_signal(signum)
+            return
+        logger.warning("stopping after this step with a checkpoint (send the signal again to abort at once)")
+        trainer.request_stop()
+
+    for sig in signals:
+        signal.signal(sig, handle)
+    try:
+        yield trainer
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
