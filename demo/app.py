@@ -57,6 +57,11 @@ def slug(text: str, fallback: str = "run") -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or fallback
 
 
+def _upload_path(file) -> Path:
+    """Gradio hands uploads over as paths (or, in old versions, temp-file objects whose ``.name`` is the path)."""
+    return Path(file) if isinstance(file, (str, Path)) else Path(file.name)
+
+
 def unique_folder(parent: Path, name: str) -> Path:
     folder, n = parent / name, 1
     while folder.exists():
@@ -91,7 +96,7 @@ class Workspace:
     def save_uploads(self, files: list, captions: list[str] | None = None, name: str = "images") -> Path:
         """Check the uploaded images (count, size, type, readability) and store them, as PNGs named
         ``image-NN.png``, in a new folder under ``uploads/``; a non-empty caption goes next to its image."""
-        paths = [Path(getattr(f, "name", f)) for f in (files or [])]
+        paths = [_upload_path(f) for f in (files or [])]
         if not paths:
             raise DemoError("upload 3-20 images of the subject or style first")
         if len(paths) > self.max_uploads:
@@ -208,6 +213,14 @@ class TrainingQueue:
         threading.Thread(target=self._worker, daemon=True, name="training-queue").start()
 
     def submit(self, config, extra_overrides: tuple[str, ...] = ()) -> TrainingJob:
+        with self._lock:  # two jobs queued before either started must not share an output folder
+            taken = {j.output_dir for j in self.jobs.values()}
+            out = Path(config.training.output_dir)
+            base, n = out.name, 1
+            while out in taken or out.exists():
+                n += 1
+                out = out.with_name(f"{base}-{n}")
+            config.training.output_dir = str(out)
         job_dir = unique_folder(self.workspace.root / "jobs", Path(config.training.output_dir).name)
         job_dir.mkdir(parents=True)
         config_path = job_dir / "config.yaml"
@@ -407,7 +420,7 @@ def build_app(workspace: Workspace, queue: TrainingQueue | None = None):
         return [str(p) for p in workspace.results()]
 
     def on_upload(files):
-        names = [Path(getattr(f, "name", f)).name for f in (files or [])]
+        names = [_upload_path(f).name for f in (files or [])]
         return [[n, ""] for n in names]
 
     def on_config(kind, identifier, class_noun, base, run_name, method, adapter, steps, lr, prior, spl, rank):
@@ -438,7 +451,8 @@ def build_app(workspace: Workspace, queue: TrainingQueue | None = None):
             return "no training job yet", None, None, ""
         lines = job.progress()
         step = max((line["step"] for line in lines if "loss" in line), default=0)
-        status = f"{job.state}: step {step}/{job.max_steps}" + (f" - {job.message}" if job.message else "")
+        doing = "preparing (loading the model, class images), step 0" if job.state == "running" and not lines else f"step {step}"
+        status = f"{job.state}: {doing}/{job.max_steps}" + (f" - {job.message}" if job.message else "")
         grid = job.latest_grid()
         log_tail = job.log_path.read_text(errors="replace")[-2000:] if job.log_path and job.log_path.exists() else ""
         return status, loss_figure(lines), str(grid) if grid else None, log_tail
@@ -477,7 +491,7 @@ def build_app(workspace: Workspace, queue: TrainingQueue | None = None):
             raise gr.Error(str(exc)) from exc
         rows = summary_table(summary)
         chart = _chart(rows)
-        grids = sorted(str(p) for p in out.rglob("*.png"))[:64]
+        grids = sorted(str(p) for p in (out / "report" / "grids").rglob("*.png"))  # one grid per model and prompt
         return rows, chart, grids, str(out / "report.html")
 
     with gr.Blocks(title="t2i-personal") as app:
@@ -490,7 +504,7 @@ def build_app(workspace: Workspace, queue: TrainingQueue | None = None):
                     files = gr.File(label=f"3-{workspace.max_uploads} images", file_count="multiple",
                                     file_types=["image"], elem_id="train-files")
                     captions = gr.Dataframe(headers=["file", "caption (optional; {V} identifier, {C} class)"],
-                                            datatype=["str", "str"], col_count=(2, "fixed"), interactive=True,
+                                            datatype=["str", "str"], column_count=(2, "fixed"), interactive=True,
                                             label="captions")
                     example = gr.Button("Use the toy world's example dog", size="sm")
                 with gr.Column():
@@ -504,12 +518,12 @@ def build_app(workspace: Workspace, queue: TrainingQueue | None = None):
                         method = gr.Dropdown(["preset", "dreambooth", "custom_diffusion", "styleforge"],
                                              value="preset", label="method")
                         adapter = gr.Dropdown(["preset", "lora", "full"], value="preset", label="adapter")
-                        steps = gr.Number(None, label="training steps", precision=0, elem_id="train-steps")
-                        lr = gr.Number(None, label="learning rate")
+                        steps = gr.Textbox("", label="training steps", placeholder="preset", elem_id="train-steps")
+                        lr = gr.Textbox("", label="learning rate", placeholder="preset")
                         prior = gr.Dropdown(["preset", "none", "class_images", "auxiliary"], value="preset",
                                             label="prior preservation")
-                        spl = gr.Number(None, label="SPL weight λ (0 = off)")
-                        rank = gr.Number(None, label="LoRA rank", precision=0)
+                        spl = gr.Textbox("", label="SPL weight λ (0 = off)", placeholder="preset")
+                        rank = gr.Textbox("", label="LoRA rank", placeholder="preset")
                     with gr.Accordion("config (YAML)", open=False):
                         yaml_view = gr.Code(language="yaml", label="resulting config")
             with gr.Row():
@@ -520,7 +534,7 @@ def build_app(workspace: Workspace, queue: TrainingQueue | None = None):
             status = gr.Textbox(label="status", interactive=False, elem_id="train-status")
             with gr.Row():
                 loss_plot = gr.Plot(label="loss")
-                grid = gr.Image(label="latest validation grid", type="filepath")
+                grid = gr.Image(label="latest validation grid", type="filepath", elem_id="train-grid")
             log = gr.Textbox(label="log (tail)", lines=6, max_lines=12)
             timer = gr.Timer(1.0)
 
@@ -563,8 +577,9 @@ def build_app(workspace: Workspace, queue: TrainingQueue | None = None):
 
         with gr.Tab("Evaluate"):
             with gr.Row():
-                eval_results = gr.Dropdown(result_choices(), multiselect=True, label="trained results")
-                eval_refresh = gr.Button("Refresh", size="sm")
+                eval_results = gr.Dropdown(result_choices(), multiselect=True, label="trained results",
+                                           elem_id="eval-results")
+                eval_refresh = gr.Button("Refresh", size="sm", elem_id="eval-refresh")
             prompt_set = gr.Radio(list(PROMPT_SETS), value="pasted list", label="prompts")
             pasted = gr.Textbox("a photo of {V} {C}\na photo of {V} {C} on the beach", lines=4,
                                 label="pasted prompts, one per line ({V} identifier, {C} class noun)")
@@ -572,10 +587,10 @@ def build_app(workspace: Workspace, queue: TrainingQueue | None = None):
                 per_prompt = gr.Slider(1, 8, 2, step=1, label="images per prompt")
                 eval_steps = gr.Slider(1, 100, 25, step=1, label="steps")
                 eval_cfg = gr.Slider(1, 15, 5, step=0.5, label="CFG")
-            eval_btn = gr.Button("Evaluate", variant="primary")
-            table = gr.Dataframe(headers=["model", "metric", "mean", "95% CI"], label="scores")
+            eval_btn = gr.Button("Evaluate", variant="primary", elem_id="eval-button")
+            table = gr.Dataframe(headers=["model", "metric", "mean", "95% CI"], label="scores", elem_id="eval-table")
             chart = gr.Plot(label="scores")
-            gallery = gr.Gallery(label="generated images", columns=8)
+            gallery = gr.Gallery(label="image grids (model, prompt)", columns=4, elem_id="eval-gallery")
             report = gr.File(label="HTML report")
             eval_refresh.click(lambda: gr.Dropdown(choices=result_choices()), None, eval_results)
             eval_btn.click(on_evaluate, [eval_results, prompt_set, pasted, per_prompt, eval_steps, eval_cfg],

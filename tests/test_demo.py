@@ -1,0 +1,168 @@
+"""The Gradio demo's callbacks: uploads, configs, the training queue (train, cancel, resume), generation with
+FreeCure and evaluation, on the toy world. The browser test is in test_demo_browser.py."""
+
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT
+
+spec = importlib.util.spec_from_file_location("demo_app", ROOT / "demo" / "app.py")
+app = sys.modules["demo_app"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(app)
+
+DOG = sorted((ROOT / "t2i_personal" / "toyworld" / "assets" / "subjects" / "dog").glob("*.png"))
+FAST = {"method.prior": "none", "training.max_train_steps": 2}
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    return app.Workspace(tmp_path / "work", max_uploads=5, max_upload_mb=1)
+
+
+def test_uploads_are_checked_and_stored_under_fixed_names(workspace, tmp_path):
+    odd = tmp_path / "..%2F..%2Fescape me.png"  # the uploaded name is never used as a path
+    Image.open(DOG[0]).convert("RGBA").save(odd)
+    folder = workspace.save_uploads([odd, *DOG[1:3]], ["a photo of {V} {C} asleep", "", "  "], name="../../My Dog!")
+    assert folder.parent == workspace.root / "uploads" and folder.name == "my-dog"
+    assert sorted(p.name for p in folder.iterdir()) == ["image-00.png", "image-00.txt", "image-01.png", "image-02.png"]
+    assert Image.open(folder / "image-00.png").mode == "RGB"  # RGBA flattened on white like the trainer does
+    assert (folder / "image-00.txt").read_text() == "a photo of {V} {C} asleep\n"
+    assert workspace.save_uploads(DOG[:3], name="my dog").name == "my-dog-2"  # never overwrites
+
+
+@pytest.mark.parametrize("case, message", [
+    ("none", "upload 3-20 images"), ("too_many", "at most 5"), ("text", "not an image file"),
+    ("corrupt", "broken.png"), ("too_big", "over the 1 MB limit")])
+def test_bad_uploads_get_a_clear_message_and_write_nothing(workspace, tmp_path, case, message):
+    files = {"none": [], "too_many": DOG * 2, "text": [tmp_path / "notes.txt"], "corrupt": [tmp_path / "broken.png"],
+             "too_big": [tmp_path / "huge.png"]}[case]
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (800, 800, 3), dtype=np.uint8)).save(tmp_path / "huge.png")
+    with pytest.raises(app.DemoError, match=message):
+        workspace.save_uploads(files)
+    assert list((workspace.root / "uploads").iterdir()) == []
+
+
+def test_paths_outside_the_work_folder_are_refused(workspace):
+    assert workspace.inside(workspace.root / "runs" / "x") == workspace.root / "runs" / "x"
+    with pytest.raises(app.DemoError, match="outside the work folder"):
+        workspace.inside(workspace.root / ".." / "elsewhere")
+
+
+@pytest.mark.parametrize("kind, method, prior", [("subject", "dreambooth", "class_images"),
+                                                 ("face", "dreambooth", "none"), ("style", "styleforge", "auxiliary")])
+def test_each_kind_picks_its_preset(workspace, kind, method, prior):
+    config = app.build_config(workspace, kind, "zwx", "thing", "builtin:toy", "/data/imgs", "",
+                              {"training.max_train_steps": 7, "method.lora.rank": 4, "method.adapter": ""})
+    assert (config.method.name, config.method.prior) == (method, prior)
+    assert config.training.max_train_steps == 7 and config.method.lora.rank == 4
+    assert config.concepts[0].identifier == "zwx" and config.concepts[0].instance_dir == "/data/imgs"
+    assert Path(config.training.output_dir).parent == workspace.root / "runs"
+    for concept in config.concepts:  # preset folders resolve from the repository, class images stay in the workdir
+        assert concept.class_dir is None or Path(concept.class_dir).is_absolute()
+    text = app.config_yaml(config)
+    assert "identifier: zwx" in text and "max_train_steps: 7" in text
+
+
+def test_real_base_models_get_the_real_presets(workspace):
+    config = app.build_config(workspace, "subject", "sks", "dog", "runwayml/stable-diffusion-v1-5", "/d")
+    assert config.model.pretrained == "runwayml/stable-diffusion-v1-5" and config.method.spl.weight > 0
+
+
+def test_config_errors_are_shown_as_the_cli_words_them(workspace):
+    with pytest.raises(app.DemoError, match="identifier"):
+        app.build_config(workspace, "subject", " ", "dog", "builtin:toy", "/d")
+    with pytest.raises(app.DemoError, match="learning_rate"):
+        app.build_config(workspace, "subject", "sks", "dog", "builtin:toy", "/d", advanced={"training.learning_rate": "fast"})
+    with pytest.raises(app.DemoError, match="unknown kind"):
+        app.build_config(workspace, "landscape", "sks", "dog", "builtin:toy", "/d")
+
+
+def test_the_app_builds(workspace):
+    import gradio as gr
+
+    queue = app.TrainingQueue(workspace)
+    assert isinstance(app.build_app(workspace, queue), gr.Blocks)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One finished 2-step toy result through the queue (the path the Train button takes)."""
+    workspace = app.Workspace(tmp_path_factory.mktemp("demo") / "work")
+    queue = app.TrainingQueue(workspace)
+    folder = workspace.save_uploads(DOG[:3], name="dog")
+    first = queue.submit(app.build_config(workspace, "subject", "sks", "dog", "builtin:toy", folder, "dog", FAST))
+    second = queue.submit(app.build_config(workspace, "subject", "sks", "dog", "builtin:toy", folder, "dog", FAST))
+    assert second.state == "queued"  # one training at a time
+    assert queue.wait(first.id, 600).state == "finished", first.log_path.read_text()[-3000:]
+    assert queue.wait(second.id, 600).state == "finished", second.log_path.read_text()[-3000:]
+    return workspace, queue, first
+
+
+@pytest.mark.slow
+def test_training_through_the_queue_writes_a_result_with_progress(trained):
+    workspace, _, job = trained
+    assert str(job.output_dir) in [str(p) for p in workspace.results()]
+    lines = job.progress()
+    assert [line["step"] for line in lines if "loss" in line] == [1, 2]
+    assert job.latest_grid() is not None and job.latest_grid().is_file()
+
+
+@pytest.mark.slow
+def test_cancel_keeps_a_resumable_checkpoint_and_resume_finishes(trained):
+    workspace, queue, _ = trained
+    folder = workspace.save_uploads(DOG[:3], name="dog")
+    job = queue.submit(app.build_config(workspace, "subject", "sks", "dog", "builtin:toy", folder, "long",
+                                        {**FAST, "training.max_train_steps": 40}))
+    deadline = time.monotonic() + 300
+    while not job.progress():
+        assert job.state in ("queued", "running") and time.monotonic() < deadline, job.log_path.read_text()[-3000:]
+        time.sleep(0.1)
+    queue.cancel(job.id)
+    assert queue.wait(job.id, 300).state == "cancelled", job.log_path.read_text()[-3000:]
+    assert "resumable checkpoint" in job.message
+    assert list((job.output_dir / "checkpoints").glob("checkpoint-*"))
+    assert job.output_dir not in workspace.results()
+    resumed = queue.resume(job.id)
+    assert queue.wait(resumed.id, 600).state == "finished", resumed.log_path.read_text()[-3000:]
+    assert [line["step"] for line in resumed.progress() if "loss" in line] == list(range(1, 41))
+
+
+@pytest.mark.slow
+def test_generate_with_and_without_freecure(trained):
+    _, _, job = trained
+    generate = app.Generator()
+    plain = generate(str(job.output_dir), "a photo of sks dog on the beach", seed=3, steps=4)
+    assert set(plain) == {"personalized"} and plain["personalized"].size == (64, 64)
+    again = generate(str(job.output_dir), "a photo of sks dog on the beach", seed=3, steps=4)
+    assert np.array_equal(np.asarray(plain["personalized"]), np.asarray(again["personalized"]))  # seeded
+    cured = generate(str(job.output_dir), "a photo of sks dog wearing a red hat", seed=3, steps=4, freecure=True,
+                     attributes="hat", mask_source="cross_attention")
+    assert cured["foundation"].size == cured["repaired"].size == (64, 64)
+    assert "hat (cross_attention)" in cured["attributes"]
+    with pytest.raises(app.DemoError, match="tokens long"):
+        generate(str(job.output_dir), "a photo of sks dog " + "very " * 80)
+    with pytest.raises(app.DemoError, match="write a prompt"):
+        generate(str(job.output_dir), "  ")
+
+
+@pytest.mark.slow
+def test_evaluate_a_pasted_prompt_list(trained):
+    workspace, _, job = trained
+    summary, out = app.run_evaluation(workspace, [str(job.output_dir)], "pasted list",
+                                      "a photo of {V} {C}\na photo of {V} {C} in the snow", images_per_prompt=1,
+                                      steps=3, progress=False)
+    rows = app.summary_table(summary)
+    assert {r[1] for r in rows} == {"clip_t", "clip_i", "ti_clip"} and all(r[2] is not None for r in rows)
+    assert (out / "report.html").is_file() and workspace.root in out.parents
+    with pytest.raises(app.DemoError, match="not a finished result"):
+        app.run_evaluation(workspace, ["/etc"], "dreambench")
+    with pytest.raises(app.DemoError, match="paste one prompt"):
+        app.run_evaluation(workspace, [str(job.output_dir)], "pasted list", "  \n")

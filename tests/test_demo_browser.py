@@ -1,0 +1,110 @@
+"""End to end in a real browser: start ``python demo/app.py`` on a free port, drive it with Playwright in headless
+Chromium (Debian's ``chromium`` package, no browser download): upload images, train briefly, generate with FreeCure
+on, evaluate. Screenshots go to tests/artifacts/ (kept by CI as test artifacts)."""
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from conftest import PYTHON, ROOT, python_subprocess_env
+
+ARTIFACTS = ROOT / "tests" / "artifacts"
+DOG = sorted((ROOT / "t2i_personal" / "toyworld" / "assets" / "subjects" / "dog").glob("*.png"))
+
+
+def chromium_path() -> str | None:
+    for candidate in (os.environ.get("CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
+        if candidate and shutil.which(candidate):
+            return shutil.which(candidate)
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def browser():
+    playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
+    executable = chromium_path()
+    if executable is None:
+        pytest.skip("no Chromium on this machine: install Debian's package (apt-get install chromium) or set CHROMIUM")
+    with playwright_api.sync_playwright() as p:
+        try:
+            browser = p.chromium.launch(executable_path=executable, headless=True, args=["--no-sandbox"])
+        except Exception as exc:  # e.g. missing shared libraries in a minimal container
+            pytest.skip(f"Chromium at {executable} cannot start here: {exc}")
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def server(tmp_path):
+    port = free_port()
+    log = open(tmp_path / "app.log", "w")
+    proc = subprocess.Popen([PYTHON, str(ROOT / "demo" / "app.py"), "--port", str(port), "--workdir",
+                             str(tmp_path / "work")], cwd=tmp_path, env=python_subprocess_env(), stdout=log,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "app.log").read_text()[-3000:]
+            time.sleep(0.5)
+    yield url, tmp_path / "work"
+    proc.terminate()
+    proc.wait(30)
+    log.close()
+
+
+def value_contains(page, selector: str, text: str, timeout_s: float):
+    page.wait_for_function("([sel, text]) => { const e = document.querySelector(sel); return e && e.value.includes(text); }",
+                           arg=[selector, text], timeout=timeout_s * 1000)
+
+
+@pytest.mark.slow
+def test_train_generate_evaluate_in_the_browser(browser, server):
+    url, work = server
+    ARTIFACTS.mkdir(exist_ok=True)
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    page.goto(url)
+    page.set_input_files("#train-files input[type=file]", [str(p) for p in DOG[:4]])
+    page.get_by_text("advanced (blank = the preset's value)").click()
+    page.locator("#train-steps textarea, #train-steps input").first.fill("2")
+    page.locator("#train-steps textarea, #train-steps input").first.press("Tab")
+    page.locator("#train-button").click()
+    value_contains(page, "#train-status textarea", "finished", 420)
+    page.wait_for_selector("#train-grid img", timeout=30_000)  # the validation grid is shown
+    page.screenshot(path=str(ARTIFACTS / "demo-train.png"), full_page=True)
+    assert list((work / "runs").glob("*/personalization.json"))
+
+    page.get_by_role("tab", name="Generate").click()
+    page.locator("#gen-refresh").click()
+    page.locator("#gen-result input").click()
+    page.get_by_role("option").first.click()
+    page.locator("#gen-freecure input[type=checkbox]").check()
+    page.locator("#gen-button").click()
+    page.wait_for_selector("#gen-repaired img", timeout=180_000)
+    assert page.locator("#gen-personalized img").count() == 1
+    page.screenshot(path=str(ARTIFACTS / "demo-generate.png"), full_page=True)
+
+    page.get_by_role("tab", name="Evaluate").click()
+    page.locator("#eval-refresh").click()
+    page.locator("#eval-results input").click()
+    page.get_by_role("option").first.click()
+    page.keyboard.press("Escape")
+    page.locator("#eval-button").click()
+    page.wait_for_selector("#eval-gallery img", timeout=300_000)
+    assert "clip_t" in page.locator("#eval-table").inner_text()
+    page.screenshot(path=str(ARTIFACTS / "demo-evaluate.png"), full_page=True)
+    assert list((work / "evals").glob("*/results/report.html"))
