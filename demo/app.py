@@ -11,6 +11,8 @@ file names are never used as paths. Training runs ``train/train.py`` in a child 
 from __future__ import annotations
 
 import argparse
+import atexit
+import hashlib
 import json
 import re
 import shutil
@@ -27,11 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import yaml  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from t2i_personal.config import config_to_dict, load_config  # noqa: E402
 from t2i_personal.data.images import ImageLoadError, load_image_rgb, save_image_atomic  # noqa: E402
 from t2i_personal.errors import ConfigError, ModelLoadError  # noqa: E402
-from t2i_personal.training.checkpoint import RECORD_NAME  # noqa: E402
+from t2i_personal.training.checkpoint import RECORD_NAME, list_checkpoints  # noqa: E402
 
 TOY = "builtin:toy"
 # What is being trained -> (preset on the toy world, preset on a real base model). The presets carry the
@@ -75,15 +78,17 @@ def unique_folder(parent: Path, name: str) -> Path:
 
 @dataclass
 class Workspace:
-    """The app's folder and its limits: ``uploads/``, ``runs/`` (trained results), ``evals/``, ``jobs/``."""
+    """The app's folder and its limits: ``uploads/``, ``runs/`` (trained results), ``evals/``, ``jobs/`` (configs
+    and logs), ``class-images/`` (prior samples, reused by later runs of the same class and base model)."""
 
     root: Path
     max_uploads: int = 20
     max_upload_mb: float = 20.0
+    min_uploads: int = 3
 
     def __post_init__(self):
         self.root = Path(self.root).resolve()
-        for sub in ("uploads", "runs", "evals", "jobs"):
+        for sub in ("uploads", "runs", "evals", "jobs", "class-images"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
     def inside(self, path: Path) -> Path:
@@ -97,8 +102,9 @@ class Workspace:
         """Check the uploaded images (count, size, type, readability) and store them, as PNGs named
         ``image-NN.png``, in a new folder under ``uploads/``; a non-empty caption goes next to its image."""
         paths = [_upload_path(f) for f in (files or [])]
-        if not paths:
-            raise DemoError("upload 3-20 images of the subject or style first")
+        if len(paths) < self.min_uploads:
+            raise DemoError(f"{len(paths)} image(s) uploaded: upload {self.min_uploads}-{self.max_uploads} images of the "
+                            "subject or style")
         if len(paths) > self.max_uploads:
             raise DemoError(f"{len(paths)} files uploaded; at most {self.max_uploads} are accepted")
         captions = list(captions or [])
@@ -119,11 +125,20 @@ class Workspace:
         shutil.rmtree(tmp, ignore_errors=True)
         for i, image in enumerate(images):
             save_image_atomic(image, tmp / f"image-{i:02d}.png")
-            caption = (captions[i] if i < len(captions) else "") or ""
+            caption = captions[i] if i < len(captions) else ""
+            caption = caption if isinstance(caption, str) else ""  # an empty table cell can arrive as NaN
             if caption.strip():
                 (tmp / f"image-{i:02d}.txt").write_text(caption.strip() + "\n", encoding="utf-8")
         tmp.rename(folder)
         return folder
+
+    def check_result(self, result: str | None) -> str:
+        """``result`` if it is one of :meth:`results` (the only folders the app loads models from)."""
+        if not result:
+            raise DemoError("pick a trained result (train one first, then Refresh)")
+        if str(result) not in {str(p) for p in self.results()}:
+            raise DemoError(f"{result} is not a finished result of this app or of outputs/")
+        return str(result)
 
     def results(self) -> list[Path]:
         """Finished trained results: the app's own runs, then the CLI's ``outputs/`` folders."""
@@ -135,17 +150,20 @@ class Workspace:
 
 
 def build_config(workspace: Workspace, kind: str, identifier: str, class_noun: str, base_model: str,
-                 instance_dir: str | Path, run_name: str = "", advanced: dict | None = None):
+                 instance_dir: str | Path, run_name: str = "", advanced: dict | None = None,
+                 auxiliary_dir: str | Path | None = None):
     """The validated TrainConfig for the Train tab's choices: ``kind``'s preset, the concept, and the advanced
-    settings as dotted overrides (blank ones keep the preset's)."""
+    settings as dotted overrides (blank ones keep the preset's). ``auxiliary_dir``: StyleForge's auxiliary images
+    (uploaded); the toy world's presets bring their own. Every folder the run writes lies in the work folder."""
     if kind not in KINDS:
         raise DemoError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
     base_model = (base_model or TOY).strip()
     preset = ROOT / KINDS[kind][0 if base_model == TOY else 1]
     output_dir = unique_folder(workspace.root / "runs", slug(run_name or f"{kind}-{identifier}-{class_noun}"))
-    overrides = [f"model.pretrained={base_model}", f"concepts.0.identifier={identifier}",
-                 f"concepts.0.class_noun={class_noun}", f"concepts.0.instance_dir={instance_dir}",
-                 f"training.output_dir={output_dir}"]
+    text = {"model.pretrained": base_model, "concepts.0.identifier": identifier, "concepts.0.class_noun": class_noun,
+            "concepts.0.instance_dir": str(instance_dir), "training.output_dir": str(output_dir)}
+    # free text is quoted, so "sks #1" or "true" stay the words typed rather than YAML comments or booleans
+    overrides = [f"{key}={json.dumps(value)}" for key, value in text.items()]
     for key, value in (advanced or {}).items():
         if key not in ADVANCED:
             raise DemoError(f"unknown advanced setting {key!r}; settings: {', '.join(ADVANCED)}")
@@ -155,11 +173,20 @@ def build_config(workspace: Workspace, kind: str, identifier: str, class_noun: s
         config = load_config(preset, overrides)
     except ConfigError as exc:
         raise DemoError(str(exc)) from exc
-    for concept in config.concepts:  # the presets' other folders (e.g. StyleForge's auxiliary images) are repo paths
-        if concept.class_dir and not Path(concept.class_dir).is_absolute():
-            concept.class_dir = str(ROOT / concept.class_dir)
-        if config.method.prior == "class_images" and not concept.class_dir:
-            concept.class_dir = str(output_dir.parent / f".class-images-{slug(concept.class_noun)}-{slug(base_model)}")
+    workspace.inside(Path(config.training.output_dir))
+    for concept in config.concepts:
+        if config.method.prior == "class_images":  # generated, so cached in the work folder (per class and model)
+            digest = hashlib.sha1(f"{base_model}|{config.data.resolution}".encode()).hexdigest()[:8]
+            concept.class_dir = str(workspace.root / "class-images" / f"{slug(concept.class_noun)}-{slug(base_model)}-{digest}")
+        elif config.method.prior == "auxiliary":  # read only: the upload, or the toy preset's own folder
+            if auxiliary_dir:
+                concept.class_dir = str(auxiliary_dir)
+            elif concept.class_dir and (ROOT / concept.class_dir).is_dir():
+                concept.class_dir = str(ROOT / concept.class_dir)
+            else:
+                raise DemoError("StyleForge on this base model needs auxiliary images (15-20 pictures in a general "
+                                "look of the same medium, e.g. digital paintings of people): upload them under "
+                                "'auxiliary images', or set prior preservation to none")
     return config
 
 
@@ -213,7 +240,7 @@ class TrainingQueue:
         threading.Thread(target=self._worker, daemon=True, name="training-queue").start()
 
     def submit(self, config, extra_overrides: tuple[str, ...] = ()) -> TrainingJob:
-        with self._lock:  # two jobs queued before either started must not share an output folder
+        with self._lock:  # two jobs queued before either started must not share an output or job folder
             taken = {j.output_dir for j in self.jobs.values()}
             out = Path(config.training.output_dir)
             base, n = out.name, 1
@@ -221,41 +248,59 @@ class TrainingQueue:
                 n += 1
                 out = out.with_name(f"{base}-{n}")
             config.training.output_dir = str(out)
-        job_dir = unique_folder(self.workspace.root / "jobs", Path(config.training.output_dir).name)
-        job_dir.mkdir(parents=True)
+            job_dir = unique_folder(self.workspace.root / "jobs", out.name)
+            job_dir.mkdir(parents=True)
         config_path = job_dir / "config.yaml"
         config_path.write_text(config_yaml(config))
-        job = TrainingJob(job_dir.name, config_path, Path(config.training.output_dir),
-                          config.training.max_train_steps, log_path=job_dir / "train.log", extra=list(extra_overrides))
+        job = TrainingJob(job_dir.name, config_path, out, config.training.max_train_steps,
+                          log_path=job_dir / "train.log", extra=list(extra_overrides))
+        self._enqueue(job)
+        return job
+
+    def _enqueue(self, job: TrainingJob) -> None:
         with self._lock:
             self.jobs[job.id] = job
             self._pending.append(job.id)
         self._wake.set()
-        return job
+
+    def position(self, job_id: str) -> int | None:
+        """1 for the next job to start, None when not waiting."""
+        with self._lock:
+            return self._pending.index(job_id) + 1 if job_id in self._pending else None
 
     def resume(self, job_id: str) -> TrainingJob:
         """Queue a cancelled job again; it continues from its last checkpoint."""
-        old = self.jobs[job_id]
-        if old.state != "cancelled":
-            raise DemoError(f"job {job_id} is {old.state}; only a cancelled job can be resumed")
-        job = TrainingJob(old.id, old.config_path, old.output_dir, old.max_steps, log_path=old.log_path,
-                          extra=["training.resume=latest"])
         with self._lock:
-            self.jobs[job.id] = job
-            self._pending.append(job.id)
-        self._wake.set()
+            old = self._job(job_id)
+            if old.state != "cancelled" or not list_checkpoints(old.output_dir):
+                raise DemoError(f"job {job_id} is {old.state} with no checkpoint to continue from; only a cancelled "
+                                "job that saved a checkpoint can be resumed (train it again instead)")
+            job = TrainingJob(old.id, old.config_path, old.output_dir, old.max_steps, log_path=old.log_path,
+                              extra=["training.resume=latest"])
+        self._enqueue(job)
         return job
 
     def cancel(self, job_id: str) -> TrainingJob:
-        job = self.jobs[job_id]
         with self._lock:
+            job = self._job(job_id)
             if job.state == "queued":
                 self._pending.remove(job_id)
                 job.state, job.message = "cancelled", "cancelled before it started"
-            elif job.state == "running" and job.process is not None:
-                job.cancel_requested = True
+            elif job.state == "running" and job.process is not None and not job.cancel_requested:
+                job.cancel_requested = True  # one signal only: a second one would abort without a checkpoint
                 job.process.send_signal(signal.SIGINT)  # the trainer finishes its step and saves a checkpoint
         return job
+
+    def _job(self, job_id: str) -> TrainingJob:
+        if job_id not in self.jobs:
+            raise DemoError("no such training job (start one with Train)")
+        return self.jobs[job_id]
+
+    def stop_all(self) -> None:
+        """On exit: running training is asked to stop with a checkpoint."""
+        for job in list(self.jobs.values()):
+            if job.state == "running" and job.process is not None and job.process.poll() is None:
+                job.process.send_signal(signal.SIGINT)
 
     def wait(self, job_id: str, timeout: float = 3600) -> TrainingJob:
         deadline = time.monotonic() + timeout
@@ -274,21 +319,28 @@ class TrainingQueue:
                     self._wake.clear()
                     continue
                 job.state = "running"
-                log = open(job.log_path, "a")
-                job.process = subprocess.Popen(
-                    [self.python, str(ROOT / "train" / "train.py"), "--config", str(job.config_path), *job.extra],
-                    cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
+            try:  # whatever happens to one job, the queue goes on
+                self._run(job)
+            except Exception as exc:  # noqa: BLE001 - shown to the user, never kills the worker
+                job.state, job.message = "failed", f"could not run the training: {exc}"
+
+    def _run(self, job: TrainingJob) -> None:
+        with open(job.log_path, "a") as log:
+            # its own session: Ctrl-C in the app's terminal reaches the app (which stops it cleanly), not the child
+            job.process = subprocess.Popen(
+                [self.python, str(ROOT / "train" / "train.py"), "--config", str(job.config_path), *job.extra],
+                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
             code = job.process.wait()
-            log.close()
-            errors = [line for line in job.log_path.read_text(errors="replace").splitlines() if line.startswith("error:")]
-            if code == 0 and (job.output_dir / RECORD_NAME).is_file():
-                job.state, job.message = "finished", f"finished: {job.output_dir}"
-            elif job.cancel_requested:
-                job.state = "cancelled"
-                job.message = "cancelled: a resumable checkpoint was kept (Resume continues from it)"
-            else:
-                job.state = "failed"
-                job.message = errors[-1] if errors else f"training exited with code {code}; see {job.log_path}"
+        errors = [line for line in job.log_path.read_text(errors="replace").splitlines() if line.startswith("error:")]
+        if code == 0 and (job.output_dir / RECORD_NAME).is_file():
+            job.state, job.message = "finished", f"finished: {job.output_dir}"
+        elif job.cancel_requested:
+            job.state = "cancelled"
+            job.message = ("cancelled: a resumable checkpoint was kept (Resume continues from it)"
+                           if list_checkpoints(job.output_dir) else "cancelled before the first step (no checkpoint)")
+        else:
+            job.state = "failed"
+            job.message = errors[-1] if errors else f"training exited with code {code}; see {job.log_path}"
 
 
 # ---------------------------------------------------------------------------------------------------- generation
@@ -299,45 +351,60 @@ class Generator:
 
     def __init__(self):
         self._loaded: tuple[str, object] | None = None
+        self._cure: tuple[tuple, object] | None = None  # FreeCure may load a foundation model: built once per choice
         self._lock = threading.Lock()
 
     def pipeline(self, result: str):
         from t2i_personal import load_personalized
 
         if self._loaded is None or self._loaded[0] != result:
+            self._loaded, self._cure = None, None
             self._loaded = (result, load_personalized(result))
         return self._loaded[1]
 
-    def __call__(self, result: str, prompt: str, *, seed: int = 0, steps: int = 25, guidance: float = 5.0,
+    def freecure(self, result: str, attributes: str, mask_source: str):
+        from t2i_personal.freecure import FreeCure
+
+        key = (result, attributes, mask_source)
+        if self._cure is None or self._cure[0] != key:
+            self._cure = (key, FreeCure(self.pipeline(result), attributes=attributes, mask_source=mask_source))
+        return self._cure[1]
+
+    def __call__(self, result: str, prompt: str, *, seed: int | None = 0, steps: int = 25, guidance: float = 5.0,
                  lora_scale: float = 1.0, freecure: bool = False, attributes: str = "auto",
                  mask_source: str = "auto") -> dict:
         """``{"personalized", "foundation", "mask", "repaired"}`` images (the last three with FreeCure only)."""
-        import torch
-
-        from t2i_personal.freecure import FreeCure
-
         if not prompt or not prompt.strip():
             raise DemoError("write a prompt, with the identifier, e.g. 'a photo of sks dog on the beach'")
-        with self._lock:
-            pipe = self.pipeline(result)
-            pipe.set_progress_bar_config(disable=True)
-            tokens, limit = len(pipe.tokenizer(prompt).input_ids), pipe.tokenizer.model_max_length
-            if tokens > limit:
-                raise DemoError(f"the prompt is {tokens} tokens long; the text encoder reads at most {limit}: shorten it")
-            adapters = pipe.get_active_adapters() if hasattr(pipe, "get_active_adapters") else []
-            if adapters:
-                pipe.set_adapters(adapters, adapter_weights=[float(lora_scale)] * len(adapters))
-            size = pipe._t2i_personal_record.get("config", {}).get("data", {}).get("resolution")
-            try:
-                if not freecure:
-                    image = pipe(prompt, num_inference_steps=int(steps), guidance_scale=float(guidance),
-                                 generator=torch.Generator().manual_seed(int(seed)), height=size, width=size).images[0]
-                    return {"personalized": image}
-                cure = FreeCure(pipe, attributes=attributes or "auto", mask_source=mask_source or "auto")
-                out = cure(prompt, seed=int(seed), num_inference_steps=int(steps), guidance_scale=float(guidance),
-                           height=size, width=size, compare=True)
-            except (ConfigError, ModelLoadError, ValueError) as exc:
-                raise DemoError(str(exc)) from exc
+        try:
+            with self._lock:
+                return self._generate(result, prompt, int(seed or 0), int(steps), float(guidance), float(lora_scale),
+                                      freecure, (attributes or "auto").strip(), mask_source or "auto")
+        except DemoError:
+            raise
+        except (ConfigError, ModelLoadError, ImageLoadError, OSError, ValueError, RuntimeError) as exc:
+            # what the CLI reports as "error: ...", plus running out of (GPU) memory
+            raise DemoError(f"{type(exc).__name__}: {exc}") from exc
+
+    def _generate(self, result, prompt, seed, steps, guidance, lora_scale, freecure, attributes, mask_source) -> dict:
+        import torch
+
+        pipe = self.pipeline(result)
+        pipe.set_progress_bar_config(disable=True)
+        tokens, limit = len(pipe.tokenizer(prompt).input_ids), pipe.tokenizer.model_max_length
+        if tokens > limit:
+            raise DemoError(f"the prompt is {tokens} tokens long; the text encoder reads at most {limit}: shorten it")
+        adapters = pipe.get_active_adapters() if hasattr(pipe, "get_active_adapters") else []
+        if adapters:
+            pipe.set_adapters(adapters, adapter_weights=[lora_scale] * len(adapters))
+        size = pipe._t2i_personal_record.get("config", {}).get("data", {}).get("resolution")
+        if not freecure:
+            image = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+                         generator=torch.Generator().manual_seed(seed)).images[0]
+            return {"personalized": image}
+        out = self.freecure(result, attributes, mask_source)(prompt, seed=seed, num_inference_steps=steps,
+                                                             guidance_scale=guidance, height=size, width=size,
+                                                             compare=True)
         return {"personalized": out.personalized_images[0],
                 "foundation": out.foundation_images[0] if out.foundation_images else None,
                 "mask": out.mask[0], "repaired": out.images[0],
@@ -353,30 +420,36 @@ def run_evaluation(workspace: Workspace, results: list[str], prompt_set: str, pa
     """``eval/evaluate.py``'s engine on ``results``; returns (summary, output folder with report.html)."""
     from t2i_personal.evaluation.engine import EvalConfig, GenerationOptions, evaluate
 
-    known = {str(p) for p in workspace.results()}
     if not results:
         raise DemoError("pick at least one trained result to evaluate")
-    unknown = [r for r in results if str(r) not in known]
-    if unknown:
-        raise DemoError(f"not a finished result of this app or outputs/: {', '.join(map(str, unknown))}")
+    results = [workspace.check_result(r) for r in results]
+    lines = [line.strip() for line in (pasted or "").splitlines() if line.strip()]
+    if prompt_set == "pasted list" and not lines:
+        raise DemoError("paste one prompt per line ({V} = identifier, {C} = class noun), or pick a prompt set")
+    if prompt_set not in PROMPT_SETS:
+        raise DemoError(f"unknown prompt set {prompt_set!r}; choose one of {', '.join(PROMPT_SETS)}")
     out = unique_folder(workspace.root / "evals", time.strftime("eval-%Y%m%d-%H%M%S"))
     out.mkdir(parents=True)
     if prompt_set == "pasted list":
-        lines = [line.strip() for line in (pasted or "").splitlines() if line.strip()]
-        if not lines:
-            raise DemoError("paste one prompt per line ({V} = identifier, {C} = class noun), or pick a prompt set")
         (out / "prompts.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
         prompt_set = str(out / "prompts.txt")
-    elif prompt_set not in PROMPT_SETS:
-        raise DemoError(f"unknown prompt set {prompt_set!r}; choose one of {', '.join(PROMPT_SETS)}")
     cfg = EvalConfig(models=list(results), prompts=prompt_set, images_per_prompt=int(images_per_prompt),
-                     seed=int(seed), out=str(out / "results"), progress=progress,
+                     seed=int(seed or 0), out=str(out / "results"), progress=progress,
                      generation=GenerationOptions(steps=int(steps), guidance=float(guidance), progress=progress))
     try:
         summary = evaluate(cfg)
-    except (ConfigError, ModelLoadError, ImageLoadError, FileNotFoundError) as exc:
-        raise DemoError(str(exc)) from exc
+    except (ConfigError, ModelLoadError, ImageLoadError, OSError, ValueError, RuntimeError) as exc:
+        raise DemoError(f"{type(exc).__name__}: {exc}") from exc
     return summary, out / "results"
+
+
+def report_archive(workspace: Workspace, results_dir: Path) -> Path:
+    """The evaluation folder (report.html, its charts and grids, the images, results.csv) as one zip in
+    ``downloads/``, the only work-folder path the app serves: report.html links its pictures relatively."""
+    downloads = workspace.root / "downloads"
+    downloads.mkdir(exist_ok=True)
+    base = downloads / results_dir.parent.name
+    return Path(shutil.make_archive(str(base), "zip", root_dir=results_dir))
 
 
 def summary_table(summary: dict) -> list[list]:
@@ -394,19 +467,15 @@ def summary_table(summary: dict) -> list[list]:
 
 
 def loss_figure(lines: list[dict]):
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: the timer and Evaluate draw from different threads
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 2.6))
+    fig = Figure(figsize=(5, 2.6), tight_layout=True)
+    ax = fig.add_subplot()
     steps = [line for line in lines if "loss" in line]
     if steps:
         ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], lw=1)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    fig.tight_layout()
-    plt.close(fig)
     return fig
 
 
@@ -432,17 +501,18 @@ def build_app(workspace: Workspace, queue: TrainingQueue | None = None):
             return f"# {exc}"
         return config_yaml(config)
 
-    def on_train(files, captions, kind, identifier, class_noun, base, run_name, method, adapter, steps, lr, prior,
-                 spl, rank):
+    def on_train(files, captions, aux_files, kind, identifier, class_noun, base, run_name, method, adapter, steps, lr,
+                 prior, spl, rank):
         try:
             caption_list = [row[1] if len(row) > 1 else "" for row in _rows(captions)]
             folder = workspace.save_uploads(files, caption_list, name=run_name or f"{identifier}-{class_noun}")
+            aux = workspace.save_uploads(aux_files, name=f"{folder.name}-auxiliary") if aux_files else None
             advanced = dict(zip(ADVANCED, (method, adapter, steps, lr, prior, spl, rank)))
             config = build_config(workspace, kind, identifier, class_noun, base, folder, run_name,
-                                  {k: v for k, v in advanced.items() if v not in (None, "", "preset")})
-        except DemoError as exc:
+                                  {k: v for k, v in advanced.items() if v not in (None, "", "preset")}, aux)
+            job = queue.submit(config)
+        except (DemoError, OSError) as exc:
             raise gr.Error(str(exc)) from exc
-        job = queue.submit(config)
         return job.id, f"queued: {job.id}"
 
     def on_poll(job_id):
@@ -453,29 +523,31 @@ def build_app(workspace: Workspace, queue: TrainingQueue | None = None):
         step = max((line["step"] for line in lines if "loss" in line), default=0)
         doing = "preparing (loading the model, class images), step 0" if job.state == "running" and not lines else f"step {step}"
         status = f"{job.state}: {doing}/{job.max_steps}" + (f" - {job.message}" if job.message else "")
-        grid = job.latest_grid()
+        if (position := queue.position(job.id)) is not None:
+            status += f" (position {position} in the queue)"
+        grid_path = job.latest_grid()
+        grid = None
+        if grid_path is not None:
+            with Image.open(grid_path) as im:  # handed over as pixels: the app serves no work-folder paths
+                grid = im.convert("RGB")
         log_tail = job.log_path.read_text(errors="replace")[-2000:] if job.log_path and job.log_path.exists() else ""
-        return status, loss_figure(lines), str(grid) if grid else None, log_tail
+        return status, loss_figure(lines), grid, log_tail
 
     def on_cancel(job_id):
-        if job_id not in queue.jobs:
-            raise gr.Error("no training job to cancel")
-        return queue.cancel(job_id).state
+        try:
+            return queue.cancel(job_id).state
+        except DemoError as exc:
+            raise gr.Error(str(exc)) from exc
 
     def on_resume(job_id):
-        if job_id not in queue.jobs:
-            raise gr.Error("no training job to resume")
         try:
             return queue.resume(job_id).state
         except DemoError as exc:
             raise gr.Error(str(exc)) from exc
 
     def on_generate(result, prompt, seed, steps, guidance, lora_scale, freecure, attributes, mask_source):
-        if not result:
-            raise gr.Error("pick a trained result (train one first, then Refresh)")
-        if result not in result_choices():
-            raise gr.Error(f"{result} is not a finished result of this app or outputs/")
         try:
+            workspace.check_result(result)
             out = generator(result, prompt, seed=seed, steps=steps, guidance=guidance, lora_scale=lora_scale,
                             freecure=freecure, attributes=attributes, mask_source=mask_source)
         except DemoError as exc:
@@ -490,9 +562,11 @@ def build_app(workspace: Workspace, queue: TrainingQueue | None = None):
         except DemoError as exc:
             raise gr.Error(str(exc)) from exc
         rows = summary_table(summary)
-        chart = _chart(rows)
-        grids = sorted(str(p) for p in (out / "report" / "grids").rglob("*.png"))  # one grid per model and prompt
-        return rows, chart, grids, str(out / "report.html")
+        grids = []
+        for path in sorted((out / "report" / "grids").rglob("*.png")):  # one grid per model and prompt
+            with Image.open(path) as im:
+                grids.append((im.convert("RGB"), f"{path.parent.name}: {path.stem}"))
+        return rows, _chart(rows), grids, str(report_archive(workspace, out))
 
     with gr.Blocks(title="t2i-personal") as app:
         gr.Markdown("# t2i-personal\nTeach a text-to-image model your subject or style, generate with it (FreeCure "
@@ -507,6 +581,8 @@ def build_app(workspace: Workspace, queue: TrainingQueue | None = None):
                                             datatype=["str", "str"], column_count=(2, "fixed"), interactive=True,
                                             label="captions")
                     example = gr.Button("Use the toy world's example dog", size="sm")
+                    auxiliary = gr.File(label="auxiliary images (style only: StyleForge's prior; the toy world brings "
+                                              "its own)", file_count="multiple", file_types=["image"])
                 with gr.Column():
                     kind = gr.Radio(list(KINDS), value="subject", label="what is being trained")
                     with gr.Row():
@@ -534,7 +610,7 @@ def build_app(workspace: Workspace, queue: TrainingQueue | None = None):
             status = gr.Textbox(label="status", interactive=False, elem_id="train-status")
             with gr.Row():
                 loss_plot = gr.Plot(label="loss")
-                grid = gr.Image(label="latest validation grid", type="filepath", elem_id="train-grid")
+                grid = gr.Image(label="latest validation grid", type="pil", elem_id="train-grid")
             log = gr.Textbox(label="log (tail)", lines=6, max_lines=12)
             timer = gr.Timer(1.0)
 
@@ -543,10 +619,11 @@ def build_app(workspace: Workspace, queue: TrainingQueue | None = None):
                 component.change(on_config, settings, yaml_view)
             files.change(on_upload, files, captions)
             example.click(lambda: [str(p) for p in sorted(EXAMPLE_IMAGES.glob("*.png"))], None, files)
-            train_btn.click(on_train, [files, captions, *settings], [job_id, status], concurrency_limit=1)
+            train_btn.click(on_train, [files, captions, auxiliary, *settings], [job_id, status], concurrency_limit=1)
             cancel_btn.click(on_cancel, job_id, status)
             resume_btn.click(on_resume, job_id, status)
-            timer.tick(on_poll, job_id, [status, loss_plot, grid, log])
+            timer.tick(on_poll, job_id, [status, loss_plot, grid, log], concurrency_limit=None)
+            app.load(on_config, settings, yaml_view)
 
         with gr.Tab("Generate"):
             with gr.Row():
@@ -573,7 +650,7 @@ def build_app(workspace: Workspace, queue: TrainingQueue | None = None):
             refresh.click(lambda: gr.Dropdown(choices=result_choices()), None, result)
             gen_btn.click(on_generate, [result, prompt, seed, gen_steps, cfg_scale, lora_scale, freecure, attributes,
                                         mask_source], [personalized, foundation, mask, repaired, repaired_what],
-                          concurrency_limit=1)
+                          concurrency_limit=1, concurrency_id="model")
 
         with gr.Tab("Evaluate"):
             with gr.Row():
@@ -591,10 +668,10 @@ def build_app(workspace: Workspace, queue: TrainingQueue | None = None):
             table = gr.Dataframe(headers=["model", "metric", "mean", "95% CI"], label="scores", elem_id="eval-table")
             chart = gr.Plot(label="scores")
             gallery = gr.Gallery(label="image grids (model, prompt)", columns=4, elem_id="eval-gallery")
-            report = gr.File(label="HTML report")
+            report = gr.File(label="HTML report, with its images and results.csv (zip)")
             eval_refresh.click(lambda: gr.Dropdown(choices=result_choices()), None, eval_results)
             eval_btn.click(on_evaluate, [eval_results, prompt_set, pasted, per_prompt, eval_steps, eval_cfg],
-                           [table, chart, gallery, report], concurrency_limit=1)
+                           [table, chart, gallery, report], concurrency_limit=1, concurrency_id="model")
     return app
 
 
@@ -607,22 +684,18 @@ def _rows(frame) -> list[list]:
 
 
 def _chart(rows: list[list]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     metrics = sorted({r[1] for r in rows})
     models = sorted({r[0] for r in rows})
-    fig, ax = plt.subplots(figsize=(6, 3))
+    fig = Figure(figsize=(6, 3), tight_layout=True)
+    ax = fig.add_subplot()
     width = 0.8 / max(1, len(models))
     for i, model in enumerate(models):
         values = [next((r[2] or 0 for r in rows if r[0] == model and r[1] == m), 0) for m in metrics]
         ax.bar([j + i * width for j in range(len(metrics))], values, width, label=Path(model).name)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(metrics))], metrics)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    plt.close(fig)
     return fig
 
 
@@ -630,17 +703,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs --auth)")
+    parser.add_argument("--auth", default=None, metavar="USER:PASSWORD",
+                        help="log-in required for every visitor; needed with --share or a non-local --host")
     parser.add_argument("--workdir", default=str(ROOT / "outputs" / "demo"), help="where the app writes everything")
     parser.add_argument("--max-uploads", type=int, default=20)
     parser.add_argument("--max-upload-mb", type=float, default=20.0)
     args = parser.parse_args(argv)
+    local = args.host in ("127.0.0.1", "localhost", "::1")
+    if (args.share or not local) and not args.auth:
+        parser.error("--share and a non-local --host let others train and generate on this machine: add "
+                     "--auth USER:PASSWORD")
+    auth = tuple(args.auth.split(":", 1)) if args.auth else None
+    if auth is not None and len(auth) != 2:
+        parser.error("--auth expects USER:PASSWORD")
     workspace = Workspace(Path(args.workdir), args.max_uploads, args.max_upload_mb)
-    app = build_app(workspace)
+    queue = TrainingQueue(workspace)
+    atexit.register(queue.stop_all)  # a running training stops with a checkpoint when the app does
+    app = build_app(workspace, queue)
     print(f"t2i-personal demo: http://{args.host}:{args.port}  (work folder {workspace.root})", flush=True)
+    # Served paths: the example images and the evaluation zips only; other pictures are sent as pixels.
     app.queue(default_concurrency_limit=1).launch(
-        server_name=args.host, server_port=args.port, share=args.share, max_file_size=f"{args.max_upload_mb:g}mb",
-        allowed_paths=[str(workspace.root), str(ROOT / "outputs"), str(EXAMPLE_IMAGES)], show_error=True)
+        server_name=args.host, server_port=args.port, share=args.share, auth=auth,
+        max_file_size=f"{args.max_upload_mb:g}mb", allowed_paths=[str(EXAMPLE_IMAGES), str(workspace.root / "downloads")],
+        blocked_paths=[str(workspace.root / sub) for sub in ("uploads", "jobs", "runs", "class-images", "evals")])
     return 0
 
 

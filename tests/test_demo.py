@@ -37,11 +37,11 @@ def test_uploads_are_checked_and_stored_under_fixed_names(workspace, tmp_path):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("none", "upload 3-20 images"), ("too_many", "at most 5"), ("text", "not an image file"),
-    ("corrupt", "broken.png"), ("too_big", "over the 1 MB limit")])
+    ("none", r"0 image\(s\) uploaded: upload 3-5"), ("one", r"1 image\(s\)"), ("too_many", "at most 5"),
+    ("text", "notes.txt: not an image file"), ("corrupt", "broken.png"), ("too_big", "huge.png: .* over the 1 MB limit")])
 def test_bad_uploads_get_a_clear_message_and_write_nothing(workspace, tmp_path, case, message):
-    files = {"none": [], "too_many": DOG * 2, "text": [tmp_path / "notes.txt"], "corrupt": [tmp_path / "broken.png"],
-             "too_big": [tmp_path / "huge.png"]}[case]
+    files = {"none": [], "one": DOG[:1], "too_many": DOG * 2, "text": [*DOG[:2], tmp_path / "notes.txt"],
+             "corrupt": [*DOG[:2], tmp_path / "broken.png"], "too_big": [*DOG[:2], tmp_path / "huge.png"]}[case]
     (tmp_path / "notes.txt").write_text("hello")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (800, 800, 3), dtype=np.uint8)).save(tmp_path / "huge.png")
@@ -65,15 +65,26 @@ def test_each_kind_picks_its_preset(workspace, kind, method, prior):
     assert config.training.max_train_steps == 7 and config.method.lora.rank == 4
     assert config.concepts[0].identifier == "zwx" and config.concepts[0].instance_dir == "/data/imgs"
     assert Path(config.training.output_dir).parent == workspace.root / "runs"
-    for concept in config.concepts:  # preset folders resolve from the repository, class images stay in the workdir
-        assert concept.class_dir is None or Path(concept.class_dir).is_absolute()
+    for concept in config.concepts:  # generated class images stay in the work folder, auxiliary ones are read only
+        if prior == "class_images":
+            assert workspace.root in Path(concept.class_dir).parents
+        elif prior == "auxiliary":
+            assert Path(concept.class_dir).is_dir() and ROOT in Path(concept.class_dir).parents
     text = app.config_yaml(config)
     assert "identifier: zwx" in text and "max_train_steps: 7" in text
 
 
-def test_real_base_models_get_the_real_presets(workspace):
+def test_real_base_models_get_the_real_presets(workspace, tmp_path):
     config = app.build_config(workspace, "subject", "sks", "dog", "runwayml/stable-diffusion-v1-5", "/d")
     assert config.model.pretrained == "runwayml/stable-diffusion-v1-5" and config.method.spl.weight > 0
+    assert workspace.root in Path(config.concepts[0].class_dir).parents  # not the preset's relative folder
+    with pytest.raises(app.DemoError, match="needs auxiliary images"):
+        app.build_config(workspace, "style", "zwx", "style", "runwayml/stable-diffusion-v1-5", "/d")
+    aux = workspace.save_uploads(DOG[:3], name="aux")
+    config = app.build_config(workspace, "style", "zwx", "style", "runwayml/stable-diffusion-v1-5", "/d", auxiliary_dir=aux)
+    assert config.concepts[0].class_dir == str(aux)
+    assert app.build_config(workspace, "style", "zwx", "style", "runwayml/stable-diffusion-v1-5", "/d",
+                            advanced={"method.prior": "none"}).method.prior == "none"
 
 
 def test_config_errors_are_shown_as_the_cli_words_them(workspace):
@@ -83,6 +94,29 @@ def test_config_errors_are_shown_as_the_cli_words_them(workspace):
         app.build_config(workspace, "subject", "sks", "dog", "builtin:toy", "/d", advanced={"training.learning_rate": "fast"})
     with pytest.raises(app.DemoError, match="unknown kind"):
         app.build_config(workspace, "landscape", "sks", "dog", "builtin:toy", "/d")
+
+
+def test_free_text_stays_the_words_typed(workspace):
+    config = app.build_config(workspace, "subject", "sks #1", "true", "builtin:toy", "/d")
+    assert (config.concepts[0].identifier, config.concepts[0].class_noun) == ("sks #1", "true")
+
+
+def test_only_finished_results_are_loaded(workspace):
+    for bad in ("", None, "/etc", str(workspace.root / "runs" / "nothing")):
+        with pytest.raises(app.DemoError):
+            workspace.check_result(bad)
+
+
+def test_a_job_that_cannot_start_fails_and_the_queue_goes_on(workspace):
+    queue = app.TrainingQueue(workspace, python=str(workspace.root / "no-such-python"))
+    config = app.build_config(workspace, "subject", "sks", "dog", "builtin:toy", "/d", "x", FAST)
+    job = queue.wait(queue.submit(config).id, 60)
+    assert job.state == "failed" and "could not run the training" in job.message
+    assert queue.wait(queue.submit(config).id, 60).state == "failed"  # the worker is still alive
+    with pytest.raises(app.DemoError, match="no checkpoint"):
+        queue.resume(job.id)
+    with pytest.raises(app.DemoError, match="no such training job"):
+        queue.cancel("nope")
 
 
 def test_the_app_builds(workspace):
@@ -126,6 +160,7 @@ def test_cancel_keeps_a_resumable_checkpoint_and_resume_finishes(trained):
         assert job.state in ("queued", "running") and time.monotonic() < deadline, job.log_path.read_text()[-3000:]
         time.sleep(0.1)
     queue.cancel(job.id)
+    queue.cancel(job.id)  # a second click must not abort the checkpoint being written
     assert queue.wait(job.id, 300).state == "cancelled", job.log_path.read_text()[-3000:]
     assert "resumable checkpoint" in job.message
     assert list((job.output_dir / "checkpoints").glob("checkpoint-*"))

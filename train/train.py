@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -24,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML preset, e.g. configs/quickstart.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.max_train_steps=200")
     args = parser.parse_args(argv)
+    # Ctrl-C / SIGTERM before the trainer exists (imports, model loading) is remembered, not lost: the run then
+    # stops after its first step with a checkpoint, like a later one.
+    early_stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda signum, frame: early_stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "huggingface_hub", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -34,7 +40,12 @@ def main(argv: list[str] | None = None) -> int:
         from t2i_personal.training.checkpoint import RECORD_NAME
         from t2i_personal.training.trainer import Trainer, stop_on_signals
 
-        with stop_on_signals(Trainer(config)) as trainer:
+        trainer = Trainer(config)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if early_stop.is_set():
+            trainer.request_stop()
+        with stop_on_signals(trainer):
             out = trainer.train()
     except (ConfigError, ModelLoadError, ImageLoadError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
