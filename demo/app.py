@@ -326,15 +326,16 @@ class TrainingQueue:
 
     def _run(self, job: TrainingJob) -> None:
         with open(job.log_path, "a") as log:
-            # its own session: Ctrl-C in the app's terminal reaches the app (which stops it cleanly), not the child
+            # Same process group as the app: Ctrl-C in its terminal also stops the training, with a checkpoint.
+            # (A child in its own session, start_new_session=True, stalled in its final validation here; cause unknown.)
             job.process = subprocess.Popen(
                 [self.python, str(ROOT / "train" / "train.py"), "--config", str(job.config_path), *job.extra],
-                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
             code = job.process.wait()
         errors = [line for line in job.log_path.read_text(errors="replace").splitlines() if line.startswith("error:")]
         if code == 0 and (job.output_dir / RECORD_NAME).is_file():
             job.state, job.message = "finished", f"finished: {job.output_dir}"
-        elif job.cancel_requested:
+        elif job.cancel_requested or code == 130:  # 130: stopped by a signal after saving a checkpoint
             job.state = "cancelled"
             job.message = ("cancelled: a resumable checkpoint was kept (Resume continues from it)"
                            if list_checkpoints(job.output_dir) else "cancelled before the first step (no checkpoint)")

@@ -77,6 +77,16 @@ def test_train_generate_evaluate_in_the_browser(browser, server):
     url, work = server
     ARTIFACTS.mkdir(exist_ok=True)
     page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    try:
+        drive(page, url, work)
+    except Exception:
+        page.screenshot(path=str(ARTIFACTS / "demo-failure.png"), full_page=True)
+        status = page.locator("#train-status textarea").input_value(timeout=2000)
+        logs = "\n".join(p.read_text()[-1500:] for p in (work / "jobs").glob("*/train.log"))
+        raise AssertionError(f"status: {status!r}; see tests/artifacts/demo-failure.png\n{logs}") from None
+
+
+def drive(page, url, work):
     page.goto(url)
     page.set_input_files("#train-files input[type=file]", [str(p) for p in DOG[:4]])
     page.get_by_text("advanced (blank = the preset's value)").click()
