@@ -467,6 +467,11 @@ def summary_table(summary: dict) -> list[list]:
 # ---------------------------------------------------------------------------------------------------------- UI
 
 
+def progress_bar(step: int, total: int) -> str:
+    return (f'<progress value="{step}" max="{max(1, total)}" style="width:100%;height:14px"></progress>'
+            f'<div style="text-align:right;font-size:12px">{step} / {total} steps</div>')
+
+
 def loss_figure(lines: list[dict]):
     from matplotlib.figure import Figure  # not pyplot: the timer and Evaluate draw from different threads
 
@@ -519,7 +524,7 @@ def build_app(workspace: Workspace, queue: TrainingQueue | None = None):
     def on_poll(job_id):
         job = queue.jobs.get(job_id or "")
         if job is None:
-            return "no training job yet", None, None, ""
+            return "no training job yet", progress_bar(0, 1), None, None, ""
         lines = job.progress()
         step = max((line["step"] for line in lines if "loss" in line), default=0)
         doing = "preparing (loading the model, class images), step 0" if job.state == "running" and not lines else f"step {step}"
@@ -532,7 +537,7 @@ def build_app(workspace: Workspace, queue: TrainingQueue | None = None):
             with Image.open(grid_path) as im:  # handed over as pixels: the app serves no work-folder paths
                 grid = im.convert("RGB")
         log_tail = job.log_path.read_text(errors="replace")[-2000:] if job.log_path and job.log_path.exists() else ""
-        return status, loss_figure(lines), grid, log_tail
+        return status, progress_bar(step, job.max_steps), loss_figure(lines), grid, log_tail
 
     def on_cancel(job_id):
         try:
@@ -609,6 +614,7 @@ def build_app(workspace: Workspace, queue: TrainingQueue | None = None):
                 resume_btn = gr.Button("Resume")
             job_id = gr.Textbox(label="job", interactive=False)
             status = gr.Textbox(label="status", interactive=False, elem_id="train-status")
+            bar = gr.HTML(progress_bar(0, 1))
             with gr.Row():
                 loss_plot = gr.Plot(label="loss")
                 grid = gr.Image(label="latest validation grid", type="pil", elem_id="train-grid")
@@ -623,7 +629,7 @@ def build_app(workspace: Workspace, queue: TrainingQueue | None = None):
             train_btn.click(on_train, [files, captions, auxiliary, *settings], [job_id, status], concurrency_limit=1)
             cancel_btn.click(on_cancel, job_id, status)
             resume_btn.click(on_resume, job_id, status)
-            timer.tick(on_poll, job_id, [status, loss_plot, grid, log], concurrency_limit=None)
+            timer.tick(on_poll, job_id, [status, bar, loss_plot, grid, log], concurrency_limit=None)
             app.load(on_config, settings, yaml_view)
 
         with gr.Tab("Generate"):

@@ -95,6 +95,7 @@ def drive(page, url, work):
     page.locator("#train-button").click()
     value_contains(page, "#train-status textarea", "finished", 420)
     page.wait_for_selector("#train-grid img", timeout=30_000)  # the validation grid is shown
+    assert page.locator("progress").first.get_attribute("value") == "2"  # the progress bar reached the last step
     page.screenshot(path=str(ARTIFACTS / "demo-train.png"), full_page=True)
     assert list((work / "runs").glob("*/personalization.json"))
 
