@@ -14,7 +14,6 @@ import argparse
 import atexit
 import hashlib
 import json
-import re
 import shutil
 import signal
 import subprocess
@@ -34,6 +33,7 @@ from PIL import Image  # noqa: E402
 from t2i_personal.config import config_to_dict, load_config  # noqa: E402
 from t2i_personal.data.images import ImageLoadError, load_image_rgb, save_image_atomic  # noqa: E402
 from t2i_personal.errors import ConfigError, ModelLoadError  # noqa: E402
+from t2i_personal.evaluation.engine import slugify  # noqa: E402
 from t2i_personal.training.checkpoint import RECORD_NAME, list_checkpoints  # noqa: E402
 
 TOY = "builtin:toy"
@@ -56,8 +56,7 @@ class DemoError(ValueError):
 
 
 def slug(text: str, fallback: str = "run") -> str:
-    """A folder name from free text: lower-case letters, digits and dashes only (no path can come through)."""
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or fallback
+    return slugify(text, limit=40, fallback=fallback)
 
 
 def _upload_path(file) -> Path:
@@ -65,9 +64,10 @@ def _upload_path(file) -> Path:
     return Path(file) if isinstance(file, (str, Path)) else Path(file.name)
 
 
-def unique_folder(parent: Path, name: str) -> Path:
+def unique_folder(parent: Path, name: str, taken=()) -> Path:
+    """``parent/name``, or ``name-2``, ``name-3``, ... when that exists or is in ``taken``."""
     folder, n = parent / name, 1
-    while folder.exists():
+    while folder.exists() or folder in taken:
         n += 1
         folder = parent / f"{name}-{n}"
     return folder
@@ -241,12 +241,8 @@ class TrainingQueue:
 
     def submit(self, config, extra_overrides: tuple[str, ...] = ()) -> TrainingJob:
         with self._lock:  # two jobs queued before either started must not share an output or job folder
-            taken = {j.output_dir for j in self.jobs.values()}
-            out = Path(config.training.output_dir)
-            base, n = out.name, 1
-            while out in taken or out.exists():
-                n += 1
-                out = out.with_name(f"{base}-{n}")
+            requested = Path(config.training.output_dir)
+            out = unique_folder(requested.parent, requested.name, {j.output_dir for j in self.jobs.values()})
             config.training.output_dir = str(out)
             job_dir = unique_folder(self.workspace.root / "jobs", out.name)
             job_dir.mkdir(parents=True)

@@ -319,9 +319,10 @@ def parse_concept(text: str) -> dict:
 # ---------------------------------------------------------------------------------------------------------- jobs
 
 
-def slugify(text: str, limit: int = 48) -> str:
+def slugify(text: str, limit: int = 48, fallback: str = "prompt") -> str:
+    """A folder name from free text: lower-case letters, digits and dashes only (no path can come through)."""
     slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-")
-    return slug or "prompt"
+    return slug or fallback
 
 
 def prompt_dir_name(index: int, text: str) -> str:
