@@ -495,13 +495,14 @@ def build_app(workspace: Workspace, queue: TrainingQueue | None = None):
         return [[n, ""] for n in names]
 
     def on_config(kind, identifier, class_noun, base, run_name, method, adapter, steps, lr, prior, spl, rank):
-        advanced = dict(zip(ADVANCED, (method, adapter, steps, lr, prior, spl, rank)))
+        advanced = {k: v for k, v in zip(ADVANCED, (method, adapter, steps, lr, prior, spl, rank))
+                    if v not in (None, "", "preset")}
         try:
-            config = build_config(workspace, kind, identifier, class_noun, base, "<your uploads>", run_name,
-                                  {k: v for k, v in advanced.items() if v not in (None, "", "preset")})
+            config = build_config(workspace, kind, identifier, class_noun, base, "<your uploads>", run_name, advanced)
         except DemoError as exc:
             return f"# {exc}"
-        return config_yaml(config)
+        changed = ", ".join(f"{k}={v}" for k, v in advanced.items()) or "none"
+        return f"# the {kind} preset; changed under 'advanced': {changed}\n" + config_yaml(config)
 
     def on_train(files, captions, aux_files, kind, identifier, class_noun, base, run_name, method, adapter, steps, lr,
                  prior, spl, rank):
@@ -603,7 +604,7 @@ def build_app(workspace: Workspace, queue: TrainingQueue | None = None):
                         spl = gr.Textbox("", label="SPL weight λ (0 = off)", placeholder="preset")
                         rank = gr.Textbox("", label="LoRA rank", placeholder="preset")
                     with gr.Accordion("config (YAML)", open=False):
-                        yaml_view = gr.Code(language="yaml", label="resulting config")
+                        yaml_view = gr.Code(language="yaml", label="resulting config", elem_id="train-yaml")
             with gr.Row():
                 train_btn = gr.Button("Train", variant="primary", elem_id="train-button")
                 cancel_btn = gr.Button("Cancel")

@@ -90,9 +90,17 @@ def drive(page, url, work):
     page.goto(url)
     page.set_input_files("#train-files input[type=file]", [str(p) for p in DOG[:4]])
     page.get_by_text("advanced (blank = the preset's value)").click()
-    page.locator("#train-steps textarea, #train-steps input").first.fill("2")
-    page.locator("#train-steps textarea, #train-steps input").first.press("Tab")
+    steps = page.locator("#train-steps textarea, #train-steps input").first
+    steps.click()
+    steps.press_sequentially("2")  # key by key, as a person types
+    steps.press("Tab")
+    # The app has the edit once the config view's first line names it; a Train click before that can miss it (seen
+    # in CI: the preset's 400 steps ran instead of 2).
+    page.get_by_text("config (YAML)").click()
+    page.wait_for_function("() => (document.querySelector('#train-yaml')?.innerText || '')"
+                           ".includes('training.max_train_steps=2')", timeout=60_000)
     page.locator("#train-button").click()
+    value_contains(page, "#train-status textarea", "/2", 60)  # the job was queued with 2 steps
     value_contains(page, "#train-status textarea", "finished", 420)
     page.wait_for_selector("#train-grid img", timeout=30_000)  # the validation grid is shown
     assert page.locator("progress").first.get_attribute("value") == "2"  # the progress bar reached the last step
