@@ -9,7 +9,8 @@ same scenes. Printed per run:
 - subject: the oracle recognises the personal dog in the personalized images (fidelity);
 - scene: the scene the prompt asked for (composition: what SPL is meant to keep);
 - drift: the plain class prompt shows the personal dog (the class has collapsed onto the subject);
-plus each figure's ratio to the first run. Grids of every run go to ``--out``.
+plus each figure's ratio to the first run. Grids of every run go to ``--out``, and ``methods.png`` shows seed 0 of
+every scene for every run (the README's picture).
 """
 
 from __future__ import annotations
@@ -84,9 +85,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/methods"))
     parser.add_argument("--runs", nargs="+", default=list(RUNS)[:5], choices=list(RUNS))
     args = parser.parse_args()
-    from t2i_personal.toyworld.reports import image_grid
+    from t2i_personal.toyworld.reports import image_grid, labelled_rows
 
-    results = {}
+    results, seed0 = {}, {}
     for name in args.runs:
         started = time.perf_counter()
         out = train_or_reuse(name, args.out)
@@ -94,6 +95,11 @@ def main() -> None:
         metrics["seconds"] = time.perf_counter() - started
         results[name] = metrics
         image_grid(images, columns=SEEDS * 4, scale=2).save(args.out / f"{name}.png")
+        seed0[name] = [images[:len(images) // 2:SEEDS], images[len(images) // 2::SEEDS]]  # personal | plain, seed 0
+    from t2i_personal.toyworld import world
+
+    labelled_rows(seed0, [f"a photo of [V] dog <{', '.join(world.SCENES)}>", "a photo of a dog <same scenes> (drift?)"]
+                  ).save(args.out / "methods.png")
     first = results[args.runs[0]]
     print(f"{'run':24s} {'subject':>8s} {'scene':>8s} {'drift':>8s} {'plain scene':>12s}   ratios to {args.runs[0]}")
     for name, m in results.items():

@@ -264,6 +264,12 @@ class TrainingQueue:
         with self._lock:
             return self._pending.index(job_id) + 1 if job_id in self._pending else None
 
+    def current(self) -> str | None:
+        """The job a freshly opened page follows: the running one, else the last one submitted (None: no jobs)."""
+        with self._lock:
+            running = [job.id for job in self.jobs.values() if job.state == "running"]
+            return running[0] if running else next(reversed(self.jobs), None)
+
     def resume(self, job_id: str) -> TrainingJob:
         """Queue a cancelled job again; it continues from its last checkpoint."""
         with self._lock:
@@ -609,7 +615,7 @@ def build_app(workspace: Workspace, queue: TrainingQueue | None = None):
                 train_btn = gr.Button("Train", variant="primary", elem_id="train-button")
                 cancel_btn = gr.Button("Cancel")
                 resume_btn = gr.Button("Resume")
-            job_id = gr.Textbox(label="job", interactive=False)
+            job_id = gr.Textbox(label="job", interactive=False, elem_id="train-job")
             status = gr.Textbox(label="status", interactive=False, elem_id="train-status")
             bar = gr.HTML(progress_bar(0, 1))
             with gr.Row():
@@ -628,6 +634,7 @@ def build_app(workspace: Workspace, queue: TrainingQueue | None = None):
             resume_btn.click(on_resume, job_id, status)
             timer.tick(on_poll, job_id, [status, bar, loss_plot, grid, log], concurrency_limit=None)
             app.load(on_config, settings, yaml_view)
+            app.load(lambda: queue.current() or "", None, job_id)  # a reloaded page follows the job it left
 
         with gr.Tab("Generate"):
             with gr.Row():

@@ -110,9 +110,12 @@ def test_only_finished_results_are_loaded(workspace):
 def test_a_job_that_cannot_start_fails_and_the_queue_goes_on(workspace):
     queue = app.TrainingQueue(workspace, python=str(workspace.root / "no-such-python"))
     config = app.build_config(workspace, "subject", "sks", "dog", "builtin:toy", "/d", "x", FAST)
+    assert queue.current() is None
     job = queue.wait(queue.submit(config).id, 60)
     assert job.state == "failed" and "could not run the training" in job.message
-    assert queue.wait(queue.submit(config).id, 60).state == "failed"  # the worker is still alive
+    later = queue.wait(queue.submit(config).id, 60)
+    assert later.state == "failed"  # the worker is still alive
+    assert queue.current() == later.id  # with none running, a reloaded page follows the last job submitted
     with pytest.raises(app.DemoError, match="no checkpoint"):
         queue.resume(job.id)
     with pytest.raises(app.DemoError, match="no such training job"):
@@ -135,6 +138,9 @@ def trained(tmp_path_factory):
     first = queue.submit(app.build_config(workspace, "subject", "sks", "dog", "builtin:toy", folder, "dog", FAST))
     second = queue.submit(app.build_config(workspace, "subject", "sks", "dog", "builtin:toy", folder, "dog", FAST))
     assert second.state == "queued"  # one training at a time
+    while first.state == "queued":
+        time.sleep(0.05)
+    assert queue.current() == first.id  # a reloaded page follows the running job, not the newest
     assert queue.wait(first.id, 600).state == "finished", first.log_path.read_text()[-3000:]
     assert queue.wait(second.id, 600).state == "finished", second.log_path.read_text()[-3000:]
     return workspace, queue, first

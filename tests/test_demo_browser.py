@@ -106,6 +106,10 @@ def drive(page, url, work):
     assert page.locator("progress").first.get_attribute("value") == "2"  # the progress bar reached the last step
     page.screenshot(path=str(ARTIFACTS / "demo-train.png"), full_page=True)
     assert list((work / "runs").glob("*/personalization.json"))
+    job = page.locator("#train-job textarea").input_value()
+    page.reload()  # a reloaded page follows the job it left
+    value_contains(page, "#train-job textarea", job, 30)
+    value_contains(page, "#train-status textarea", "finished", 30)
 
     page.get_by_role("tab", name="Generate").click()
     page.locator("#gen-refresh").click()

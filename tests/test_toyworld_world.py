@@ -120,3 +120,19 @@ def test_shipped_assets_match_their_generator(tmp_path):
     assert caption.startswith("a {V} style painting of ")
     with pytest.raises(KeyError, match="subjects"):
         assets.subject_dir("unicorn")
+
+
+def test_labelled_rows_places_each_block_after_the_label_column_in_order():
+    from t2i_personal.toyworld.reports import labelled_rows
+
+    red, blue = np.zeros((2, 4, 4, 3), np.uint8), np.zeros((3, 4, 4, 3), np.uint8)
+    red[..., 0], blue[..., 2] = 255, 255
+    picture = labelled_rows({"run a": [red, blue], "run b": [blue[:2], np.concatenate([red, red[:1]])]}, ["personal", "plain"], scale=2)
+    label_w, header_h, gap = 150, 18, 12
+    assert picture.size == (label_w + 2 * 8 + gap + 3 * 8, header_h + 2 * 8)
+    assert picture.getpixel((label_w + 1, header_h + 1)) == (255, 0, 0)  # run a, first block
+    assert picture.getpixel((label_w + 2 * 8 + gap + 1, header_h + 1)) == (0, 0, 255)  # run a, second block
+    assert picture.getpixel((label_w + 1, header_h + 8 + 1)) == (0, 0, 255)  # run b, first block
+    assert picture.getpixel((label_w + 2 * 8 + 3, header_h + 3)) == (255, 255, 255)  # the gap stays white
+    label_pixels = np.asarray(picture.crop((0, header_h, label_w, header_h + 8)))
+    assert (label_pixels < 128).any()  # the run name is written
