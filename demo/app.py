@@ -14,12 +14,14 @@ import argparse
 import atexit
 import hashlib
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -446,13 +448,29 @@ def run_evaluation(workspace: Workspace, results: list[str], prompt_set: str, pa
     return summary, out / "results"
 
 
-def report_archive(workspace: Workspace, results_dir: Path) -> Path:
-    """The evaluation folder (report.html, its charts and grids, the images, results.csv) as one zip in
-    ``downloads/``, the only work-folder path the app serves: report.html links its pictures relatively."""
+def publish_report(workspace: Workspace, results_dir: Path) -> tuple[Path, Path]:
+    """The evaluation folder (report.html, its charts and grids, the images, results.csv) put where the app serves
+    it, ``downloads/<name>/`` (hard links, so no second copy on disk), and as one zip there; report.html links its
+    pictures relatively, so it opens from the served folder. Returns (served report.html, zip)."""
     downloads = workspace.root / "downloads"
     downloads.mkdir(exist_ok=True)
-    base = downloads / results_dir.parent.name
-    return Path(shutil.make_archive(str(base), "zip", root_dir=results_dir))
+    served = unique_folder(downloads, results_dir.parent.name)
+    shutil.copytree(results_dir, served, copy_function=_link_or_copy)
+    archive = Path(shutil.make_archive(str(served), "zip", root_dir=results_dir))
+    return served / "report.html", archive
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or links not allowed
+        shutil.copy2(src, dst)
+
+
+def report_link(report_html: Path) -> str:
+    """An HTML link that opens the served report in a new tab (relative to the page, so it survives a proxy)."""
+    return (f'<a href="gradio_api/file={urllib.parse.quote(str(report_html))}" target="_blank" '
+            'id="eval-report-link">open the HTML report (new tab)</a>')
 
 
 def summary_table(summary: dict) -> list[list]:
@@ -575,7 +593,8 @@ def build_app(workspace: Workspace, queue: TrainingQueue | None = None):
         for path in sorted((out / "report" / "grids").rglob("*.png")):  # one grid per model and prompt
             with Image.open(path) as im:
                 grids.append((im.convert("RGB"), f"{path.parent.name}: {path.stem}"))
-        return rows, _chart(rows), grids, str(report_archive(workspace, out))
+        report_html, archive = publish_report(workspace, out)
+        return rows, _chart(rows), grids, report_link(report_html), str(archive)
 
     with gr.Blocks(title="t2i-personal") as app:
         gr.Markdown("# t2i-personal\nTeach a text-to-image model your subject or style, generate with it (FreeCure "
@@ -679,10 +698,11 @@ def build_app(workspace: Workspace, queue: TrainingQueue | None = None):
             table = gr.Dataframe(headers=["model", "metric", "mean", "95% CI"], label="scores", elem_id="eval-table")
             chart = gr.Plot(label="scores")
             gallery = gr.Gallery(label="image grids (model, prompt)", columns=4, elem_id="eval-gallery")
+            link = gr.HTML("")
             report = gr.File(label="HTML report, with its images and results.csv (zip)")
             eval_refresh.click(lambda: gr.Dropdown(choices=result_choices()), None, eval_results)
             eval_btn.click(on_evaluate, [eval_results, prompt_set, pasted, per_prompt, eval_steps, eval_cfg],
-                           [table, chart, gallery, report], concurrency_limit=1, concurrency_id="model")
+                           [table, chart, gallery, link, report], concurrency_limit=1, concurrency_id="model")
     return app
 
 

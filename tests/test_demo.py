@@ -203,6 +203,14 @@ def test_evaluate_a_pasted_prompt_list(trained):
     rows = app.summary_table(summary)
     assert {r[1] for r in rows} == {"clip_t", "clip_i", "ti_clip"} and all(r[2] is not None for r in rows)
     assert (out / "report.html").is_file() and workspace.root in out.parents
+    served, archive = app.publish_report(workspace, out)
+    assert served.parent.parent == workspace.root / "downloads" and served.read_bytes() == (out / "report.html").read_bytes()
+    assert {p.relative_to(served.parent) for p in served.parent.rglob("*")} == {p.relative_to(out) for p in out.rglob("*")}
+    import zipfile
+
+    assert "report.html" in zipfile.ZipFile(archive).namelist()
+    assert app.publish_report(workspace, out)[0] != served  # a second publication does not overwrite the first
+    assert 'href="gradio_api/file=' in app.report_link(served)
     with pytest.raises(app.DemoError, match="not a finished result"):
         app.run_evaluation(workspace, ["/etc"], "dreambench")
     with pytest.raises(app.DemoError, match="paste one prompt"):

@@ -138,5 +138,12 @@ def drive(page, url, work):
     page.locator("#eval-button").click()
     page.wait_for_selector("#eval-gallery img", timeout=300_000)
     assert "clip_t" in page.locator("#eval-table").inner_text()
+    href = page.locator("#eval-report-link").get_attribute("href")  # the HTML report opens from the app
+    report = page.request.get(url + href)
+    assert report.ok and "text/html" in report.headers["content-type"] and "<h1>t2i-personal evaluation" in report.text()
+    chart = href.rsplit("/", 1)[0] + "/report/chart-clip_t.png"  # its pictures load through relative links
+    assert page.request.get(url + chart).ok
+    evals = next((work / "evals").glob("*/results/report.html"))
+    assert page.request.get(f"{url}gradio_api/file={evals}").status == 403  # the evals folder itself is not served
     page.screenshot(path=str(ARTIFACTS / "demo-evaluate.png"), full_page=True)
     assert list((work / "evals").glob("*/results/report.html"))
