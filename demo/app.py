@@ -66,6 +66,14 @@ def _upload_path(file) -> Path:
     return Path(file) if isinstance(file, (str, Path)) else Path(file.name)
 
 
+def caption_rows(files, captions) -> list[list[str]]:
+    """The caption table for the uploaded files, in upload order; a caption already typed for a file name is kept
+    when files are added or removed."""
+    typed = {row[0]: row[1] for row in _rows(captions) if len(row) > 1 and isinstance(row[1], str) and row[1].strip()}
+    names = [_upload_path(f).name for f in (files or [])]
+    return [[name, typed.get(name, "")] for name in names]
+
+
 def unique_folder(parent: Path, name: str, taken=()) -> Path:
     """``parent/name``, or ``name-2``, ``name-3``, ... when that exists or is in ``taken``."""
     folder, n = parent / name, 1
@@ -514,10 +522,6 @@ def build_app(workspace: Workspace, queue: TrainingQueue | None = None):
     def result_choices():
         return [str(p) for p in workspace.results()]
 
-    def on_upload(files):
-        names = [_upload_path(f).name for f in (files or [])]
-        return [[n, ""] for n in names]
-
     def on_config(kind, identifier, class_noun, base, run_name, method, adapter, steps, lr, prior, spl, rank):
         advanced = {k: v for k, v in zip(ADVANCED, (method, adapter, steps, lr, prior, spl, rank))
                     if v not in (None, "", "preset")}
@@ -646,7 +650,7 @@ def build_app(workspace: Workspace, queue: TrainingQueue | None = None):
             settings = [kind, identifier, class_noun, base, run_name, method, adapter, steps, lr, prior, spl, rank]
             for component in settings:
                 component.change(on_config, settings, yaml_view)
-            files.change(on_upload, files, captions)
+            files.change(caption_rows, [files, captions], captions)
             example.click(lambda: [str(p) for p in sorted(EXAMPLE_IMAGES.glob("*.png"))], None, files)
             train_btn.click(on_train, [files, captions, auxiliary, *settings], [job_id, status], concurrency_limit=1)
             cancel_btn.click(on_cancel, job_id, status)

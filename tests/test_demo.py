@@ -50,6 +50,15 @@ def test_bad_uploads_get_a_clear_message_and_write_nothing(workspace, tmp_path, 
     assert list((workspace.root / "uploads").iterdir()) == []
 
 
+def test_captions_typed_for_a_file_stay_when_files_are_added_or_removed():
+    first = app.caption_rows(["/tmp/a/dog-0.png", "/tmp/a/dog-1.png"], None)
+    assert first == [["dog-0.png", ""], ["dog-1.png", ""]]
+    typed = [["dog-0.png", "a {V} {C} asleep"], ["dog-1.png", float("nan")]]  # an empty cell can arrive as NaN
+    assert app.caption_rows(["/tmp/b/dog-2.png", "/tmp/a/dog-0.png"], typed) == [["dog-2.png", ""],
+                                                                               ["dog-0.png", "a {V} {C} asleep"]]
+    assert app.caption_rows(None, typed) == []
+
+
 def test_paths_outside_the_work_folder_are_refused(workspace):
     assert workspace.inside(workspace.root / "runs" / "x") == workspace.root / "runs" / "x"
     with pytest.raises(app.DemoError, match="outside the work folder"):
