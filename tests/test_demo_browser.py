@@ -109,7 +109,8 @@ def drive(page, url, work):
             if attempt == 2:
                 raise
     page.locator("#train-button").click()
-    value_contains(page, "#train-status textarea", "/2", 60)  # the job was queued with 2 steps
+    page.wait_for_function("() => /\\/2( |$)/.test(document.querySelector('#train-status textarea')?.value || '')",
+                           timeout=60_000)  # the job was queued with exactly 2 steps ("running: 0/2")
     value_contains(page, "#train-status textarea", "finished", 420)
     page.wait_for_selector("#train-grid img", timeout=30_000)  # the validation grid is shown
     assert page.locator("progress").first.get_attribute("value") == "2"  # the progress bar reached the last step
