@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     met.add_argument("--bootstrap", type=int, default=0,
                      help="0: normal-approximation 95%% CIs (default); N: percentile bootstrap with N resamples")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="also load pickle (.bin/.ckpt) weights of results and metric models: they can run arbitrary "
+                        "code when loaded, so only for files you trust (default: safetensors only)")
     return p
 
 
@@ -116,12 +119,14 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed, metrics=args.metrics, out=args.out, concepts=args.concept, references=args.references,
             generation=GenerationOptions(steps=args.steps, guidance=args.guidance, height=args.height,
                                          width=args.width, device=args.device, dtype=args.dtype,
-                                         negative_prompt=args.negative_prompt, freecure=freecure),
+                                         negative_prompt=args.negative_prompt, freecure=freecure,
+                                         allow_pickle=args.allow_pickle),
             metric_options=MetricOptions(clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
                                          dino_model=args.dino_model, blip_model=args.blip_model,
                                          blip_variant=args.blip_variant, detector=args.detector,
                                          detection_threshold=args.detection_threshold, fid_feature=args.fid_feature,
-                                         device=args.device or str(state.device), batch_size=args.batch_size),
+                                         device=args.device or str(state.device), batch_size=args.batch_size,
+                                         allow_pickle=args.allow_pickle),
             bootstrap=args.bootstrap, fid_reference=args.fid_reference, freecure=args.freecure,
             progress=not args.no_progress)
         summary = evaluate(cfg, state)

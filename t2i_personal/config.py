@@ -24,6 +24,19 @@ LR_SCHEDULERS = (
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info) -> Any:
+        # pydantic reads true as 1: `max_train_steps: true` would silently train one step
+        if isinstance(value, bool) and _takes_number_not_bool(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"expects a number, not the boolean {str(value).lower()}")
+        return value
+
+
+def _takes_number_not_bool(annotation: Any) -> bool:
+    types = set(getattr(annotation, "__args__", ())) | {annotation}
+    return bool(types & {int, float}) and bool not in types
+
 
 class ModelConfig(Section):
     pretrained: str = Field("builtin:tiny-sd", description="hub id, local diffusers folder, single .safetensors file or builtin:NAME")
@@ -365,6 +378,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         source = str(path)
+        if path.is_dir():
+            presets = sorted(p.name for p in path.glob("*.yaml"))[:6]
+            raise ConfigError(f"--config {path} is a folder; give one YAML file" +
+                              (f", e.g. {path / presets[0]} (here: {', '.join(presets)})" if presets else ""))
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:

@@ -24,14 +24,23 @@ PLACEHOLDERS: dict[str, str] = {"V": "identifier", "C": "class noun"}
 _PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
 
 
-def _valid_placeholders() -> str:
-    return ", ".join(f"{{{k}}} ({v})" for k, v in PLACEHOLDERS.items())
+def _valid_placeholders(numbered=()) -> str:
+    return ", ".join([f"{{{k}}} ({v})" for k, v in PLACEHOLDERS.items()] + [f"{{{k}}}" for k in numbered])
+
+
+def unmatched_brace(template: str) -> int | None:
+    """Where the first ``{`` or ``}`` outside a whole ``{...}`` is (an unclosed ``{C``, a stray ``}``), or ``None``.
+
+    Braces mean nothing but placeholders in a prompt, so a lone one is a typo that would otherwise reach the model.
+    """
+    blanked = _PLACEHOLDER_RE.sub(lambda m: " " * len(m.group(0)), template)
+    return next((i for i, c in enumerate(blanked) if c in "{}"), None)
 
 
 def render_prompt(template: str, identifier: str, class_noun: str, others: dict[str, str] | None = None) -> str:
     """Fill ``{V}``/``{C}`` (and any ``others``, e.g. ``{V2}``) in ``template`` and collapse whitespace.
 
-    Raises ``ValueError`` for any other ``{...}`` placeholder.
+    Raises ``ConfigError`` (a ``ValueError``) for any other ``{...}`` placeholder and for an unmatched brace.
     """
     values = {"V": identifier, "C": class_noun, **(others or {})}
 
@@ -40,7 +49,14 @@ def render_prompt(template: str, identifier: str, class_noun: str, others: dict[
         raise ConfigError(
             f"Prompt template {template!r} has unknown placeholder(s) "
             f"{', '.join(dict.fromkeys(unknown))}; valid placeholders are "
-            f"{_valid_placeholders()}."
+            f"{_valid_placeholders(list(others or {}))}."
+        )
+    at = unmatched_brace(template)
+    if at is not None:
+        raise ConfigError(
+            f"Prompt template {template!r} has an unmatched {template[at]!r} at {template[at:at + 12]!r}; "
+            f"write each placeholder whole ({_valid_placeholders(list(others or {}))}): braces mean nothing else "
+            "in a prompt."
         )
     # One pass, so an identifier that itself contains "{C}" is not expanded again.
     rendered = _PLACEHOLDER_RE.sub(lambda m: values[m.group(1)], template)

@@ -118,7 +118,7 @@ def _too_large_message(path: Path, width: int, height: int, max_pixels: int) -> 
     return (
         f"Image file {path} is {width}x{height} = {width * height:,} pixels, more than "
         f"the limit of {max_pixels:,} pixels (possible decompression bomb); downscale "
-        "the image or raise max_pixels if you trust the file."
+        "the image or, if you trust the file, raise data.max_image_pixels in the training config."
     )
 
 

@@ -25,7 +25,9 @@ Which concepts a template is rendered for:
 Files: ``.txt`` holds one prompt per line (blank lines and lines starting with ``#`` are skipped); ``.yaml``/``.yml``
 (or ``.json``) holds a list whose items are a prompt string or a mapping with ``prompt`` and optionally
 ``concepts`` (list of identifiers), ``scene`` (overrides the derived scene text) and ``category`` (a label to
-group results by, e.g. DreamBench's ``recontextualization``/``accessorization``/``property``).
+group results by, e.g. DreamBench's ``recontextualization``/``accessorization``/``property``). A file over
+:data:`MAX_PROMPT_FILE_BYTES`, a prompt over :data:`MAX_PROMPT_CHARS` characters and a brace outside a whole
+placeholder (``{C on the beach``) are refused, naming the file and line.
 
 Built-in sets (files in ``prompt_sets/``): ``dreambench-objects`` and ``dreambench-live``, the 25 object and the 25
 live-subject prompts of the DreamBooth dataset (Ruiz et al., 2023; ``google/dreambooth``), and ``dreambench``,
@@ -47,7 +49,7 @@ from typing import Any, NamedTuple, Union
 import yaml
 
 from ..errors import ConfigError
-from .captions import render_for_concepts
+from .captions import render_for_concepts, unmatched_brace
 
 __all__ = [
     "BUILTIN_PROMPT_SETS",
@@ -76,6 +78,12 @@ LIVE_CLASSES: frozenset[str] = frozenset(
 )  # not "bear" or "duck": "teddy bear" and "rubber duck" are objects
 
 YAML_KEYS: tuple[str, ...] = ("prompt", "concepts", "scene", "category")
+
+# A text encoder reads 77 CLIP tokens (a few hundred characters) or, for T5, 512 (about 2,000): a longer prompt can
+# never reach the model whole, and every prompt is also written into the report. The file cap is checked before
+# the file is read, so a runaway file costs no memory.
+MAX_PROMPT_CHARS = 4_000
+MAX_PROMPT_FILE_BYTES = 4_000_000
 FILE_SUFFIXES: tuple[str, ...] = (".txt", ".yaml", ".yml", ".json")
 
 _BRACES_RE = re.compile(r"\{([^{}]*)\}")
@@ -213,6 +221,13 @@ def _resolve_path(name_or_path: PathLike) -> Path:
 
 def _read_file(path: Path, shown: str) -> list[_Entry]:
     try:
+        size = path.stat().st_size
+        if size > MAX_PROMPT_FILE_BYTES:
+            raise ConfigError(
+                f"Prompt file {shown} is {size:,} bytes; prompt files are limited to {MAX_PROMPT_FILE_BYTES:,} bytes "
+                f"(prompts of at most {MAX_PROMPT_CHARS:,} characters each). Is it the right file? Split a real "
+                "prompt set into several files."
+            )
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"Prompt file {shown} is not valid UTF-8 ({exc}); re-save it as UTF-8.") from exc
@@ -229,6 +244,7 @@ def _read_file(path: Path, shown: str) -> list[_Entry]:
     if not entries:
         raise ConfigError(f"Prompt file {shown} holds no prompts.")
     for entry in entries:
+        _check_lengths(entry)
         _check_placeholders(entry)
     return entries
 
@@ -299,13 +315,33 @@ def _is_numbered(template: str) -> bool:
     return any(_PLACEHOLDER_RE.match(m.group(1)).group(2) for m in _BRACES_RE.finditer(template))
 
 
+_VALID_PLACEHOLDERS = ("{V} (identifier), {C} (class noun), and {V1}/{C1}, {V2}/{C2}, ... for the first, second, "
+                       "... concept")
+
+
+def _check_lengths(entry: _Entry) -> None:
+    for what, text in (("prompt", entry.template), ("scene", entry.scene), ("category", entry.category)):
+        if text is not None and len(text) > MAX_PROMPT_CHARS:
+            raise ConfigError(
+                f"{entry.source}: the {what} is {len(text):,} characters long ({text[:40]!r}...); the limit is "
+                f"{MAX_PROMPT_CHARS:,}, far more than a text encoder reads (77 CLIP tokens are a few hundred "
+                "characters). Shorten it; in a .txt file, check that each line holds one prompt."
+            )
+
+
 def _check_placeholders(entry: _Entry) -> None:
     unknown = [m.group(0) for m in _BRACES_RE.finditer(entry.template) if not _PLACEHOLDER_RE.match(m.group(1))]
     if unknown:
         raise ConfigError(
             f"{entry.source}: prompt {entry.template!r} has unknown placeholder(s) {', '.join(dict.fromkeys(unknown))}; "
-            "valid placeholders are {V} (identifier), {C} (class noun), and {V1}/{C1}, {V2}/{C2}, ... for the "
-            "first, second, ... concept."
+            f"valid placeholders are {_VALID_PLACEHOLDERS}."
+        )
+    at = unmatched_brace(entry.template)
+    if at is not None:
+        raise ConfigError(
+            f"{entry.source}: prompt {entry.template!r} has an unmatched {entry.template[at]!r} at "
+            f"{entry.template[at:at + 12]!r}; write each placeholder whole ({_VALID_PLACEHOLDERS}): braces mean "
+            "nothing else in a prompt."
         )
 
 

@@ -370,6 +370,7 @@ class GenerationOptions:
     negative_prompt: str | None = None
     progress: bool = True
     freecure: dict = field(default_factory=dict)  # FreeCure(...) options for the "+freecure" sources
+    allow_pickle: bool = False  # results (and FreeCure's models) may hold pickle weights: only if the user says so
 
 
 FREECURE_SUFFIX = "+freecure"
@@ -404,13 +405,15 @@ def generate(sources: Sequence[Source], prompts: Sequence[Sequence[Any]], jobs: 
             todo = [j for j in mine if j.source == s]
             if not todo:
                 continue
-            pipe = load_personalized(source.model_dir, device=device, dtype=_DTYPES[options.dtype])
+            pipe = load_personalized(source.model_dir, device=device, dtype=_DTYPES[options.dtype],
+                                     allow_pickle=options.allow_pickle)
+            check_prompt_tokens(pipe, prompts[s], source.name)
             if hasattr(pipe, "set_progress_bar_config"):
                 pipe.set_progress_bar_config(disable=True)
             if source.freecure:
                 from ..freecure import FreeCure
 
-                pipe = _FreeCureImages(FreeCure(pipe, **options.freecure))
+                pipe = _FreeCureImages(FreeCure(pipe, **{"allow_pickle": options.allow_pickle, **options.freecure}))
             height = options.height or source.resolution or 512
             width = options.width or source.resolution or 512
             for job in todo:
@@ -424,6 +427,21 @@ def generate(sources: Sequence[Source], prompts: Sequence[Sequence[Any]], jobs: 
                 bar.update(1)
             del pipe
     return written
+
+
+def check_prompt_tokens(pipe, prompts: Sequence[Any], model: str) -> None:
+    """Refuse a prompt longer than the text encoder's window before any image is drawn: diffusers would cut it
+    silently, and CLIP-T would then score the image against words the model never read."""
+    for tokenizer in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)):
+        if tokenizer is None:
+            continue
+        limit = tokenizer.model_max_length
+        for prompt in prompts:
+            n = len(tokenizer(prompt.text, truncation=False).input_ids)
+            if n > limit:
+                raise ConfigError(f"{prompt.source or 'prompt'}: {prompt.text!r} is {n} tokens long; the text "
+                                  f"encoder of {model} reads at most {limit} (start and end tokens included). "
+                                  "Shorten the prompt.")
 
 
 class _FreeCureImages:

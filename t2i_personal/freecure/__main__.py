@@ -65,13 +65,17 @@ def main(argv: list[str] | None = None) -> int:
     from ..inference.pipeline import load_personalized
     from ..training.checkpoint import write_json_atomic
     from . import FreeCure
+    from .pipeline import check_options, check_prompts
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.steps < 1:
         print(f"error: --steps must be at least 1, not {args.steps}", file=sys.stderr)
         return 2
     try:
-        pipe = load_personalized(args.model, device=device, dtype=getattr(torch, args.dtype))
+        # before the model loads (minutes, for a large one); the identifiers once FreeCure knows the concepts
+        check_options(mask_source=args.mask_source, apg_gamma=args.apg_gamma, omega=args.omega)
+        check_prompts([args.prompt], concepts=[])
+        pipe = load_personalized(args.model, device=device, dtype=getattr(torch, args.dtype), allow_pickle=args.allow_pickle)
         cure = FreeCure(pipe, foundation=args.foundation, attributes=args.attributes, mask_source=args.mask_source,
                         omega=args.omega, layers=args.layers.split(",") if args.layers else None,
                         apg=not args.no_apg, apg_gamma=args.apg_gamma, face_parser=args.face_parser,

@@ -110,9 +110,28 @@ def check_options(mask_source="auto", apg_gamma: float = 0.5, omega: float | Non
         mask_source = Path(mask_source).expanduser()
     if not 0.0 <= float(apg_gamma) <= 1.0:
         raise ConfigError(f"apg_gamma must be in [0, 1] (the fraction of the trajectory to invert), not {apg_gamma}")
-    if omega is not None and not math.isfinite(float(omega)):
-        raise ConfigError(f"omega must be a finite number (FASA's logit bias inside the mask), not {omega}")
+    if omega is not None and not (math.isfinite(float(omega)) and float(omega) >= 0):
+        raise ConfigError(f"omega must be a finite number >= 0, not {omega}: FASA adds it to the logits of the "
+                          "foundation's keys inside the mask, so each weighs e^omega times a personalized key; below 0 "
+                          "the foundation's attribute counts for less, which weakens the repair and never reverses "
+                          "it (0.5 for SD-1.x and 1.5 for SDXL are the released values; attributes=[] turns it off)")
     return mask_source
+
+
+def check_prompts(prompts: list[str], concepts) -> None:
+    """Before anything is sampled: refuse an empty prompt, warn about one that names none of the identifiers."""
+    if not prompts:
+        raise ConfigError("FreeCure was given an empty list of prompts; pass at least one")
+    identifiers = [identifier for identifier, _ in concepts if identifier]
+    for prompt in prompts:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ConfigError(f"FreeCure needs a prompt naming the subject (e.g. 'a sks dog wearing a red hat'), "
+                              f"not {prompt!r}")
+        if identifiers and not any(re.search(rf"(?<!\w){re.escape(i)}(?!\w)", prompt) for i in identifiers):
+            warnings.warn(f"FreeCure: the prompt {prompt!r} names none of the identifiers ({', '.join(identifiers)}): "
+                          "the image will not show the personal subject, and the foundation pass draws the same "
+                          "text, so there is little to repair. Add the identifier unless this is on purpose.",
+                          stacklevel=3)
 
 
 def _record(pipe) -> dict | None:
@@ -173,7 +192,7 @@ class _SeparateFoundation:
         yield self.pipe
 
 
-def _build_foundation(pipe, foundation):
+def _build_foundation(pipe, foundation, allow_pickle: bool = False):
     """``None``: from the pipeline itself (adapters off) or, for a full fine-tune loaded by ``load_personalized``,
     its recorded base model; a pipeline; or a base-model source (``builtin:...``, hub id, folder, file)."""
     if foundation is None:
@@ -184,7 +203,9 @@ def _build_foundation(pipe, foundation):
         if adapters or (record is not None and not personalized_weights):
             return _SharedFoundation(pipe)
         if personalized_weights:
-            foundation = {k: v for k, v in record["base_model"].items()}
+            from ..inference.pipeline import base_model_config
+
+            foundation = base_model_config(record).model_dump()
         else:
             raise ConfigError("FreeCure cannot tell what the foundation of this pipeline is: it carries no LoRA or "
                               "Custom Diffusion adapter to switch off and was not loaded with load_personalized. "
@@ -193,8 +214,9 @@ def _build_foundation(pipe, foundation):
         from ..config import ModelConfig
         from ..models.loading import load_components
 
-        cfg = ModelConfig(pretrained=foundation) if isinstance(foundation, str) else ModelConfig(
-            **{k: v for k, v in foundation.items() if k in ModelConfig.model_fields})
+        settings = {"pretrained": foundation} if isinstance(foundation, str) else {
+            k: v for k, v in foundation.items() if k in ModelConfig.model_fields}
+        cfg = ModelConfig(**{**settings, "allow_pickle": allow_pickle})  # the caller's choice, never a record's
         foundation = load_components(cfg, dtype=pipe.unet.dtype).pipeline()
         foundation.to(pipe.unet.device)
     if not hasattr(foundation, "unet"):
@@ -246,7 +268,7 @@ class FreeCure:
             base = (record or {}).get("base_model", {}).get("pretrained", "")
             face_parser = TOY_FACE_PARSER if base == "builtin:toy" else DEFAULT_FACE_PARSER
         self._face_parser = face_parser
-        self.foundation = _build_foundation(pipe, foundation)
+        self.foundation = _build_foundation(pipe, foundation, allow_pickle)
 
     # --------------------------------------------------------------------------------------------------- masks
 
@@ -382,6 +404,7 @@ class FreeCure:
             raise ConfigError("FreeCure needs the prompt text (it derives the foundation prompt and finds attribute "
                               "words in it): pass prompt=..., not prompt_embeds")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        check_prompts(prompts, self.concepts)
         if foundation_prompt is None:
             foundation_prompts = [to_foundation_prompt(p, self.concepts) for p in prompts]
         else:

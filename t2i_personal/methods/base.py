@@ -94,6 +94,8 @@ class Method:
 
     def check(self, components: Components) -> None:
         """Refuse, before anything is written, what cannot work with these components."""
+        if self.tokens:
+            self.tokens.check(components)
         if self.spl is not None:
             self.spl.check(components)
 

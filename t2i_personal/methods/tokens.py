@@ -100,17 +100,27 @@ class LearnedTokens:
     def tokens(self) -> list[str]:
         return [token for token, _ in self.specs]
 
+    def check(self, components) -> None:
+        """Refuse, without changing the tokenizers, identifiers that cannot become new tokens and initializer words
+        that are not one token (cheap: runs before class images are generated)."""
+        for tokenizer in components.tokenizers:
+            for token, init in self.specs:
+                _single_token_id(tokenizer, init, token)
+                # add_tokens would accept 'sks' (the vocabulary stores 'sks</w>') and shadow the real word
+                if len(tokenizer(token, add_special_tokens=False).input_ids) == 1 or token in tokenizer.get_vocab():
+                    raise ConfigError(f"identifier {token!r} is already a word of the tokenizer's vocabulary, so it cannot "
+                                      "be learned as a new token; use a fresh string such as '<new1>'")
+
     def add_to(self, components) -> None:
         """Add every token to every tokenizer and give each text encoder trainable rows for them."""
+        self.check(components)
         for tokenizer, encoder in zip(components.tokenizers, components.text_encoders):
             table = encoder.get_input_embeddings()
             if isinstance(table, NewTokenEmbedding):
                 raise RuntimeError("learned tokens were already added to this text encoder")
-            init_ids = []
-            for token, init in self.specs:
-                init_ids.append(_single_token_id(tokenizer, init, token))
-                # add_tokens would accept 'sks' (the vocabulary stores 'sks</w>') and shadow the real word
-                if len(tokenizer(token, add_special_tokens=False).input_ids) == 1 or tokenizer.add_tokens(token) != 1:
+            init_ids = [_single_token_id(tokenizer, init, token) for token, init in self.specs]
+            for token, _ in self.specs:
+                if tokenizer.add_tokens(token) != 1:
                     raise ConfigError(f"identifier {token!r} is already a word of the tokenizer's vocabulary, so it cannot "
                                       "be learned as a new token; use a fresh string such as '<new1>'")
             new_ids = tokenizer.convert_tokens_to_ids(self.tokens)

@@ -53,6 +53,9 @@ def load_components(cfg: ModelConfig | str, dtype: torch.dtype | None = None) ->
     for module in (comps.unet, comps.vae, *comps.text_encoders):
         if next(module.parameters()).dtype != dtype:
             module.to(dtype)
+        # Inference mode until a trainer says otherwise: built-in models are constructed in training mode, and
+        # any dropout left on makes the same seed give different images.
+        module.eval()
     return comps
 
 

@@ -8,6 +8,7 @@ artifact. It is written under a temporary name and renamed, so a folder with the
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -15,6 +16,8 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 RECORD_NAME = "personalization.json"
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -47,7 +50,7 @@ RESUME_FREE_SECTIONS = ("validation.", "export.")
 
 def check_resume_config(checkpoint: Path, config, num_processes: int) -> None:
     """A resume must continue the same computation: refuse settings that differ from the checkpoint's."""
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state = read_checkpoint_state(checkpoint)
     saved = state.get("config")
     if state.get("num_processes", num_processes) != num_processes:
         raise ConfigError(f"training.resume = {checkpoint} was trained on {state['num_processes']} processes, this run has "
@@ -143,12 +146,48 @@ def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
         return None
     if resume == "latest":
         found = list_checkpoints(output_dir)
-        return found[-1] if found else None  # nothing to resume: start fresh, as diffusers does
-    path = Path(resume)
+        if not found:  # as diffusers does, start fresh, but say so: a typo in output_dir would look the same
+            logger.warning("training.resume=latest: %s holds no complete checkpoint; starting from step 0",
+                           output_dir / "checkpoints")
+            return None
+        return found[-1]
+    path = Path(resume).expanduser()
     if not (path / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"training.resume = {resume!r} is not a complete checkpoint folder (no trainer_state.json); "
-                                f"use 'latest' or one of {[str(p) for p in list_checkpoints(output_dir)]}")
+        raise ConfigError(f"training.resume = {resume!r} is not a complete checkpoint folder (no trainer_state.json); "
+                          f"use 'latest' or one of {[str(p) for p in list_checkpoints(output_dir)] or '(none here)'}")
     return path
+
+
+def read_checkpoint_state(checkpoint: Path) -> dict:
+    """A checkpoint's ``trainer_state.json``; a damaged one raises the error naming an earlier checkpoint."""
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+            raise ValueError("no integer global_step")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise damaged_checkpoint(checkpoint, exc) from None
+    return state
+
+
+def check_checkpoint_readable(checkpoint: Path) -> None:
+    """Before any expensive work: the state and the trainable tensors' header read (a truncated file does not)."""
+    from safetensors import safe_open
+
+    read_checkpoint_state(checkpoint)
+    try:
+        with safe_open(str(checkpoint / "trainable.safetensors"), framework="pt") as f:
+            f.keys()
+    except Exception as exc:  # noqa: BLE001 -- SafetensorError, OSError: any damage reads the same to the user
+        raise damaged_checkpoint(checkpoint, exc) from None
+
+
+def damaged_checkpoint(checkpoint: Path, exc: BaseException) -> ConfigError:
+    """The error for a checkpoint that cannot be read: which one, why, and the earlier ones to resume from."""
+    earlier = [str(p) for p in list_checkpoints(checkpoint.parent.parent) if p.name < checkpoint.name]
+    way_out = (f"resume from an earlier one explicitly, e.g. training.resume={earlier[-1]}" if earlier else
+               "no earlier checkpoint is left: start a new run in a new training.output_dir")
+    return ConfigError(f"checkpoint {checkpoint} is damaged and cannot be resumed ({type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0] if str(exc) else ''}): {way_out}, or delete it.")
 
 
 def prune_checkpoints(output_dir: Path, keep: int | None) -> None:

@@ -41,6 +41,7 @@ from ..methods import Conditioning, TrainStep, build_method, denoise
 from ..models.components import Components, sdxl_time_ids
 from ..models.loading import load_components
 from . import checkpoint as ckpt
+from . import run_folder
 
 logger = logging.getLogger(__name__)
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -88,13 +89,13 @@ class Trainer:
     # ------------------------------------------------------------------ setup
 
     def _check_output_dir(self) -> Path | None:
+        """Refuse an output folder this run may not write into; the checkpoint to resume from, if any."""
         t = self.config.training
-        if (self.output_dir / ckpt.RECORD_NAME).exists():
-            raise ConfigError(
-                f"{self.output_dir} already holds a finished run ({ckpt.RECORD_NAME} exists) and is never overwritten. "
-                "Choose a new training.output_dir; to train on from one of its checkpoints, also set training.resume "
-                f"to that folder, e.g. {self.output_dir / 'checkpoints' / 'checkpoint-000100'}.")
-        return ckpt.resolve_resume(self.output_dir, t.resume)
+        run_folder.check_output_dir(t.output_dir, t.resume)
+        resume_from = ckpt.resolve_resume(self.output_dir, t.resume)
+        if resume_from is not None:
+            ckpt.check_checkpoint_readable(resume_from)
+        return resume_from
 
     def _setup_accelerator(self) -> Accelerator:
         t = self.config.training
@@ -234,6 +235,13 @@ class Trainer:
 
     def train(self) -> Path:
         """Run (or resume) training; return the output folder."""
+        self._lock = None
+        try:
+            return self._train()
+        finally:
+            run_folder.release(self._lock)
+
+    def _train(self) -> Path:
         run = self._prepare()
         t, accelerator = self.config.training, run.accelerator
         global_step = self._resume(run)
@@ -265,7 +273,7 @@ class Trainer:
         weight_dtype = DTYPES[t.mixed_precision]
         components = load_components(cfg.model, dtype=torch.float32)  # master weights; mixed precision casts later
         method = build_method(cfg.method, cfg.concepts)
-        method.check(components)
+        method.check(components)  # e.g. an identifier to learn that is already a word: before class images
         base_prediction_type = components.scheduler.config.prediction_type
         if t.prediction_type and t.prediction_type != base_prediction_type and cfg.method.prior == "base_prediction":
             raise ConfigError(f"method.prior 'base_prediction' takes the base model's {base_prediction_type} output as the "
@@ -288,8 +296,10 @@ class Trainer:
         method.prepare(components)
         self.components, self.method = components, method  # kept for callers (tests, the demo) after train()
 
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        accelerator.wait_for_everyone()  # every rank has checked the output folder before the first write to it
         if accelerator.is_main_process:
+            self._lock = run_folder.claim(self.output_dir)
+            run_folder.remove_leftovers(self.output_dir)
             ckpt.write_text_atomic(self.output_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         self._place(components, method, accelerator, weight_dtype)
         vae_dtype = next(components.vae.parameters()).dtype
@@ -327,9 +337,12 @@ class Trainer:
     def _resume(self, run: "_Run") -> int:
         if run.resume_from is None:
             return 0
-        run.accelerator.load_state(str(run.resume_from))
-        run.method.load_trainable_state_dict(run.components, load_file(str(run.resume_from / "trainable.safetensors")))
-        step = int(json.loads((run.resume_from / "trainer_state.json").read_text())["global_step"])
+        try:
+            run.accelerator.load_state(str(run.resume_from))
+            run.method.load_trainable_state_dict(run.components, load_file(str(run.resume_from / "trainable.safetensors")))
+        except Exception as exc:  # noqa: BLE001 -- a truncated optimizer state, a mismatched tensor, ...
+            raise ckpt.damaged_checkpoint(run.resume_from, exc) from exc
+        step = ckpt.read_checkpoint_state(run.resume_from)["global_step"]
         logger.info("resumed from %s at step %d", run.resume_from, step)
         return step
 
@@ -567,6 +580,7 @@ class Trainer:
                                                                 "config": self.config.model_dump(mode="json")})
             ckpt.publish_dir(tmp, final)
             ckpt.prune_checkpoints(self.output_dir, self.config.training.checkpoints_total_limit)
+            run_folder.remove_leftovers(self.output_dir)
         accelerator.wait_for_everyone()
 
     def _export_final(self, components, method, step: int) -> None:
