@@ -24,6 +24,7 @@ import time
 import urllib.parse
 from collections import deque
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +73,19 @@ def caption_rows(files, captions) -> list[list[str]]:
     typed = {row[0]: row[1] for row in _rows(captions) if len(row) > 1 and isinstance(row[1], str) and row[1].strip()}
     names = [_upload_path(f).name for f in (files or [])]
     return [[name, typed.get(name, "")] for name in names]
+
+
+@lru_cache(maxsize=1)
+def _clip_tokenizer():
+    from t2i_personal.models.tokenizer import build_clip_tokenizer
+
+    return build_clip_tokenizer()
+
+
+def is_vocabulary_word(identifier: str) -> bool:
+    """Whether ``identifier`` is one token of the CLIP vocabulary, which every Stable Diffusion text encoder shares
+    (and the toy world too): such a word cannot be learned as a new token."""
+    return len(_clip_tokenizer()(identifier, add_special_tokens=False).input_ids) == 1
 
 
 def unique_folder(parent: Path, name: str, taken=()) -> Path:
@@ -185,6 +199,12 @@ def build_config(workspace: Workspace, kind: str, identifier: str, class_noun: s
         raise DemoError(str(exc)) from exc
     workspace.inside(Path(config.training.output_dir))
     for concept in config.concepts:
+        # checked here, not by the trainer: there it fails only after the model is loaded and class images are made
+        if concept.initializer_token and is_vocabulary_word(concept.identifier):
+            raise DemoError(f"identifier {concept.identifier!r} is already a word of the CLIP vocabulary, and the "
+                            f"{kind} preset on this base model learns the identifier as a new token: type a fresh "
+                            f"string such as '<{concept.identifier}>' (and write it in your prompts), or choose kind "
+                            "'face' (DreamBooth-LoRA on a rare word such as 'sks', no learned token)")
         if config.method.prior == "class_images":  # generated, so cached in the work folder (per class and model)
             digest = hashlib.sha1(f"{base_model}|{config.data.resolution}".encode()).hexdigest()[:8]
             concept.class_dir = str(workspace.root / "class-images" / f"{slug(concept.class_noun)}-{slug(base_model)}-{digest}")
@@ -618,7 +638,8 @@ def build_app(workspace: Workspace, queue: TrainingQueue | None = None):
                 with gr.Column():
                     kind = gr.Radio(list(KINDS), value="subject", label="what is being trained")
                     with gr.Row():
-                        identifier = gr.Textbox("sks", label="identifier")
+                        identifier = gr.Textbox("sks", label="identifier",
+                                                info="a subject on a real base learns it as a new token: e.g. <sks>")
                         class_noun = gr.Textbox("dog", label="class noun")
                     base = gr.Textbox(TOY, label="base model (builtin:toy on CPU; hub id or local folder on a GPU)")
                     run_name = gr.Textbox("", label="run name (optional)")
@@ -734,6 +755,10 @@ def _chart(rows: list[list]):
     return fig
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # gradio then closes its server and main() returns, so the atexit handlers run
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -753,6 +778,15 @@ def main(argv: list[str] | None = None) -> int:
     if auth is not None and len(auth) != 2:
         parser.error("--auth expects USER:PASSWORD")
     workspace = Workspace(Path(args.workdir), args.max_uploads, args.max_upload_mb)
+    # Gradio keeps what pages upload (any file type, through its upload route) and the pictures it sends them in a
+    # folder of its own, by default in the system's temp folder, where they outlive the app. Here that folder is in
+    # the work folder, emptied at start (what a killed app left) and at exit. Gradio reads the variable when the app
+    # is built and launched.
+    gradio_files = workspace.root / "gradio-temp"
+    shutil.rmtree(gradio_files, ignore_errors=True)
+    os.environ["GRADIO_TEMP_DIR"] = str(gradio_files)
+    atexit.register(shutil.rmtree, gradio_files, ignore_errors=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` or a service manager stops the app as Ctrl-C does
     queue = TrainingQueue(workspace)
     atexit.register(queue.stop_all)  # a running training stops with a checkpoint when the app does
     app = build_app(workspace, queue)

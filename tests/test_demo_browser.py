@@ -1,6 +1,7 @@
-"""End to end in a real browser: start ``python demo/app.py`` on a free port, drive it with Playwright in headless
-Chromium (Debian's ``chromium`` package, no browser download): upload images, train briefly, generate with FreeCure
-on, evaluate. Screenshots go to tests/artifacts/ (kept by CI as test artifacts)."""
+"""The demo as a running server. End to end in a real browser: start ``demo/app.py`` on a free port, drive it with
+Playwright in headless Chromium (Debian's ``chromium`` package, no browser download): upload images, train briefly,
+generate with FreeCure on, evaluate. Screenshots go to tests/artifacts/ (kept by CI as test artifacts). Without a
+browser: where gradio's upload route puts files."""
 
 import os
 import shutil
@@ -8,8 +9,11 @@ import socket
 import subprocess
 import time
 import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import PYTHON, ROOT, python_subprocess_env
 
@@ -45,26 +49,87 @@ def browser():
         browser.close()
 
 
+# demo/app.py's main() with another file as the toy world's subject preset
+LAUNCH_WITH_PRESET = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("demo_app", sys.argv[1])
+app = sys.modules["demo_app"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(app)
+app.KINDS["subject"] = (sys.argv[2], app.KINDS["subject"][1])
+sys.exit(app.main(sys.argv[3:]))
+"""
+
+
+@contextmanager
+def running_app(tmp_path: Path, subject_preset: Path | None = None):
+    """The app on a free port with the work folder ``tmp_path/work`` and ``tmp_path/tmp`` as the system's temp folder
+    (so what it leaves there is seen); yields (url, work folder, process) and stops it, if still running, after."""
+    port, work, system_tmp = free_port(), tmp_path / "work", tmp_path / "tmp"
+    system_tmp.mkdir()
+    env = {**python_subprocess_env(), "TMPDIR": str(system_tmp), "OMP_NUM_THREADS": "1"}  # one thread: see conftest
+    env.pop("GRADIO_TEMP_DIR", None)  # gradio's default applies unless the app sets it
+    app_args = ["--port", str(port), "--workdir", str(work)]
+    command = ([PYTHON, "-c", LAUNCH_WITH_PRESET, str(ROOT / "demo" / "app.py"), str(subject_preset), *app_args]
+               if subject_preset else [PYTHON, str(ROOT / "demo" / "app.py"), *app_args])
+    log = open(tmp_path / "app.log", "w")
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "app.log").read_text()[-3000:]
+                time.sleep(0.5)
+        yield url, work, proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+def quick_subject_preset(folder: Path) -> Path:
+    """The toy world's subject preset with its sampling cut (4 class images and a one-image validation grid, each
+    in 2 steps): the browser test checks that a grid appears, not how it looks."""
+    preset = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    preset["concepts"][0]["num_class_images"] = 4
+    preset["data"].update(class_generation_steps=2, class_generation_batch_size=4)
+    preset["training"]["report_to"] = "none"
+    preset["validation"].update(prompts=preset["validation"]["prompts"][:1], num_images_per_prompt=1,
+                                num_inference_steps=2)
+    path = folder / "quickstart-quick.yaml"
+    path.write_text(yaml.safe_dump(preset, sort_keys=False))
+    return path
+
+
 @pytest.fixture
 def server(tmp_path):
-    port = free_port()
-    log = open(tmp_path / "app.log", "w")
-    proc = subprocess.Popen([PYTHON, str(ROOT / "demo" / "app.py"), "--port", str(port), "--workdir",
-                             str(tmp_path / "work")], cwd=tmp_path, env=python_subprocess_env(), stdout=log,
-                            stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "app.log").read_text()[-3000:]
-            time.sleep(0.5)
-    yield url, tmp_path / "work"
-    proc.terminate()
-    proc.wait(30)
-    log.close()
+    with running_app(tmp_path, quick_subject_preset(tmp_path)) as (url, work, _):
+        yield url, work
+
+
+def test_uploads_stay_in_the_work_folder_and_go_when_the_app_exits(tmp_path):
+    # Gradio's upload route takes files of any type before the app sees them; they must not pile up in /tmp.
+    httpx = pytest.importorskip("httpx")
+    leftover = tmp_path / "work" / "gradio-temp" / "left-by-a-killed-app.txt"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_text("old")
+    content = b"not an image " + os.urandom(8).hex().encode()
+    with running_app(tmp_path) as (url, work, proc):
+        assert not leftover.exists()
+        response = httpx.post(url + "gradio_api/upload", files={"files": ("notes.txt", content)}, trust_env=False)
+        response.raise_for_status()
+        (stored,) = [Path(p) for p in response.json()]
+        assert stored.read_bytes() == content and work.resolve() / "gradio-temp" in stored.parents
+        proc.terminate()  # SIGTERM, as `kill` or a service manager stops it
+        assert proc.wait(30) == 0, (tmp_path / "app.log").read_text()[-3000:]
+    assert not (work / "gradio-temp").exists()
+    left_in_tmp = [p for p in (tmp_path / "tmp").rglob("*") if p.is_file() and p.stat().st_size == len(content)
+                   and p.read_bytes() == content]
+    assert not left_in_tmp
 
 
 def value_contains(page, selector: str, text: str, timeout_s: float):
