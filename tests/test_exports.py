@@ -19,19 +19,16 @@ PLAIN_DIFFUSERS = textwrap.dedent("""
     import sys, numpy as np, torch
     assert "t2i_personal" not in sys.modules
     from diffusers import DiffusionPipeline
-    base, out, weight_name, npy = sys.argv[1:5]
-    pipe = DiffusionPipeline.from_pretrained(base)
-    pipe.set_progress_bar_config(disable=True)
-    def run():
+    base, out, npy, *weight_names = sys.argv[1:]
+    def run(folder, weight_name=None):
+        pipe = DiffusionPipeline.from_pretrained(folder)
+        pipe.set_progress_bar_config(disable=True)
+        if weight_name:
+            pipe.load_lora_weights(out, weight_name=weight_name)
         g = torch.Generator().manual_seed(0)
         return pipe("a photo of sks dog", num_inference_steps=3, height=32, width=32, generator=g, output_type="np").images
-    before = run()
-    if weight_name == "pipeline":
-        pipe = DiffusionPipeline.from_pretrained(out)
-        pipe.set_progress_bar_config(disable=True)
-    else:
-        pipe.load_lora_weights(out, weight_name=weight_name)
-    np.save(npy, np.stack([before, run()]))
+    images = [run(base)] + [run(out) if w == "pipeline" else run(base, w) for w in weight_names]
+    np.save(npy, np.stack(images))
     assert "t2i_personal" not in sys.modules
 """)
 
@@ -42,13 +39,14 @@ def generate(pipe) -> np.ndarray:
     return pipe(PROMPT, num_inference_steps=3, height=32, width=32, generator=g, output_type="np").images
 
 
-def plain_diffusers(tmp_path, base, out, weight_name) -> tuple[np.ndarray, np.ndarray]:
-    script, npy = tmp_path / "plain.py", tmp_path / f"{weight_name}.npy"
+def plain_diffusers(tmp_path, base, out, *weight_names) -> np.ndarray:
+    """In one fresh process (imports dominate its time): the base's image, then one image per LoRA file loaded
+    into a fresh base (or ``"pipeline"``: the saved pipeline ``out`` itself)."""
+    script, npy = tmp_path / "plain.py", tmp_path / "plain.npy"
     script.write_text(PLAIN_DIFFUSERS)
-    subprocess.run([PYTHON, str(script), str(base), str(out), weight_name, str(npy)], check=True,
+    subprocess.run([PYTHON, str(script), str(base), str(out), str(npy), *weight_names], check=True,
                    env=python_subprocess_env(), cwd=tmp_path)
-    before, after = np.load(npy)
-    return before, after
+    return np.load(npy)
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +70,8 @@ def test_lora_exports_match_in_memory_model_in_plain_diffusers(model, train_te, 
     trainer = run_training(cfg)
     in_memory = generate(trainer.components.pipeline())
 
-    before, diffusers_lora = plain_diffusers(tmp_path, base, out, "pytorch_lora_weights.safetensors")
-    _, kohya_lora = plain_diffusers(tmp_path, base, out, "pytorch_lora_weights_kohya.safetensors")
+    before, diffusers_lora, kohya_lora = plain_diffusers(tmp_path, base, out, "pytorch_lora_weights.safetensors",
+                                                         "pytorch_lora_weights_kohya.safetensors")
     assert np.abs(diffusers_lora - before).max() > 1e-3, "the LoRA must change the output"
     np.testing.assert_allclose(diffusers_lora, in_memory, atol=2e-5)
     np.testing.assert_allclose(kohya_lora, in_memory, atol=2e-5)

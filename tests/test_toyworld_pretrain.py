@@ -52,7 +52,7 @@ def test_generator_pretraining_writes_a_loadable_folder_and_can_continue(tmp_pat
     from diffusers import StableDiffusionPipeline
 
     small = dict(num_images=64, captions_per_image=2, vae_steps=2, vae_batch_size=4, unet_steps=2,
-                 unet_batch_size=4, workers=1, vae_hue_fraction=0.5)
+                 unet_batch_size=4, workers=1, vae_hue_fraction=0.5, held_out_images=16, sample_steps=2)
     first = generator.train(tmp_path / "a", **small)
     assert first["vae_steps_run"] == 2 and first["unet_steps_run"] == 2
     for name in ("training.json", "loss.png", "samples.png", "model_index.json"):

@@ -191,6 +191,7 @@ def encode_latents(vae, images: torch.Tensor, batch_size: int = 512) -> torch.Te
 
 
 @torch.no_grad()
+@torch.no_grad()
 def reconstruction_psnr(vae, images: torch.Tensor, batch_size: int = 256) -> float:
     """Mean PSNR (dB, on 0..255 pixels) of decode(encode-mean(x)), on uint8 (N, 64, 64, 3)."""
     values = []
@@ -310,13 +311,14 @@ def train(out_dir: str | Path = WEIGHTS, *, device: str = "cpu", seed: int = 0, 
           vae_time_budget_s: float | None = None, unet_steps: int = 20000, unet_batch_size: int = 128,
           unet_lr: float = 5e-4, unet_time_budget_s: float | None = None, workers: int | None = None,
           init_from: str | None = None, vae_train_encoder: bool = True, accessory_rate: float = 0.35,
-          vae_hue_fraction: float = 0.0) -> dict:
+          vae_hue_fraction: float = 0.0, held_out_images: int = 512, sample_steps: int = 25) -> dict:
     """Both stages end to end; writes the pipeline folder plus ``training.json``, loss curves and a sample grid.
 
     ``init_from`` continues from a saved toy-sd folder instead of random weights (its ``training.json`` is kept
     under ``"previous"``). With ``vae_train_encoder=False`` only the VAE decoder trains, as SD's ft-MSE VAE did:
     the latents, and so the denoiser trained on them, stay valid. ``vae_hue_fraction`` of the VAE's training
     images are hue-rotated (see ``hue_rotated``); the denoiser always learns the world's own colours.
+    ``held_out_images`` measure the VAE's PSNR; ``sample_steps`` draw ``samples.png`` (fewer: quicker smoke runs).
     """
     settings = {k: v for k, v in locals().items() if k != "out_dir"}
     out_dir = Path(out_dir)
@@ -325,7 +327,7 @@ def train(out_dir: str | Path = WEIGHTS, *, device: str = "cpu", seed: int = 0, 
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     data = render_set(num_images, seed=seed + 1, kind="world", workers=workers, accessory_rate=accessory_rate)
-    held = torch.from_numpy(render_set(512, seed=seed + 2, kind="world", workers=workers).images).to(device)
+    held = torch.from_numpy(render_set(held_out_images, seed=seed + 2, kind="world", workers=workers).images).to(device)
     images = torch.from_numpy(data.images).to(device)
     previous = None
     if init_from:
@@ -363,7 +365,7 @@ def train(out_dir: str | Path = WEIGHTS, *, device: str = "cpu", seed: int = 0, 
 
     pipe = StableDiffusionPipeline.from_pretrained(folder).to(device)
     pipe.set_progress_bar_config(disable=True)
-    samples = sample_images(pipe, SAMPLE_PROMPTS * 2, seed=seed, device=device)
+    samples = sample_images(pipe, SAMPLE_PROMPTS * 2, seed=seed, steps=sample_steps, device=device)
     image_grid(samples, columns=len(SAMPLE_PROMPTS), scale=2).save(folder / "samples.png")
     save_loss_curve({**vae_info["history"], **den_info["history"]}, folder / "loss.png", "toy-sd pretraining")
     import diffusers
