@@ -68,6 +68,7 @@ def test_an_empty_output_dir_would_be_the_current_directory(concept_dir, tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_run_starts_in_an_empty_folder_and_marks_it(concept_dir, tmp_path):
     (tmp_path / "out").mkdir()
     run_training(lora_config(concept_dir, tmp_path / "out", max_train_steps=1))
@@ -75,6 +76,7 @@ def test_a_run_starts_in_an_empty_folder_and_marks_it(concept_dir, tmp_path):
     assert (tmp_path / "out" / "personalization.json").is_file()
 
 
+@pytest.mark.slow
 def test_an_unfinished_run_with_checkpoints_is_continued_not_restarted_over(concept_dir, tmp_path):
     cfg = lora_config(concept_dir, tmp_path / "out", max_train_steps=3, stop_after_step=1)
     run_training(cfg)
@@ -213,6 +215,7 @@ def test_a_damaged_lora_is_named(lora_result, tmp_path, damage):
     assert "pytorch_lora_weights.safetensors" in str(info.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["trainable", "optimizer", "state"])
 def test_a_damaged_latest_checkpoint_names_itself_and_an_earlier_one(lora_result, concept_dir, tmp_path, damage):
     cfg = lora_config(concept_dir, tmp_path / "out", max_train_steps=3, stop_after_step=2)
@@ -233,6 +236,7 @@ def test_a_damaged_latest_checkpoint_names_itself_and_an_earlier_one(lora_result
 # ------------------------------------------------------------------------------------------------ 5. leftovers
 
 
+@pytest.mark.slow
 def test_interrupted_writes_are_cleaned_and_an_empty_resume_is_announced(concept_dir, tmp_path, caplog):
     cfg = lora_config(concept_dir, tmp_path / "out", max_train_steps=3, stop_after_step=1)
     run_training(cfg)
