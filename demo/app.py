@@ -37,7 +37,8 @@ from t2i_personal.config import config_to_dict, load_config  # noqa: E402
 from t2i_personal.data.images import ImageLoadError, load_image_rgb, save_image_atomic  # noqa: E402
 from t2i_personal.errors import ConfigError, ModelLoadError  # noqa: E402
 from t2i_personal.evaluation.engine import slugify  # noqa: E402
-from t2i_personal.training.checkpoint import RECORD_NAME, list_checkpoints  # noqa: E402
+from t2i_personal.record import RECORD_NAME  # noqa: E402
+from t2i_personal.training.checkpoint import list_checkpoints  # noqa: E402
 
 TOY = "builtin:toy"
 # What is being trained -> (preset on the toy world, preset on a real base model). The presets carry the

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, args.overrides)
         for override in args.overrides:
             logging.info("override: %s", override)
-        from t2i_personal.training.checkpoint import RECORD_NAME
+        from t2i_personal.record import RECORD_NAME
         from t2i_personal.training.trainer import Trainer, stop_on_signals
 
         trainer = Trainer(config)

@@ -780,7 +780,7 @@ def claim_generation_folders(sources: Sequence[Source], out_dir: Path, cfg: Eval
     reuse images made by another model or other settings is refused instead of silently scoring them."""
     import json
 
-    from ..training.checkpoint import write_json_atomic
+    from ..atomic import write_json_atomic
 
     g = cfg.generation
     for s in sources:

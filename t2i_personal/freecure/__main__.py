@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..data.images import ImageLoadError, save_image_atomic
     from ..errors import ConfigError, ModelLoadError
     from ..inference.pipeline import load_personalized
-    from ..training.checkpoint import write_json_atomic
+    from ..atomic import write_json_atomic
     from . import FreeCure
     from .pipeline import check_options, check_prompts
 

@@ -7,8 +7,6 @@ Weights are read from safetensors only unless ``allow_pickle`` is set: a pickle 
 from __future__ import annotations
 
 import json
-import os
-import re
 from pathlib import Path
 
 import torch
@@ -16,12 +14,11 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusio
 
 from ..config import ModelConfig
 from ..errors import ModelLoadError
+from ..weights import HUB_ID, PICKLE_SUFFIXES, check_pipeline_dir, offline_error
 from .components import Components
 from .tiny import build_tiny
 
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SDXL_SINGLE_FILE_KEY = "conditioner.embedders.1.model"  # the second (OpenCLIP bigG) text encoder
 # Built-in names backed by trained weights shipped in the package (the others are seeded random tiny models).
 PRETRAINED_BUILTINS = {"toy": Path(__file__).resolve().parent.parent / "toyworld" / "weights" / "toy-sd"}
@@ -70,17 +67,6 @@ def _from_shipped(name: str, cfg: ModelConfig, dtype) -> Components:
     return comps
 
 
-def _check_no_pickle_only(folder: Path) -> None:
-    """Refuse a diffusers folder whose component holds pickle weights but no safetensors."""
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-        files = [f.name for f in sub.iterdir() if f.is_file()]
-        pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
-        if pickles and not any(f.endswith(".safetensors") for f in files):
-            raise ModelLoadError(
-                f"{sub} holds only pickle weights ({', '.join(pickles)}), which can run arbitrary code when loaded. "
-                "Convert them to safetensors, or set model.allow_pickle: true if you trust this file.")
-
-
 def _family_of_pipeline(class_name: str) -> str:
     return "sdxl" if "XL" in class_name else "sd"
 
@@ -91,8 +77,7 @@ def _from_pipeline(src: str, cfg: ModelConfig, dtype, local: bool) -> Components
         if not index.is_file():
             raise ModelLoadError(f"{src} is a folder but not a diffusers pipeline (no model_index.json). Point "
                                  "model.pretrained at the folder that contains model_index.json, unet/, vae/, ...")
-        if not cfg.allow_pickle:
-            _check_no_pickle_only(Path(src))
+        check_pipeline_dir(Path(src), cfg.allow_pickle, "set model.allow_pickle: true")
         class_name = json.loads(index.read_text())["_class_name"]
     else:
         class_name = None
@@ -108,19 +93,8 @@ def _from_pipeline(src: str, cfg: ModelConfig, dtype, local: bool) -> Components
     except (OSError, ValueError, EnvironmentError) as exc:
         if local:
             raise ModelLoadError(f"could not load the diffusers folder {src}: {exc}") from exc
-        raise _offline_error(src, exc) from exc
+        raise offline_error("model", src, exc, _download_hint(src)) from exc
     return _components_from_pipeline(pipe, src)
-
-
-def _offline_error(model_id: str, exc: Exception) -> ModelLoadError:
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    why = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached (this machine may be offline)"
-    local = f"There is no local folder {Path(model_id).resolve()} either. " if "/" in model_id else ""
-    return ModelLoadError(
-        f"could not load model {model_id!r} from the Hugging Face hub: {why}, and it is not in the local cache. {local}\n"
-        f"On a machine with internet: `huggingface-cli download {model_id} --local-dir /path/to/{model_id.split('/')[-1]}` "
-        f"(safetensors files only are needed), copy the folder here and set model.pretrained: /path/to/{model_id.split('/')[-1]}.\n"
-        f"Underlying error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
 
 
 def _components_from_pipeline(pipe, source: str) -> Components:
@@ -168,3 +142,10 @@ def _from_single_file(path: Path, cfg: ModelConfig, dtype) -> Components:
                 "folder of the same architecture (e.g. a downloaded stable-diffusion-v1-5 without its weights).")
         raise ModelLoadError(f"could not load single-file checkpoint {path}: {exc}.{hint}") from exc
     return _components_from_pipeline(pipe, str(path))
+
+
+def _download_hint(model_id: str) -> str:
+    name = model_id.split("/")[-1]
+    local = f"There is no local folder {Path(model_id).resolve()} either. " if "/" in model_id else ""
+    return (f"{local}On a machine with internet: `huggingface-cli download {model_id} --local-dir /path/to/{name}` "
+            f"(safetensors files only are needed), copy the folder here and set model.pretrained: /path/to/{name}.")

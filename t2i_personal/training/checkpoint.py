@@ -1,4 +1,4 @@
-"""Checkpoint folders, atomic writes and the ``personalization.json`` record.
+"""Checkpoint folders: naming, listing, resume checks and pruning.
 
 A checkpoint is ``checkpoints/checkpoint-NNNNNN/`` holding accelerate's optimizer/scheduler state, the
 trainable tensors (``trainable.safetensors``), ``trainer_state.json`` and a ready-to-use ``inference/``
@@ -9,33 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
-from .. import __version__
 from ..errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-RECORD_NAME = "personalization.json"
 CHECKPOINT_PREFIX = "checkpoint-"
-FORMAT_VERSION = 1
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 # Keys that may change between a stop and a resume: they do not change what is computed, except
@@ -100,32 +81,6 @@ def flatten(tree, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
-
-
-def make_record(config, artifact: dict, components_family: str, step: int) -> dict:
-    return {
-        "format_version": FORMAT_VERSION,
-        "t2i_personal_version": __version__,
-        "base_model": _portable_model(config.model.model_dump(mode="json")),
-        "family": components_family,
-        "method": config.method.name,
-        "adapter": getattr(config.method, "adapter", None),
-        "artifact": artifact,
-        "concepts": [{"identifier": c.identifier, "class_noun": c.class_noun, "instance_prompt": c.instance_prompt}
-                     for c in config.concepts],
-        "steps": step,
-        "seed": config.training.seed,
-        "config": config.model_dump(mode="json"),
-    }
-
-
-def _portable_model(model: dict) -> dict:
-    """Local model paths made absolute, so a result loads from any working directory."""
-    for key in ("pretrained", "config_dir"):
-        value = model.get(key)
-        if value and not value.startswith("builtin:") and Path(value).expanduser().exists():
-            model[key] = str(Path(value).expanduser().resolve())
-    return model
 
 
 def checkpoint_dir(output_dir: Path, step: int) -> Path:
@@ -195,22 +150,3 @@ def prune_checkpoints(output_dir: Path, keep: int | None) -> None:
         return
     for old in list_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def publish_dir(tmp: Path, final: Path) -> None:
-    """Atomically give a fully written folder its final name."""
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-
-
-def move_contents(src: Path, dst: Path) -> None:
-    """Move every entry of ``src`` into ``dst`` (replacing), then remove ``src``."""
-    for entry in src.iterdir():
-        target = dst / entry.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-        os.replace(entry, target)
-    src.rmdir()

@@ -18,7 +18,9 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import ConfigError
-from .checkpoint import RECORD_NAME, list_checkpoints, write_json_atomic
+from ..atomic import write_json_atomic
+from ..record import RECORD_NAME
+from .checkpoint import list_checkpoints
 
 MARKER_NAME = ".t2i-personal-run.json"
 # Temporary names of folders being written (a checkpoint, the final export); a killed run leaves them behind.

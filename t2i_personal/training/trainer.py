@@ -29,7 +29,9 @@ from diffusers.training_utils import compute_snr
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..atomic import move_contents, publish_dir, write_json_atomic, write_text_atomic
 from ..config import TrainConfig
+from ..record import RECORD_NAME, make_record
 from ..data.captions import render_for_concepts
 from ..data.concepts import (ConceptDataset, Example, StreamBatchSampler, class_prompt, collate,
                              load_instance_examples, rescale_prompt_variants)
@@ -300,7 +302,7 @@ class Trainer:
         if accelerator.is_main_process:
             self._lock = run_folder.claim(self.output_dir)
             run_folder.remove_leftovers(self.output_dir)
-            ckpt.write_text_atomic(self.output_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+            write_text_atomic(self.output_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         self._place(components, method, accelerator, weight_dtype)
         vae_dtype = next(components.vae.parameters()).dtype
         transform = ImageTransform(d.resolution, d.center_crop, d.random_flip, rescale=d.rescale_augmentation,
@@ -360,7 +362,7 @@ class Trainer:
         kept = []
         if global_step and path.exists():
             kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= global_step]
-        ckpt.write_text_atomic(path, "".join(line + "\n" for line in kept))
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
         return path.open("a", buffering=1)
 
     def _loop(self, run: "_Run", global_step: int) -> int:
@@ -562,7 +564,7 @@ class Trainer:
 
     def _write_artifact(self, components, method, folder: Path, step: int) -> None:
         artifact = method.save(self._export_view(components, method), folder, self.config.export)
-        ckpt.write_json_atomic(folder / ckpt.RECORD_NAME, ckpt.make_record(self.config, artifact, components.family, step))
+        write_json_atomic(folder / RECORD_NAME, make_record(self.config, artifact, components.family, step))
 
     def _save_checkpoint(self, components, method, accelerator, step: int, with_artifact: bool = True) -> None:
         final = ckpt.checkpoint_dir(self.output_dir, step)
@@ -576,9 +578,9 @@ class Trainer:
             save_file(state, str(tmp / "trainable.safetensors"))
             if with_artifact and self.config.export.inference_artifact_in_checkpoints:
                 self._write_artifact(components, method, tmp / "inference", step)
-            ckpt.write_json_atomic(tmp / "trainer_state.json", {"global_step": step, "num_processes": accelerator.num_processes,
+            write_json_atomic(tmp / "trainer_state.json", {"global_step": step, "num_processes": accelerator.num_processes,
                                                                 "config": self.config.model_dump(mode="json")})
-            ckpt.publish_dir(tmp, final)
+            publish_dir(tmp, final)
             ckpt.prune_checkpoints(self.output_dir, self.config.training.checkpoints_total_limit)
             run_folder.remove_leftovers(self.output_dir)
         accelerator.wait_for_everyone()
@@ -587,12 +589,12 @@ class Trainer:
         tmp = Path(tempfile.mkdtemp(dir=self.output_dir, prefix=".final-"))
         try:
             artifact = method.save(self._export_view(components, method), tmp, self.config.export)
-            ckpt.move_contents(tmp, self.output_dir)
+            move_contents(tmp, self.output_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         # Written last: its presence is what marks the output folder as complete.
-        ckpt.write_json_atomic(self.output_dir / ckpt.RECORD_NAME, ckpt.make_record(self.config, artifact, components.family, step))
+        write_json_atomic(self.output_dir / RECORD_NAME, make_record(self.config, artifact, components.family, step))
 
 
 def _move(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
