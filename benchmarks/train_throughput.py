@@ -57,6 +57,7 @@ def run_reference(args, data_dir: Path) -> dict:
     import torch
     import torch.nn.functional as F
     from accelerate import Accelerator
+    from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
     from PIL import Image
     from torchvision import transforms
@@ -66,7 +67,7 @@ def run_reference(args, data_dir: Path) -> dict:
     torch.manual_seed(0)
     comps = build_tiny(args.model)
     tokenizer, text_encoder, vae, unet = comps.tokenizer, comps.text_encoder, comps.vae, comps.unet
-    noise_scheduler = comps.noise_scheduler()
+    noise_scheduler = DDPMScheduler.from_config(comps.scheduler.config)
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
     accelerator = Accelerator(mixed_precision=args.mixed_precision)

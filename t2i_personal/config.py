@@ -40,11 +40,21 @@ def _takes_number_not_bool(annotation: Any) -> bool:
 
 class ModelConfig(Section):
     pretrained: str = Field("builtin:tiny-sd", description="hub id, local diffusers folder, single .safetensors file or builtin:NAME")
-    family: Literal["auto", "sd", "sdxl"] = "auto"
+    family: str = Field("auto", description="auto (recognised from the model) or a family name: sd, sdxl")
     config_dir: str | None = Field(None, description="single-file checkpoints: local diffusers folder (or hub id) holding the architecture configs")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
     variant: str | None = Field(None, description="weights variant, e.g. fp16")
     allow_pickle: bool = Field(False, description="allow .bin/.ckpt/.pt weights (pickle can run code: only for files you trust)")
+
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, value: str) -> str:
+        from .families import FAMILIES
+
+        if value != "auto" and value not in FAMILIES:
+            raise ValueError(f"unknown model family {value!r}; use auto or one of {', '.join(sorted(FAMILIES))}")
+        return value
 
 
 class ConceptConfig(Section):
@@ -221,6 +231,13 @@ class TrainingConfig(Section):
     report_to: Literal["tensorboard", "wandb", "none"] = Field("tensorboard", description="logs go to output_dir/logs")
     progress_bar: bool = Field(True, description="tqdm bar with the loss")
 
+
+    def learning_rates(self, scale: float = 1.0) -> dict[str, float]:
+        """The learning rate of each kind of parameter: the text encoder's and the learned tokens' default to
+        ``learning_rate``; ``scale`` multiplies all (``scale_lr``)."""
+        return {"denoiser": self.learning_rate * scale,
+                "text_encoder": (self.text_encoder_learning_rate or self.learning_rate) * scale,
+                "tokens": (self.token_learning_rate or self.learning_rate) * scale}
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

@@ -28,11 +28,11 @@ def test_offline_tokenizer_matches_open_clip():
 @pytest.mark.parametrize("name,family,encoders", [("tiny-sd", "sd", 1), ("tiny-sd2", "sd", 1), ("tiny-sdxl", "sdxl", 2)])
 def test_builtins_are_seeded_and_round_trip_through_a_diffusers_folder(name, family, encoders, tmp_path):
     a, b = load_components(f"builtin:{name}"), load_components(f"builtin:{name}")
-    assert a.family == family and len(a.text_encoders) == encoders
+    assert a.family.name == family and len(a.text_encoders) == encoders
     assert same_weights(a.unet, b.unet), "built-ins must be identical on every machine"
     a.pipeline().save_pretrained(tmp_path / name)
     loaded = load_components(str(tmp_path / name))
-    assert loaded.family == family and type(loaded.scheduler) is type(a.scheduler)
+    assert loaded.family.name == family and type(loaded.scheduler) is type(a.scheduler)
     for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
         if getattr(a, part) is not None:
             assert same_weights(getattr(a, part), getattr(loaded, part)), part
@@ -41,7 +41,8 @@ def test_builtins_are_seeded_and_round_trip_through_a_diffusers_folder(name, fam
 
 def test_sdxl_conditioning_has_pooled_embeds_and_time_ids():
     comps = load_components("builtin:tiny-sdxl")
-    hidden, pooled = comps.encode(comps.tokenize(["a photo of sks dog"]))
+    cond = comps.encode(comps.tokenize(["a photo of sks dog"]))
+    hidden, pooled = cond.encoder_hidden_states, cond.pooled
     assert hidden.shape[-1] == comps.unet.config.cross_attention_dim
     assert pooled.shape == (1, comps.text_encoder_2.config.projection_dim)
 
@@ -94,5 +95,5 @@ def test_hub_id_resolves_from_the_local_hub_cache_offline(tmp_path, monkeypatch)
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     comps = load_components("t2i-test/tiny-sd")
-    assert comps.family == "sd" and comps.source == "t2i-test/tiny-sd"
+    assert comps.family.name == "sd" and comps.source == "t2i-test/tiny-sd"
     assert same_weights(comps.unet, load_components("builtin:tiny-sd").unet)

@@ -11,9 +11,9 @@ from conftest import base_config, run_training
 from t2i_personal.config import ConceptConfig
 from t2i_personal.data.concepts import ConceptDataset, Example, StreamBatchSampler, load_instance_examples
 from t2i_personal.data.examples import write_examples
-from t2i_personal.data.images import ImageTransform
+from t2i_personal.data.transforms import ImageTransform
 from t2i_personal.models.loading import load_components
-from t2i_personal.training.trainer import Trainer
+from t2i_personal.training import loop
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -76,14 +76,14 @@ def test_prior_samples_belong_to_the_instance_concept(two_folders):
 
 def test_a_short_run_samples_and_learns_both_concepts(two_folders, monkeypatch, tmp_path):
     seen = []
-    original = Trainer._micro_step
+    original = loop.micro_step
 
-    def recording(self, batch):
-        prompts = {i: p for p, i in self._run.dataset.prompt_index.items()}
+    def recording(run, batch):
+        prompts = {i: p for p, i in run.dataset.prompt_index.items()}
         seen.append([prompts[i] for i in batch["prompt"]])
-        return original(self, batch)
+        return original(run, batch)
 
-    monkeypatch.setattr(Trainer, "_micro_step", recording)
+    monkeypatch.setattr(loop, "micro_step", recording)
     # 5 steps x 2 images = exactly one epoch of the 10-item dataset
     cfg = base_config(two_folders[0], tmp_path / "out", method={"name": "dreambooth", "train_unet": False},
                       concepts=two_concepts(two_folders),

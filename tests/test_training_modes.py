@@ -96,7 +96,8 @@ def test_bf16_mixed_precision_lora_runs_on_cpu(concept_dir, tmp_path):
 def test_overfitting_one_image_lowers_the_loss_clearly(tmp_path):
     """One image, a fixed set of (noise, timestep) probes: the tuned UNet denoises it much better than the base."""
     from t2i_personal.data.examples import write_examples
-    from t2i_personal.data.images import ImageTransform, load_image_rgb
+    from t2i_personal.data.images import load_image_rgb
+    from t2i_personal.data.transforms import ImageTransform
     import random
 
     folder = tmp_path / "one"
@@ -114,9 +115,9 @@ def test_overfitting_one_image_lowers_the_loss_clearly(tmp_path):
             latents = latents.repeat(16, 1, 1, 1)
             noise = torch.randn(latents.shape, generator=g)
             t = torch.linspace(50, 950, 16).long()
-            sched = components.noise_scheduler()
+            sched = __import__("diffusers").DDPMScheduler.from_config(components.scheduler.config)
             ids = components.tokenize(["a photo of sks dog"] * 16)
-            hidden, _ = components.encode(ids)
+            hidden = components.encode(ids).encoder_hidden_states
             pred = components.unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=hidden).sample
             return torch.nn.functional.mse_loss(pred, noise).item()
 

@@ -1,20 +1,24 @@
 """Personalization methods, dispatched on the explicit ``method.name`` key.
 
-Learned tokens (``concepts[].initializer_token``) and ClassDiffusion's SPL (``method.spl``) compose with each.
+``build_method`` composes the chosen method with its add-ons: learned tokens (``concepts[].initializer_token``)
+and ClassDiffusion's SPL (``method.spl``).
 """
 
-from .base import Conditioning, Method, TrainStep, denoise, weighted_mse
+from .base import LearningRates, Method, TrainStep, weighted_mse
+from .classdiffusion import SemanticPreservationLoss
 from .custom_diffusion import CustomDiffusion
 from .dreambooth import DreamBooth
 from .styleforge import StyleForge
+from .tokens import LearnedTokens
 
 METHODS: dict[str, type[Method]] = {"dreambooth": DreamBooth, "custom_diffusion": CustomDiffusion,
                                     "styleforge": StyleForge}
 
 
 def build_method(config, concepts=()) -> Method:
-    return METHODS[config.name](config, concepts)
+    spl = SemanticPreservationLoss(config.spl, concepts) if getattr(config, "spl", None) else None
+    return METHODS[config.name](config, tokens=LearnedTokens(concepts), spl=spl)
 
 
-__all__ = ["METHODS", "Conditioning", "CustomDiffusion", "DreamBooth", "Method", "StyleForge", "TrainStep",
-           "build_method", "denoise", "weighted_mse"]
+__all__ = ["METHODS", "CustomDiffusion", "DreamBooth", "LearningRates", "Method", "StyleForge", "TrainStep",
+           "build_method", "weighted_mse"]

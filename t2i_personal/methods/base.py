@@ -1,10 +1,12 @@
 """The interface between the trainer and a personalization method.
 
-The trainer runs the denoising forward pass and knows nothing of papers. A method says which parameters train
-(``prepare`` + ``trainable_parameters``), which loss terms it adds (``loss_terms`` returns named terms that the
-trainer sums and logs by key) and how its result is written and read back (``save`` / ``load_into``).
+The trainer runs the denoising forward pass and knows nothing of papers. A method says which prior examples it
+trains with (``prior_examples``), which parameters train and at which learning rates (``prepare`` +
+``trainable_parameters``), which loss terms it adds (``loss_terms`` returns named terms that the trainer sums
+and logs by key), what an export holds (``export_components``) and how its result is written and read back
+(``save`` / ``load_into``).
 
-Two add-ons compose with every method, so they live here rather than in each subclass: learned tokens
+Two add-ons compose with any method and are handed to it by ``build_method``: learned tokens
 (``methods/tokens.py``: concepts with an ``initializer_token``) and ClassDiffusion's semantic preservation loss
 (``methods/classdiffusion.py``: ``method.spl``). Subclasses override the ``configure`` / ``parameter_groups`` /
 ``denoising_terms`` / ``save_artifact`` / ``load_artifact`` halves.
@@ -12,31 +14,15 @@ Two add-ons compose with every method, so they live here rather than in each sub
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from ..families import Conditioning
 from ..models.components import Components
-
-
-@dataclass
-class Conditioning:
-    encoder_hidden_states: torch.Tensor
-    pooled: torch.Tensor | None = None  # SDXL
-    time_ids: torch.Tensor | None = None  # SDXL
-
-    def select(self, mask: torch.Tensor) -> "Conditioning":
-        pick = lambda x: None if x is None else x[mask]  # noqa: E731
-        return Conditioning(self.encoder_hidden_states[mask], pick(self.pooled), pick(self.time_ids))
-
-
-def denoise(unet, noisy_latents, timesteps, cond: Conditioning) -> torch.Tensor:
-    added = None
-    if cond.pooled is not None:
-        added = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
-    return unet(noisy_latents, timesteps, encoder_hidden_states=cond.encoder_hidden_states,
-                added_cond_kwargs=added, return_dict=False)[0]
+from .tokens import LearnedTokens
 
 
 @dataclass
@@ -77,27 +63,50 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor
     return (per_sample * weights).mean()
 
 
+@dataclass
+class LearningRates:
+    """The learning rate of each kind of parameter (``TrainingConfig.learning_rates`` fills the defaults)."""
+
+    denoiser: float
+    text_encoder: float
+    tokens: float
+
+
 class Method:
     """Base class: subclasses override what differs. ``components`` are the unwrapped modules."""
 
     name = "base"
 
-    def __init__(self, config, concepts=()):
-        from .classdiffusion import SemanticPreservationLoss
-        from .tokens import LearnedTokens
-
+    def __init__(self, config, tokens: LearnedTokens | None = None, spl=None):
         self.config = config
         self.trained: list[str] = []  # components holding trainable parameters, set by ``prepare``
         self.own: list[str] = []
-        self.tokens = LearnedTokens(concepts)
-        self.spl = SemanticPreservationLoss(config.spl, concepts) if getattr(config, "spl", None) else None
+        self.tokens = tokens if tokens is not None else LearnedTokens(())
+        self.spl = spl
 
-    def check(self, components: Components) -> None:
-        """Refuse, before anything is written, what cannot work with these components."""
-        if self.tokens:
-            self.tokens.check(components)
-        if self.spl is not None:
-            self.spl.check(components)
+    @property
+    def addons(self) -> list:
+        return [a for a in (self.tokens, self.spl) if a]
+
+    def check(self, components: Components, training=None) -> None:
+        """Refuse, before anything is written, what cannot work with these components (and ``training``, a
+        TrainingConfig, when given)."""
+        for addon in self.addons:
+            addon.check(components)
+
+    @property
+    def trains_text_side(self) -> bool:
+        """Whether any text-encoder parameter (a full encoder, its LoRA or a learned token row) trains."""
+        return bool(self.tokens) or bool(getattr(self.config, "train_text_encoder", False))
+
+    # ------------------------------------------------------------------ data
+
+    def prior_examples(self, instances: list, class_images: Callable[[int], list]) -> list[list] | None:
+        """Per concept, the prior samples trained beside its instances (None: no prior term).
+        ``class_images(concept_index)`` supplies (generating if needed) that concept's class images."""
+        return None
+
+    # ------------------------------------------------------------------ what trains
 
     def add_tokens(self, components: Components) -> None:
         """Add the learned identifiers to the tokenizers (before any prompt is tokenized)."""
@@ -106,37 +115,42 @@ class Method:
 
     def prepare(self, components: Components) -> None:
         """Freeze everything, then make trainable (and inject adapters into) what this method trains."""
-        for module in (components.unet, components.vae, *components.text_encoders):
+        for module in components.modules.values():
             module.requires_grad_(False)
         self.configure(components)
         self.own = list(self.trained)  # what the method itself trains; ``trained`` also lists encoders holding tokens
         if self.tokens:
             for row in self.tokens.parameters(components):
                 row.requires_grad_(True)
-            self.trained += [n for n in ("text_encoder", "text_encoder_2")
-                             if getattr(components, n) is not None and n not in self.trained]
+            self.trained += [n for n in components.text_encoder_names if n not in self.trained]
 
     def configure(self, components: Components) -> None:
         """Make trainable what the method itself trains and set ``self.trained``."""
 
-    def trainable_parameters(self, components: Components, lr: float, text_encoder_lr: float,
-                             token_lr: float | None = None) -> list[dict]:
+    def trainable_parameters(self, components: Components, lrs: LearningRates) -> list[dict]:
+        """Optimizer groups ``{"name", "params", "lr"}``."""
         token_rows = {id(p) for p in self.tokens.parameters(components)} if self.tokens else set()
         groups = []
-        for g in self.parameter_groups(components, lr, text_encoder_lr):
+        for g in self.parameter_groups(components, lrs):
             params = [p for p in g["params"] if id(p) not in token_rows]  # a full text encoder also holds them
             if params:
                 groups.append({**g, "params": params})
         if self.tokens:
-            groups.append({"name": "tokens", "params": self.tokens.parameters(components), "lr": token_lr or lr})
+            groups.append({"name": "tokens", "params": self.tokens.parameters(components), "lr": lrs.tokens})
         return groups
 
-    def parameter_groups(self, components: Components, lr: float, text_encoder_lr: float) -> list[dict]:
+    def parameter_groups(self, components: Components, lrs: LearningRates) -> list[dict]:
         return []
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        """Extra frozen modules the method owns (e.g. a reference copy); the trainer places and casts them."""
+        return []
+
+    # ------------------------------------------------------------------ loss
 
     def loss_terms(self, step: TrainStep, components: Components) -> dict[str, torch.Tensor]:
         terms = self.denoising_terms(step, components)
-        if self.spl is not None:
+        if self.spl:
             terms["spl"] = self.spl(components, [getattr(components, n) for n in self.trained if n.startswith("text_encoder")])
         return terms
 
@@ -145,6 +159,8 @@ class Method:
         mask = None if step.loss_mask is None else step.loss_mask[instance]
         return {"denoise": weighted_mse(step.model_pred[instance], step.target[instance], step.loss_weights[instance],
                                         mask)}
+
+    # ------------------------------------------------------------------ checkpoints
 
     def trainable_state_dict(self, components: Components) -> dict[str, torch.Tensor]:
         """Every trainable tensor, keyed ``component.param_name`` (what a resumable checkpoint must hold)."""
@@ -166,13 +182,25 @@ class Method:
             for key, tensor in expected.items():
                 tensor.copy_(state[key])
 
+    # ------------------------------------------------------------------ artifacts
+
     def exported_components(self) -> list[str]:
         """Components whose weights ``save`` writes (an adapter file writes none of the base weights)."""
         return ["unet", "vae", "text_encoder", "text_encoder_2"]
 
-    def frozen_modules(self) -> list[torch.nn.Module]:
-        """Extra frozen modules the method owns (e.g. a reference copy); the trainer places and casts them."""
-        return []
+    def export_components(self, components: Components, float32_base: Callable[[list[str]], dict]) -> Components:
+        """Components as an export should read them: modules the export writes that were cast for mixed precision
+        but did not train come from ``float32_base(names)`` (float32 copies of the base), so exports never hold
+        degraded weights. A text encoder that only holds learned token rows gets those rows put in."""
+        cast = [n for n in self.exported_components() if getattr(components, n) is not None
+                and n not in self.own and any(p.dtype != torch.float32 for p in getattr(components, n).parameters())]
+        if not cast:
+            return components
+        pristine = float32_base(cast)
+        for name in cast:
+            if name in self.trained:
+                self.tokens.transplant(getattr(components, name), pristine[name])
+        return replace(components, **pristine)
 
     def save(self, components: Components, out_dir: Path, export) -> dict:
         """Write the inference artifact into ``out_dir`` as ``export`` (an ExportConfig) asks; return its
@@ -188,8 +216,6 @@ class Method:
     @classmethod
     def load_into(cls, pipeline, folder: Path, record: dict):
         """Apply a saved artifact to a base pipeline (inverse of ``save``); return the pipeline."""
-        from .tokens import LearnedTokens
-
         artifact = record["artifact"]
         if artifact.get("tokens") and artifact["type"] != "pipeline":  # a saved pipeline already has them
             LearnedTokens.load(pipeline, folder, artifact["tokens"])
@@ -198,4 +224,3 @@ class Method:
     @classmethod
     def load_artifact(cls, pipeline, folder: Path, record: dict):
         raise NotImplementedError
-

@@ -53,7 +53,7 @@ class SemanticPreservationLoss:
 
     def check(self, components) -> None:
         """Fail before anything is written when the pooling cannot apply to this model."""
-        if self.pooling == "argmax_id" and components.family == "sdxl":
+        if self.pooling == "argmax_id" and len(components.text_encoders) > 1:  # SDXL
             raise ConfigError("method.spl.pooling 'argmax_id' reproduces SD-1.5's text-encoder pooling; SDXL's encoders "
                               "pool differently: use pooling: eos")
 

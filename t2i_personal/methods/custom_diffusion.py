@@ -22,17 +22,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from ..atomic import write_bytes_atomic
 from ..errors import ModelLoadError
 from ..models.components import Components
+from ..families import family_of_denoiser
+from .base import LearningRates
 from .dreambooth import DreamBooth
 
 WEIGHTS = "pytorch_custom_diffusion_weights.safetensors"
 
 
 def _cross_attention_modules(unet) -> dict[str, torch.nn.Module]:
-    return {name: module for name, module in unet.named_modules() if name.endswith("attn2")}
+    return family_of_denoiser(unet).cross_attention_modules(unet)
 
 
 def install_processors(unet, train_q_out: bool) -> None:
@@ -97,6 +100,10 @@ def check_applied(unet, state: dict[str, torch.Tensor]) -> None:
 class CustomDiffusion(DreamBooth):
     name = "custom_diffusion"
 
+    def check(self, components: Components, training=None) -> None:
+        super().check(components, training)
+        components.family.cross_attention_modules(components.unet)  # a family without cross-attention refuses
+
     def configure(self, components: Components) -> None:
         install_processors(components.unet, train_q_out=self.config.custom_diffusion_params == "crossattn")
         for attn in _cross_attention_modules(components.unet).values():
@@ -106,20 +113,32 @@ class CustomDiffusion(DreamBooth):
     def exported_components(self) -> list[str]:
         return []
 
-    def parameter_groups(self, components: Components, lr: float, text_encoder_lr: float) -> list[dict]:
+    def parameter_groups(self, components: Components, lrs: LearningRates) -> list[dict]:
         params = [p for attn in _cross_attention_modules(components.unet).values() for p in attn.processor.parameters()]
-        return [{"name": "unet", "params": params, "lr": lr}]
+        return [{"name": "unet", "params": params, "lr": lrs.denoiser}]
 
     def save_artifact(self, components: Components, out_dir: Path, export) -> dict:
         out_dir.mkdir(parents=True, exist_ok=True)
         dtype = getattr(torch, export.save_dtype)
         state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in processor_state_dict(components.unet).items()}
-        tmp = out_dir / f".{WEIGHTS}.tmp"
-        save_file(state, str(tmp), metadata={"format": "pt"})
-        tmp.replace(out_dir / WEIGHTS)
+        write_bytes_atomic(out_dir / WEIGHTS, save(state, metadata={"format": "pt"}))
         return {"type": "custom_diffusion", "path": WEIGHTS, "params": self.config.custom_diffusion_params}
 
     @classmethod
     def load_artifact(cls, pipeline, folder: Path, record: dict):
         apply_weights(pipeline.unet, load_file(str(folder / record["artifact"]["path"])))
         return pipeline
+
+
+def foundation_processors(unet) -> dict:
+    """Stock processors for the Custom Diffusion ones of ``unet``, keyed like ``unet.attn_processors``: swapped in,
+    the UNet attends as its base model did (FreeCure's foundation). Empty when it carries no Custom Diffusion."""
+    from diffusers.models.attention_processor import (
+        AttnProcessor2_0,
+        CustomDiffusionAttnProcessor,
+        CustomDiffusionAttnProcessor2_0,
+        CustomDiffusionXFormersAttnProcessor,
+    )
+
+    custom = (CustomDiffusionAttnProcessor, CustomDiffusionAttnProcessor2_0, CustomDiffusionXFormersAttnProcessor)
+    return {name: AttnProcessor2_0() for name, p in unet.attn_processors.items() if isinstance(p, custom)}

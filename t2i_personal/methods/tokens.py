@@ -24,8 +24,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from ..atomic import write_bytes_atomic
 from ..errors import ConfigError, ModelLoadError
 
 SDXL_KEYS = ("clip_l", "clip_g")
@@ -190,9 +191,7 @@ class LearnedTokens:
             rows = [self.rows(e)[i].detach().to("cpu", dtype).contiguous() for e in components.text_encoders]
             state = {token: rows[0]} if len(rows) == 1 else dict(zip(SDXL_KEYS, (r[None] for r in rows)))
             name = f"learned_embeds-{i}-{_file_safe(token)}.safetensors"
-            tmp = out_dir / f".{name}.tmp"
-            save_file(state, str(tmp), metadata={"format": "pt", "token": token})
-            tmp.replace(out_dir / name)
+            write_bytes_atomic(out_dir / name, save(state, metadata={"format": "pt", "token": token}))
             written.append({"token": token, "path": name})
         return written
 

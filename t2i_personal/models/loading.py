@@ -10,16 +10,16 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline
 
 from ..config import ModelConfig
 from ..errors import ModelLoadError
 from ..weights import HUB_ID, PICKLE_SUFFIXES, check_pipeline_dir, offline_error
+from ..families import family_named, family_of_pipeline_class, family_of_single_file
 from .components import Components
 from .tiny import build_tiny
 
 SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
-SDXL_SINGLE_FILE_KEY = "conditioner.embedders.1.model"  # the second (OpenCLIP bigG) text encoder
 # Built-in names backed by trained weights shipped in the package (the others are seeded random tiny models).
 PRETRAINED_BUILTINS = {"toy": Path(__file__).resolve().parent.parent / "toyworld" / "weights" / "toy-sd"}
 
@@ -45,8 +45,9 @@ def load_components(cfg: ModelConfig | str, dtype: torch.dtype | None = None) ->
         raise ModelLoadError(
             f"model.pretrained = {src!r} is not a folder, a .safetensors file, a hub id (org/name) or a built-in "
             "name (builtin:toy, builtin:tiny-sd, builtin:tiny-sd2, builtin:tiny-sdxl).")
-    if cfg.family != "auto" and comps.family != cfg.family:
-        raise ModelLoadError(f"model.family is {cfg.family!r} but {src} is an {comps.family!r} model; set model.family: auto")
+    if cfg.family != "auto" and comps.family.name != cfg.family:
+        raise ModelLoadError(f"model.family is {cfg.family!r} but {src} is an {comps.family.name!r} model; set "
+                             "model.family: auto")
     for module in (comps.unet, comps.vae, *comps.text_encoders):
         if next(module.parameters()).dtype != dtype:
             module.to(dtype)
@@ -67,10 +68,6 @@ def _from_shipped(name: str, cfg: ModelConfig, dtype) -> Components:
     return comps
 
 
-def _family_of_pipeline(class_name: str) -> str:
-    return "sdxl" if "XL" in class_name else "sd"
-
-
 def _from_pipeline(src: str, cfg: ModelConfig, dtype, local: bool) -> Components:
     if local:
         index = Path(src) / "model_index.json"
@@ -86,32 +83,23 @@ def _from_pipeline(src: str, cfg: ModelConfig, dtype, local: bool) -> Components
     try:
         if class_name is None:
             class_name = DiffusionPipeline.load_config(src, revision=cfg.revision)["_class_name"]
-        cls = StableDiffusionXLPipeline if _family_of_pipeline(class_name) == "sdxl" else StableDiffusionPipeline
-        if cls is StableDiffusionPipeline:
-            kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        pipe = cls.from_pretrained(src, **kwargs)
+        family = family_of_pipeline_class(class_name)
+        pipe = family.pipeline_class.from_pretrained(src, **kwargs, **family.pipeline_kwargs)
+    except ModelLoadError:
+        raise
     except (OSError, ValueError, EnvironmentError) as exc:
         if local:
             raise ModelLoadError(f"could not load the diffusers folder {src}: {exc}") from exc
         raise offline_error("model", src, exc, _download_hint(src)) from exc
-    return _components_from_pipeline(pipe, src)
+    return family.components_from_pipeline(pipe, src)
 
 
-def _components_from_pipeline(pipe, source: str) -> Components:
-    family = "sdxl" if isinstance(pipe, StableDiffusionXLPipeline) else "sd"
-    return Components(
-        family=family, unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-        scheduler=pipe.scheduler, text_encoder_2=getattr(pipe, "text_encoder_2", None),
-        tokenizer_2=getattr(pipe, "tokenizer_2", None), source=source,
-    )
-
-
-def _single_file_family(path: Path) -> str:
+def _single_file_family(path: Path):
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            return "sdxl" if any(k.startswith(SDXL_SINGLE_FILE_KEY) for k in f.keys()) else "sd"
+            return family_of_single_file(set(f.keys()))
     except (SafetensorError, OSError) as exc:
         head = path.read_bytes()[:64]
         hint = (" It is a git-lfs pointer, not the weights: run `git lfs pull` where you downloaded it."
@@ -126,22 +114,21 @@ def _from_single_file(path: Path, cfg: ModelConfig, dtype) -> Components:
         raise ModelLoadError(
             f"{path} is a pickle checkpoint ({path.suffix}), which can run arbitrary code when loaded. Convert it to "
             ".safetensors, or set model.allow_pickle: true if you trust this file.")
-    family = cfg.family if cfg.family != "auto" else (
-        _single_file_family(path) if path.suffix.lower() == ".safetensors" else "sd")
-    cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
-    kwargs: dict = dict(torch_dtype=dtype)
+    if cfg.family != "auto":
+        family = family_named(cfg.family)
+    else:  # a pickle cannot be inspected without loading it: the original SD layout, as diffusers assumes
+        family = _single_file_family(path) if path.suffix.lower() == ".safetensors" else family_named("sd")
+    kwargs: dict = dict(torch_dtype=dtype, **family.pipeline_kwargs)
     if cfg.config_dir:
         kwargs["config"] = cfg.config_dir
-    if cls is StableDiffusionPipeline:
-        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     try:
-        pipe = cls.from_single_file(str(path), **kwargs)
+        pipe = family.pipeline_class.from_single_file(str(path), **kwargs)
     except (OSError, ValueError) as exc:
         hint = ("" if cfg.config_dir else
                 " Single-file checkpoints need the architecture's configs: set model.config_dir to a local diffusers "
                 "folder of the same architecture (e.g. a downloaded stable-diffusion-v1-5 without its weights).")
         raise ModelLoadError(f"could not load single-file checkpoint {path}: {exc}.{hint}") from exc
-    return _components_from_pipeline(pipe, str(path))
+    return family.components_from_pipeline(pipe, str(path))
 
 
 def _download_hint(model_id: str) -> str:

@@ -1,7 +1,8 @@
 """Built-in tiny models (``builtin:tiny-sd``, ``builtin:tiny-sd2``, ``builtin:tiny-sdxl``).
 
-Architectures are data: each is a JSON file in ``models/configs/`` holding the diffusers/transformers configs.
-Weights are random but seeded, so every machine builds bit-identical components without a download.
+Architectures are data: each is a JSON file in ``models/configs/`` holding the diffusers/transformers configs and
+its ``family``, which builds the components. Weights are random but seeded, so every machine builds bit-identical
+components without a download.
 """
 
 from __future__ import annotations
@@ -11,10 +12,9 @@ from importlib import resources
 
 import diffusers
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from ..errors import ModelLoadError
+from ..families import family_named
 from .components import Components
 from .tokenizer import EOS, build_clip_tokenizer
 
@@ -31,25 +31,21 @@ def builtin_spec(name: str) -> dict:
     return json.loads((resources.files(__package__) / "configs" / f"{name}.json").read_text())
 
 
-def _seeded(seed: int, build):
+def seeded(seed: int, build):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build()
 
 
+def tokenizer_from_spec(spec: dict, pad_key: str):
+    return build_clip_tokenizer(pad_token=spec.get(pad_key, EOS))
+
+
+def scheduler_from_spec(spec: dict):
+    config = dict(spec["scheduler"])
+    return getattr(diffusers, config.pop("_class_name")).from_config(config)
+
+
 def build_tiny(name: str, seed: int = 0) -> Components:
     spec = builtin_spec(name)
-    unet = _seeded(seed, lambda: UNet2DConditionModel(**spec["unet"]))
-    vae = _seeded(seed + 1, lambda: AutoencoderKL(**spec["vae"]))
-    text_encoder = _seeded(seed + 2, lambda: CLIPTextModel(CLIPTextConfig(**spec["text_encoder"])))
-    tokenizer = build_clip_tokenizer(pad_token=spec.get("tokenizer_pad_token", EOS))
-    scheduler_cfg = dict(spec["scheduler"])
-    scheduler = getattr(diffusers, scheduler_cfg.pop("_class_name")).from_config(scheduler_cfg)
-    text_encoder_2 = tokenizer_2 = None
-    if "text_encoder_2" in spec:
-        text_encoder_2 = _seeded(seed + 3, lambda: CLIPTextModelWithProjection(CLIPTextConfig(**spec["text_encoder_2"])))
-        tokenizer_2 = build_clip_tokenizer(pad_token=spec.get("tokenizer_2_pad_token", EOS))
-    return Components(
-        family=spec["family"], unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-        scheduler=scheduler, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, source=f"builtin:{name}",
-    )
+    return family_named(spec["family"]).build_tiny(spec, seed, source=f"builtin:{name}")

@@ -118,3 +118,9 @@ def remove_leftovers(folder: Path, keep: Path | None = None) -> list[Path]:
                 removed.append(path)
     return removed
 
+
+PROGRESS_LOG = "logs/progress.jsonl"  # one JSON line per step and per validation grid, for live views
+
+
+def progress_log_path(output_dir: str | Path) -> Path:
+    return Path(output_dir) / PROGRESS_LOG

@@ -1,0 +1,56 @@
+"""Model families: one module per model generation (``sd.py``, ``sdxl.py``); ``base.py`` says what a family is.
+
+``family_named("sdxl")`` gives a family by the name written in configs and ``personalization.json``;
+``family_of_pipeline_class`` / ``family_of_single_file`` / ``family_of_denoiser`` recognise a model.
+"""
+
+from __future__ import annotations
+
+from ..errors import ModelLoadError
+from .base import Conditioning, ModelFamily
+from .sd import StableDiffusion
+from .sdxl import StableDiffusionXL
+
+# Most specific first: the first family that claims a model is its family.
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (StableDiffusionXL(), StableDiffusion())}
+
+
+def family_named(name: str) -> ModelFamily:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ModelLoadError(f"unknown model family {name!r}; known: {', '.join(sorted(FAMILIES))}") from None
+
+
+def family_of_pipeline_class(class_name: str) -> ModelFamily:
+    for family in FAMILIES.values():
+        if family.claims_pipeline(class_name):
+            return family
+    raise ModelLoadError(f"{class_name} is not a pipeline of a supported model family ({', '.join(sorted(FAMILIES))})")
+
+
+def family_of_single_file(keys: set[str]) -> ModelFamily:
+    for family in FAMILIES.values():
+        if family.claims_single_file(keys):
+            return family
+    return FAMILIES["sd"]  # the original SD layout is the fallback diffusers' own loader also assumes
+
+
+def family_of_denoiser(denoiser) -> ModelFamily:
+    """The family of a denoiser (UNet, transformer) by its architecture."""
+    for family in FAMILIES.values():
+        if family.claims_denoiser(denoiser):
+            return family
+    raise ModelLoadError(f"{type(denoiser).__name__} is not the denoiser of a supported model family")
+
+
+def family_of_pipeline(pipe) -> ModelFamily:
+    """The family of a loaded diffusers pipeline (e.g. one ``load_personalized`` returned)."""
+    for family in FAMILIES.values():
+        if isinstance(pipe, family.pipeline_class):
+            return family
+    raise ModelLoadError(f"{type(pipe).__name__} is not a pipeline of a supported model family")
+
+
+__all__ = ["FAMILIES", "Conditioning", "ModelFamily", "family_named", "family_of_denoiser", "family_of_pipeline", "family_of_pipeline_class",
+           "family_of_single_file"]

@@ -1,0 +1,151 @@
+"""What a model family is: everything that differs between model generations, behind one interface.
+
+The trainer, the methods, FreeCure and the evaluator hold a :class:`ModelFamily` (``components.family``) and ask
+it; they never compare family names. A family says
+
+* how its models load and save: its diffusers pipeline class, how it recognises a pipeline, a single file or a
+  denoiser as its own, its ``builtin:`` tiny models, and the original single-file layout of a full fine-tune;
+* how text conditions the denoiser: :meth:`encode` turns token ids into one :class:`Conditioning`, and
+  :meth:`add_image_conditioning` adds what depends on the image (SDXL's size and crop ids);
+* how it trains: :meth:`objective` (timesteps, noisy input, target, per-sample weights) and :meth:`denoise`;
+* its adapter defaults: LoRA targets, the kohya/A1111 names of its LoRA keys, which attention modules read the
+  image ("self") and which read the text ("cross").
+
+A new family is one module next to ``sd.py`` and ``sdxl.py``, registered in ``families/__init__.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..errors import ConfigError
+
+TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
+
+
+@dataclass
+class Conditioning:
+    """Everything the denoiser reads besides the noisy latents and the timestep, one row per sample."""
+
+    encoder_hidden_states: torch.Tensor
+    pooled: torch.Tensor | None = None  # a pooled text vector (SDXL)
+    time_ids: torch.Tensor | None = None  # image size/crop micro-conditioning (SDXL)
+
+    def select(self, rows: torch.Tensor) -> "Conditioning":
+        """The rows picked by a boolean mask or an index tensor."""
+        pick = lambda x: None if x is None else x[rows.to(x.device)]  # noqa: E731
+        return Conditioning(pick(self.encoder_hidden_states), pick(self.pooled), pick(self.time_ids))
+
+    def replace(self, **changes) -> "Conditioning":
+        return replace(self, **changes)
+
+
+class ModelFamily:
+    """Base class of the families; subclasses set the class attributes and override what differs."""
+
+    name: str = ""
+    pipeline_class: type = None  # type: ignore[assignment]
+    pipeline_kwargs: dict = {}  # extra arguments for from_pretrained / from_single_file / the constructor
+    text_encoder_names: tuple[str, ...] = ("text_encoder",)
+    lora_target_modules = {"denoiser": ["to_q", "to_k", "to_v", "to_out.0"],
+                           "text_encoder": ["q_proj", "k_proj", "v_proj", "out_proj"]}
+    # fp16 is not enough for this family's VAE (it overflows): mixed precision keeps it in float32
+    vae_needs_float32_in_fp16 = False
+
+    def __repr__(self) -> str:
+        return f"<model family {self.name!r}>"
+
+    # ------------------------------------------------------------------ recognising models
+
+    def claims_pipeline(self, class_name: str) -> bool:
+        """Whether a diffusers ``model_index.json`` ``_class_name`` is this family's."""
+        raise NotImplementedError
+
+    def claims_single_file(self, keys: set[str]) -> bool:
+        """Whether an original-layout checkpoint with these tensor names is this family's."""
+        raise NotImplementedError
+
+    def claims_denoiser(self, denoiser) -> bool:
+        """Whether a loaded denoiser (UNet, transformer) is this family's."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ components and pipelines
+
+    def components_from_pipeline(self, pipe, source: str):
+        from ..models.components import Components
+
+        encoders = {n: getattr(pipe, n, None) for n in self.text_encoder_names}
+        tokenizers = {n.replace("text_encoder", "tokenizer"): getattr(pipe, n.replace("text_encoder", "tokenizer"), None)
+                      for n in self.text_encoder_names}
+        return Components(family=self, unet=pipe.unet, vae=pipe.vae, scheduler=pipe.scheduler, source=source,
+                          **encoders, **tokenizers)
+
+    def pipeline(self, components, scheduler):
+        """A pipeline sharing ``components``' modules (no copies) with ``scheduler``."""
+        modules = {n: getattr(components, n) for n in self.text_encoder_names}
+        modules |= {n.replace("text_encoder", "tokenizer"): getattr(components, n.replace("text_encoder", "tokenizer"))
+                    for n in self.text_encoder_names}
+        return self.pipeline_class(vae=components.vae, unet=components.unet, scheduler=scheduler,
+                                   **modules, **self.pipeline_kwargs)
+
+    def build_tiny(self, spec: dict, seed: int, source: str):
+        """Seeded random components from a ``models/configs/*.json`` spec."""
+        raise NotImplementedError
+
+    def save_single_file(self, components, path, dtype: torch.dtype, metadata: dict) -> None:
+        """A full fine-tune as one original-layout ``.safetensors`` (what A1111 / ComfyUI load)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ text conditioning
+
+    def tokenize(self, components, prompts: list[str]) -> list[torch.Tensor]:
+        """Token ids per tokenizer; a prompt longer than the encoder's window is an error, not a silent cut."""
+        if not prompts:
+            return [torch.zeros(0, tok.model_max_length, dtype=torch.long) for tok in components.tokenizers]
+        ids = []
+        for tok in components.tokenizers:
+            limit = tok.model_max_length
+            for prompt in prompts:
+                n = len(tok(prompt, truncation=False).input_ids)
+                if n > limit:
+                    raise ConfigError(f"prompt {prompt!r} is {n} tokens long; the text encoder reads at most {limit} "
+                                      f"(including start/end tokens). Shorten the prompt or caption.")
+            ids.append(tok(prompts, padding="max_length", max_length=limit, truncation=True, return_tensors="pt").input_ids)
+        return ids
+
+    def encode(self, components, input_ids: list[torch.Tensor], text_encoders: list | None = None) -> Conditioning:
+        """The text part of the conditioning, exactly as this family's diffusers pipeline computes it."""
+        raise NotImplementedError
+
+    def add_image_conditioning(self, cond: Conditioning, original_sizes, crops_top_left, target_size) -> Conditioning:
+        """Add what depends on the training image (none by default)."""
+        return cond
+
+    # ------------------------------------------------------------------ training
+
+    def scale_latents(self, vae, sample: torch.Tensor) -> torch.Tensor:
+        """A VAE posterior sample in the scale the denoiser works in (float32)."""
+        return sample.float() * vae.config.scaling_factor
+
+    def objective(self, components, training) -> "object":
+        """The training objective (see ``families/ddpm.py``) for ``training`` (a TrainingConfig)."""
+        raise NotImplementedError
+
+    def denoise(self, denoiser, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ adapters and attention
+
+    def kohya_lora_key(self, key: str) -> str:
+        """A kohya/A1111 LoRA key as this family's UIs name it (diffusers writes the two-encoder names)."""
+        return key
+
+    def cross_attention_modules(self, denoiser) -> dict[str, torch.nn.Module]:
+        """Attention modules whose keys and values come from the text (Custom Diffusion, cross-attention maps)."""
+        raise ConfigError(f"{self.name} models have no separate cross-attention")
+
+    def self_attention_names(self, denoiser) -> list[str]:
+        """Attention modules over the image tokens, in forward order."""
+        raise NotImplementedError

@@ -1,0 +1,77 @@
+"""Stable Diffusion 1.x / 2.x: one CLIP text encoder, a UNet with cross-attention, DDPM with epsilon or v-prediction."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from .base import Conditioning, ModelFamily
+from .ddpm import DDPMObjective
+
+
+def device_of(module: torch.nn.Module) -> torch.device:
+    # next(parameters()) rather than .device: the encoder may be wrapped (DistributedDataParallel)
+    return next(module.parameters()).device
+
+
+class UNetFamily(ModelFamily):
+    """What SD and SDXL share: a ``UNet2DConditionModel`` (``attn1`` self-, ``attn2`` cross-attention) trained
+    with DDPM."""
+
+    def objective(self, components, training) -> DDPMObjective:
+        return DDPMObjective(components.scheduler.config, components.scheduler.config.prediction_type,
+                             snr_gamma=training.snr_gamma, noise_offset=training.noise_offset)
+
+    def denoise(self, denoiser, noisy_latents, timesteps, cond: Conditioning) -> torch.Tensor:
+        added = None if cond.pooled is None else {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
+        return denoiser(noisy_latents, timesteps, encoder_hidden_states=cond.encoder_hidden_states,
+                        added_cond_kwargs=added, return_dict=False)[0]
+
+    def cross_attention_modules(self, denoiser) -> dict[str, torch.nn.Module]:
+        return {name: module for name, module in denoiser.named_modules() if name.endswith("attn2")}
+
+    def self_attention_names(self, denoiser) -> list[str]:
+        return [name for name, _ in denoiser.named_modules() if name.endswith("attn1")]
+
+    def build_tiny(self, spec: dict, seed: int, source: str):
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        from ..models.components import Components
+        from ..models.tiny import scheduler_from_spec, seeded, tokenizer_from_spec
+
+        return Components(
+            family=self, source=source,
+            unet=seeded(seed, lambda: UNet2DConditionModel(**spec["unet"])),
+            vae=seeded(seed + 1, lambda: AutoencoderKL(**spec["vae"])),
+            text_encoder=seeded(seed + 2, lambda: CLIPTextModel(CLIPTextConfig(**spec["text_encoder"]))),
+            tokenizer=tokenizer_from_spec(spec, "tokenizer_pad_token"), scheduler=scheduler_from_spec(spec))
+
+
+class StableDiffusion(UNetFamily):
+    name = "sd"
+    pipeline_class = StableDiffusionPipeline
+    pipeline_kwargs = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+    def claims_pipeline(self, class_name: str) -> bool:
+        # every SD 1.x/2.x pipeline class (text-to-image, img2img, inpaint, ...) shares the components
+        return "Diffusion" in class_name and "XL" not in class_name
+
+    def claims_single_file(self, keys: set[str]) -> bool:
+        return any(k.startswith("model.diffusion_model.") for k in keys)
+
+    def claims_denoiser(self, denoiser) -> bool:
+        return type(denoiser).__name__ == "UNet2DConditionModel"
+
+    def encode(self, components, input_ids, text_encoders=None) -> Conditioning:
+        encoder = (text_encoders or components.text_encoders)[0]
+        return Conditioning(encoder(input_ids[0].to(device_of(encoder)))[0])
+
+    def kohya_lora_key(self, key: str) -> str:
+        return key.replace("lora_te1_", "lora_te_")  # one text encoder: A1111's SD 1.x/2.x prefix has no index
+
+    def save_single_file(self, components, path, dtype, metadata) -> None:
+        from ..models.single_file import save_original_sd_checkpoint
+
+        save_original_sd_checkpoint(components.unet, components.vae, components.text_encoder, path, dtype=dtype,
+                                    metadata=metadata)

@@ -1,0 +1,131 @@
+"""What a run leaves behind: validation grids, resumable checkpoints, the final export and its record, and the
+live progress log (``logs/progress.jsonl``)."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..atomic import move_contents, publish_dir, write_json_atomic, write_text_atomic
+from ..config import TrainConfig
+from ..data.images import make_image_grid, save_image_atomic
+from ..inference.sampling import generate
+from ..models.components import Components
+from ..models.loading import load_components
+from ..record import RECORD_NAME, make_record
+from . import checkpoint as ckpt
+from . import run_folder
+
+
+def open_progress_log(output_dir: Path, global_step: int):
+    """``logs/progress.jsonl``, opened for appending: one JSON line per step (loss terms, lr, seconds) and per
+    validation grid, for live views (the demo's loss plot). On resume, lines after the resumed step are dropped."""
+    path = run_folder.progress_log_path(output_dir)
+    kept = []
+    if global_step and path.exists():
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= global_step]
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
+    return path.open("a", buffering=1)
+
+
+@torch.no_grad()
+def validate(config: TrainConfig, components: Components, prompts: list[str], accelerator, weight_dtype,
+             step: int) -> Path | None:
+    """A grid of ``validation.num_images_per_prompt`` images per prompt, saved as ``validation/step-NNNNNN.png``
+    and sent to the trackers; the models sample without dropout and get their training mode back after."""
+    if not accelerator.is_main_process:
+        return None
+    v, res = config.validation, config.data.resolution
+    pipe = components.pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    modes = {m: m.training for m in (components.unet, *components.text_encoders)}
+    for m in modes:
+        m.eval()  # no (LoRA) dropout while sampling
+    images = []
+    try:
+        for i, prompt in enumerate(prompts):
+            generators = [torch.Generator().manual_seed(v.seed + i * 1000 + j) for j in range(v.num_images_per_prompt)]
+            images += generate(pipe, [prompt] * v.num_images_per_prompt, generators=generators,
+                               autocast_dtype=None if weight_dtype == torch.float32 else weight_dtype,
+                               negative_prompt=None if v.negative_prompt is None else [v.negative_prompt] * len(generators),
+                               num_inference_steps=v.num_inference_steps, guidance_scale=v.guidance_scale,
+                               height=res, width=res)
+    finally:
+        for m, was_training in modes.items():
+            m.train(was_training)
+    path = save_image_atomic(make_image_grid(images, rows=len(prompts)),
+                             Path(config.training.output_dir) / "validation" / f"step-{step:06d}.png")
+    _send_to_trackers(accelerator, images, [p for p in prompts for _ in range(v.num_images_per_prompt)], step)
+    return path
+
+
+def _send_to_trackers(accelerator, images, captions, step: int) -> None:
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            import numpy as np
+
+            tracker.writer.add_images("validation", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(im, caption=p) for im, p in zip(images, captions)]})
+
+
+class Float32Base:
+    """Float32 copies of base modules for exports, loaded once (on the CPU) when an export first needs them."""
+
+    def __init__(self, config: TrainConfig):
+        self.config, self.modules = config, None
+
+    def __call__(self, names: list[str]) -> dict:
+        if self.modules is None:
+            self.modules = load_components(self.config.model, dtype=torch.float32).modules
+        return {n: self.modules[n] for n in names}
+
+
+def write_artifact(run, folder: Path, step: int) -> dict:
+    """The inference artifact of the current weights into ``folder``; its description for the record."""
+    return run.method.save(run.method.export_components(run.components, run.float32_base), folder, run.config.export)
+
+
+def save_checkpoint(run, step: int, with_artifact: bool = True) -> None:
+    """``checkpoints/checkpoint-NNNNNN/``: accelerate's state, the trainable tensors, ``trainer_state.json`` and
+    (optionally) an inference artifact, written under a temp name and renamed when complete."""
+    accelerator, output_dir = run.accelerator, run.output_dir
+    final = ckpt.checkpoint_dir(output_dir, step)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-")) if accelerator.is_main_process else None
+    tmp = Path(accelerator.gather_for_metrics([str(tmp)])[0]) if accelerator.num_processes > 1 else tmp
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every rank has written its part before the folder is published
+    if accelerator.is_main_process:
+        state = {k: v.detach().to("cpu").contiguous() for k, v in run.method.trainable_state_dict(run.components).items()}
+        save_file(state, str(tmp / "trainable.safetensors"))
+        if with_artifact and run.config.export.inference_artifact_in_checkpoints:
+            artifact = write_artifact(run, tmp / "inference", step)
+            write_json_atomic(tmp / "inference" / RECORD_NAME,
+                              make_record(run.config, artifact, run.components.family.name, step))
+        write_json_atomic(tmp / "trainer_state.json", {"global_step": step, "num_processes": accelerator.num_processes,
+                                                       "config": run.config.model_dump(mode="json")})
+        publish_dir(tmp, final)
+        ckpt.prune_checkpoints(output_dir, run.config.training.checkpoints_total_limit)
+        run_folder.remove_leftovers(output_dir)
+    accelerator.wait_for_everyone()
+
+
+def export_final(run, step: int) -> None:
+    """The inference artifact into the output folder; ``personalization.json``, written last, marks it finished."""
+    tmp = Path(tempfile.mkdtemp(dir=run.output_dir, prefix=".final-"))
+    try:
+        artifact = write_artifact(run, tmp, step)
+        move_contents(tmp, run.output_dir)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_json_atomic(run.output_dir / RECORD_NAME, make_record(run.config, artifact, run.components.family.name, step))
