@@ -16,22 +16,30 @@ from pathlib import Path
 
 
 @contextmanager
-def atomic_file(path: str | Path, mode: str = "w"):
-    """Open a temp file next to ``path`` (``mode`` ``"w"`` text or ``"wb"``); on success it replaces ``path``."""
+def atomic_path(path: str | Path):
+    """A temp path next to ``path`` for writers that need a file name (safetensors' ``save_file``,
+    ``torch.save``); on success it replaces ``path``, on failure it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    # os.open with 0o666 honours the umask, unlike tempfile's 0o600.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_file(path: str | Path, mode: str = "w"):
+    """Open a temp file next to ``path`` (``mode`` ``"w"`` text or ``"wb"``); on success it replaces ``path``."""
+    with atomic_path(path) as tmp:
+        # os.open with 0o666 honours the umask, unlike tempfile's 0o600.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

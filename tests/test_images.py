@@ -18,14 +18,13 @@ from t2i_personal.data.images import (
     IMAGE_EXTENSIONS,
     MAX_IMAGE_PIXELS,
     ImageLoadError,
-    ImageTransform,
-    TransformedImage,
     list_image_files,
     load_image_folder,
     load_image_rgb,
     make_image_grid,
     save_image_atomic,
 )
+from t2i_personal.data.transforms import ImageTransform, TransformedImage
 
 RED = (255, 0, 0)
 GREEN = (0, 255, 0)

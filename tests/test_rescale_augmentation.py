@@ -11,8 +11,8 @@ from PIL import Image
 from conftest import base_config, run_training
 from t2i_personal.config import TrainConfig
 from t2i_personal.data.concepts import ConceptDataset, Example, collate, rescale_prompt_variants
-from t2i_personal.data.images import (RESCALE_CANVAS_VALUE, RESCALE_LARGE_PREFIXES, RESCALE_PREFIXES,
-                                      RESCALE_SMALL_PREFIXES, ImageTransform)
+from t2i_personal.data.transforms import (RESCALE_CANVAS_VALUE, RESCALE_LARGE_PREFIXES, RESCALE_PREFIXES,
+                                          RESCALE_SMALL_PREFIXES, ImageTransform)
 from t2i_personal.methods import weighted_mse
 
 RES, F = 32, 4  # builtin:tiny-sd: 32 px -> 8x8 latents
@@ -245,9 +245,9 @@ def test_training_with_rescale_trains_and_resumes_bit_exactly(name, concept_dir,
     assert any(not torch.all(mask[~is_prior] == 1.0) for mask, is_prior in masks), "some instance was pasted small"
     assert all(np.isfinite(v) for v in straight.last_logs.values()), straight.last_logs
     assert {"denoise", "prior"} <= set(straight.last_logs)
-    instance_prompts = {p for p in straight._run.dataset.prompt_index if "dog" in p and ("sks" in p or "<new1>" in p)}
+    instance_prompts = {p for p in straight.run.dataset.prompt_index if "dog" in p and ("sks" in p or "<new1>" in p)}
     assert len(instance_prompts) == 5  # the prompt and its 4 prefixed variants, all tokenized up front
-    assert len(straight._run.prompt_ids[0]) == len(straight._run.dataset.prompt_index)
+    assert len(straight.run.prompt_ids[0]) == len(straight.run.dataset.prompt_index)
 
     cfg = config(tmp_path / "resumed", stop_after_step=2)
     run_training(cfg)

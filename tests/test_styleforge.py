@@ -44,16 +44,16 @@ def aux(tmp_path):
 @pytest.fixture
 def no_generation(monkeypatch):
     """Any attempt to generate class images fails the test."""
-    import t2i_personal.training.trainer as trainer_module
+    import t2i_personal.training.setup as setup_module
 
     def refuse(*args, **kwargs):
         raise AssertionError("auxiliary images must never be generated")
 
-    monkeypatch.setattr(trainer_module, "ensure_class_images", refuse)
+    monkeypatch.setattr(setup_module, "ensure_class_images", refuse)
 
 
 def check_auxiliary_prior(trainer, aux, identifiers):
-    dataset = trainer._run.dataset
+    dataset = trainer.run.dataset
     aux_files = sorted(p.name for p in aux.iterdir())
     assert len(dataset.priors) == len(identifiers)
     for group in dataset.priors:  # every auxiliary image, as given, under the class prompt, for each concept

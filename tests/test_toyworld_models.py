@@ -25,7 +25,7 @@ def test_builtin_toy_loads_as_a_float32_sd_model():
     from t2i_personal.models.tokenizer import build_clip_tokenizer
 
     comps = load_components("builtin:toy")
-    assert comps.family == "sd" and comps.source == "builtin:toy"
+    assert comps.family.name == "sd" and comps.source == "builtin:toy"
     assert all(p.dtype == torch.float32 for m in (comps.unet, comps.vae, comps.text_encoder) for p in m.parameters())
     assert comps.unet.config.cross_attention_dim == comps.text_encoder.config.hidden_size
     reference = build_clip_tokenizer()

@@ -87,9 +87,9 @@ def test_8bit_adamw_keeps_quantised_state(concept_dir, tmp_path):
 
 
 def test_8bit_adamw_if_available_falls_back_to_adamw(concept_dir, tmp_path, monkeypatch, caplog):
-    from t2i_personal.training import trainer as trainer_module
+    from t2i_personal.training import setup as setup_module
 
-    monkeypatch.setattr(trainer_module, "_importable", lambda name: name != "bitsandbytes")
+    monkeypatch.setattr(setup_module, "importable", lambda name: name != "bitsandbytes")
     trainer = run_training(base_config(concept_dir, tmp_path / "out", method={"name": "dreambooth", "adapter": "lora"},
                                        training={"optimizer": "adamw_8bit_if_available", "max_train_steps": 1}))
     assert type(trainer.optimizer.optimizer) is torch.optim.AdamW

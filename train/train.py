@@ -17,8 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from t2i_personal.config import load_config  # noqa: E402
-from t2i_personal.errors import ConfigError, ModelLoadError  # noqa: E402
-from t2i_personal.data.images import ImageLoadError  # noqa: E402
+from t2i_personal.errors import UserError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             trainer.request_stop()
         with stop_on_signals(trainer):
             out = trainer.train()
-    except (ConfigError, ModelLoadError, ImageLoadError, FileNotFoundError) as exc:
+    except (UserError, FileNotFoundError) as exc:  # FileNotFoundError: a missing file found below the config layer
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not (out / RECORD_NAME).exists():  # stopped early (Ctrl-C / SIGTERM / training.stop_after_step)

@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from .captions import prompt_for_image, render_prompt
-from .images import RESCALE_PREFIXES, ImageTransform, load_image_folder
+from .images import load_image_folder
+from .transforms import RESCALE_PREFIXES, ImageTransform
 
 
 @dataclass

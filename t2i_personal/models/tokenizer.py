@@ -10,11 +10,12 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
 from transformers import CLIPTokenizer
+
+from ..atomic import write_text_atomic
 
 NUM_MERGES = 49152 - 256 - 2
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -50,10 +51,7 @@ def write_clip_tokenizer_files(out_dir: str | os.PathLike) -> Path:
         "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",
     }
     for name, text in files.items():
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, out_dir / name)
+        write_text_atomic(out_dir / name, text)
     return out_dir
 
 

@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import random
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,8 +39,9 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_path, write_json_atomic
 from . import world
-from .reports import image_grid, save_json_atomic, save_loss_curve
+from .reports import image_grid, save_loss_curve
 from .schedule import TrainingClock
 
 MODEL_NAME = "toy-clip"
@@ -202,7 +201,7 @@ def train(out_dir, *, device: str = "cpu", steps: int = 3000, batch_size: int = 
         "weights_bytes": (out_dir / WEIGHTS_FILE).stat().st_size,
         "versions": _versions(),
     }
-    save_json_atomic(record, out_dir / "training.json")
+    write_json_atomic(out_dir / "training.json", record)
     save_loss_curve({"train loss": history}, out_dir / "loss.png", "toy-world CLIP (symmetric InfoNCE)")
     save_retrieval_picture(loaded, preprocess, tokenizer, out_dir / "retrieval.png", device=device)
     return record
@@ -214,13 +213,10 @@ def save(model, out_dir: Path) -> None:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     config = {"model_cfg": json.loads(CONFIG_PATH.read_text()), "preprocess_cfg": dict(model.visual.preprocess_cfg)}
-    save_json_atomic(config, out_dir / CONFIG_FILE)
+    write_json_atomic(out_dir / CONFIG_FILE, config)
     fp16 = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
-    os.close(fd)
-    save_file(fp16, tmp, metadata={"format": "pt"})
-    os.chmod(tmp, 0o644)  # mkstemp makes files private; shipped weights must be readable by every user
-    os.replace(tmp, out_dir / WEIGHTS_FILE)
+    with atomic_path(out_dir / WEIGHTS_FILE) as tmp:
+        save_file(fp16, str(tmp), metadata={"format": "pt"})
 
 
 def _versions() -> dict:

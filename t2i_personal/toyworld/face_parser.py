@@ -32,8 +32,9 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..atomic import write_json_atomic
 from . import world
-from .reports import image_grid, save_json_atomic, save_loss_curve
+from .reports import image_grid, save_loss_curve
 from .schedule import TrainingClock
 
 DEFAULT_PATH = Path(__file__).parent / "weights" / "face-parser"
@@ -190,7 +191,7 @@ def train(out_dir, *, device: str = "cpu", steps: int = 2000, batch_size: int = 
         "parameters": sum(p.numel() for p in model.parameters()),
         "versions": _versions(),
     }
-    save_json_atomic(record, out_dir / "training.json")
+    write_json_atomic(out_dir / "training.json", record)
     save_loss_curve({"train loss": history}, out_dir / "loss.png", "toy-world face parser (SegFormer)")
     _save_samples(model, processor, out_dir / "samples.png")
     return record

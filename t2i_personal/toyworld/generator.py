@@ -25,8 +25,6 @@ import json
 import math
 import random
 import shlex
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,9 +33,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_dir, write_json_atomic
 from . import world
 from .dataset import render_set
-from .reports import image_grid, save_json_atomic, save_loss_curve
+from .reports import image_grid, save_loss_curve
 from .schedule import TrainingClock
 
 ARCHITECTURE = Path(__file__).parent / "configs" / "toy-sd.json"
@@ -262,22 +261,17 @@ def save_pipeline(out_dir: str | Path, vae, unet, text_encoder, tokenizer, sched
     """A plain diffusers SD-1.x folder, float16 weights, float32 in every config; written to a temp folder first."""
     from diffusers import StableDiffusionPipeline
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     pipe = StableDiffusionPipeline(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
-    pipe.to(torch.float32)
-    te_config = tmp / "text_encoder" / "config.json"
-    cfg = json.loads(te_config.read_text())
-    cfg["dtype"] = "float32"  # transformers 5 would otherwise load the float16 file as float16
-    te_config.write_text(json.dumps(cfg, indent=2, sort_keys=True))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    return out_dir
+    with atomic_dir(out_dir) as tmp:
+        pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+        pipe.to(torch.float32)
+        te_config = tmp / "text_encoder" / "config.json"
+        cfg = json.loads(te_config.read_text())
+        cfg["dtype"] = "float32"  # transformers 5 would otherwise load the float16 file as float16
+        te_config.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    return Path(out_dir)
 
 
 def sample_images(pipe, prompts: list[str], *, seed: int = 0, steps: int = 25, guidance_scale: float = 5.0,
@@ -381,5 +375,5 @@ def train(out_dir: str | Path = WEIGHTS, *, device: str = "cpu", seed: int = 0, 
                      "transformers": transformers.__version__},
         "reproduce": reproduce_command(settings, vae_info["steps"], den_info["steps"]),
     }
-    save_json_atomic(record, folder / "training.json")
+    write_json_atomic(folder / "training.json", record)
     return record

@@ -23,11 +23,9 @@ colours. About a fifth of the training images stay untouched, so clean renders a
 from __future__ import annotations
 
 import json
-import os
 import platform
-import tempfile
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +36,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_file, atomic_path, write_json_atomic
 from . import world
 from .dataset import WorldSet, render_set
-from .reports import save_json_atomic, save_loss_curve
+from .reports import save_loss_curve
 from .schedule import TrainingClock
 
 DEFAULT_DIR = Path(__file__).parent / "weights" / "oracle"
@@ -114,22 +113,6 @@ def label_matrix(scenes: list[world.Scene]) -> np.ndarray:
             if _applies(h, s.cls, s.subject):
                 out[i, j] = vocab.index(_label(h, _raw(s, h)))
     return out
-
-
-@contextmanager
-def _atomic(path: str | Path):
-    """Yield a temporary path next to ``path``; on success it becomes ``path`` (world-readable) in one rename, so
-    readers never see a half-written file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # -------------------------------------------------------------------------------------------------------- the model
@@ -219,10 +202,10 @@ class Oracle(nn.Module):
         dir = Path(dir)
         dir.mkdir(parents=True, exist_ok=True)
         state = {k: (v.half() if v.is_floating_point() else v).contiguous().cpu() for k, v in self.state_dict().items()}
-        with _atomic(dir / "model.safetensors") as tmp:
-            save_file(state, tmp)
-        save_json_atomic({"model": "toyworld-oracle", "channels": list(self.channels),
-                          "heads": {h: list(v) for h, v in self.heads.items()}}, dir / "config.json")
+        with atomic_path(dir / "model.safetensors") as tmp:
+            save_file(state, str(tmp))
+        write_json_atomic(dir / "config.json", {"model": "toyworld-oracle", "channels": list(self.channels),
+                                                "heads": {h: list(v) for h, v in self.heads.items()}})
         return dir
 
     @classmethod
@@ -398,7 +381,7 @@ def train(out_dir: str | Path, *, device: str = "cpu", steps: int = 3000, batch_
         "versions": {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()},
     }
     report["seconds"]["total"] = round(time.time() - start, 1)
-    save_json_atomic(report, out_dir / "training.json")
+    write_json_atomic(out_dir / "training.json", report)
     save_loss_curve({"loss (sum over heads)": history}, out_dir / "loss.png", "oracle training")
     sample_sheet(shipped, held, out_dir / "samples.png")
     return report
@@ -446,6 +429,6 @@ def sample_sheet(oracle: Oracle, data: WorldSet, path: str | Path, n: int = 24, 
                 draw.text((x, y), text, fill="black" if reading[head] == truth[head] else "red", font=font)
                 x += draw.textlength(text, font=font) + 4
             y += 11
-    with _atomic(path) as tmp:
-        sheet.save(tmp, format="PNG")
+    with atomic_file(path, "wb") as handle:
+        sheet.save(handle, format="PNG")
     return Path(path)

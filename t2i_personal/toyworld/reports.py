@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-
-def save_json_atomic(obj, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600
-    os.replace(tmp, path)
-    return path
+from ..data.images import make_image_grid
 
 
 def save_loss_curve(history: dict[str, list[tuple[int, float]]], path: str | Path, title: str) -> Path:
@@ -48,13 +36,7 @@ def save_loss_curve(history: dict[str, list[tuple[int, float]]], path: str | Pat
 
 def image_grid(images: np.ndarray, columns: int, scale: int = 2) -> Image.Image:
     """uint8 (N, H, W, 3) -> one grid image, upscaled ``scale``× with nearest neighbours so pixels stay visible."""
-    n, h, w, _ = images.shape
-    rows = -(-n // columns)
-    canvas = np.full((rows * h, columns * w, 3), 255, np.uint8)
-    for i, img in enumerate(images):
-        r, c = divmod(i, columns)
-        canvas[r * h:(r + 1) * h, c * w:(c + 1) * w] = img
-    grid = Image.fromarray(canvas)
+    grid = make_image_grid([Image.fromarray(img) for img in images], columns=columns)
     return grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
 
 

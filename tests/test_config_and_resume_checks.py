@@ -1,5 +1,6 @@
-"""Review of 0a7f61a..HEAD (learned tokens, Custom Diffusion, SPL, StyleForge, multi-concept, rescale): one strict
-xfail per confirmed bug. Each test states the intended behaviour; it fails today for the reason in its marker."""
+"""Settings added with learned tokens, Custom Diffusion, SPL and the rescale augmentation: checkpoints written
+before them still resume, contradictory settings are refused before anything is written, the Custom Diffusion
+presets enable the augmentation, and a single-file export with learned tokens loads with the base architecture."""
 
 import json
 from pathlib import Path

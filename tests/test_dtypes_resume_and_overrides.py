@@ -1,4 +1,5 @@
-"""Regression tests for problems found in review: dtypes, exports under mixed precision, resume safety, overrides."""
+"""Dtypes and exports under mixed precision, resume safety, prediction types, config overrides, class images
+split across processes and model-loading messages."""
 
 import json
 
@@ -89,10 +90,12 @@ def test_validation_samples_in_eval_mode(concept_dir, tmp_path):
                                        training={"max_train_steps": 2}))
     from accelerate import Accelerator
 
+    from t2i_personal.training.outputs import validate
+
     grids = []
     for i in range(2):
-        trainer.output_dir = tmp_path / f"v{i}"
-        path = trainer._validate(trainer.components, ["a sks dog"], Accelerator(), torch.float32, 1)
+        trainer.config.training.output_dir = str(tmp_path / f"v{i}")
+        path = validate(trainer.config, trainer.components, ["a sks dog"], Accelerator(), torch.float32, 1)
         grids.append(np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(path)))
     assert np.array_equal(grids[0], grids[1])
     assert trainer.components.unet.training, "training mode is restored afterwards"
