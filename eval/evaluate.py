@@ -22,14 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from t2i_personal.data.images import ImageLoadError
-from t2i_personal.errors import ConfigError, ModelLoadError
-from t2i_personal.evaluation.engine import (
-    METRICS,
-    EvalConfig,
-    GenerationOptions,
-    MetricOptions,
-    evaluate,
-)
+from t2i_personal.errors import UserError
+from t2i_personal.evaluation import METRICS, EvalConfig, GenerationOptions, MetricOptions, evaluate
+from t2i_personal.freecure import FreeCureOptions
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,9 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         from accelerate import PartialState
 
         state = PartialState(cpu=args.device == "cpu")
-        freecure = {k: v for k, v in {"attributes": args.freecure_attributes, "mask_source": args.freecure_mask_source,
-                                      "omega": args.freecure_omega, "face_parser": args.freecure_face_parser}.items()
-                    if v is not None}
+        given = {"attributes": args.freecure_attributes, "mask_source": args.freecure_mask_source,
+                 "omega": args.freecure_omega, "face_parser": args.freecure_face_parser}
+        freecure = FreeCureOptions(**{k: v for k, v in given.items() if v is not None})  # the rest: defaults
         cfg = EvalConfig(
             models=args.model, images=args.images, prompts=args.prompts, images_per_prompt=args.images_per_prompt,
             seed=args.seed, metrics=args.metrics, out=args.out, concepts=args.concept, references=args.references,
@@ -130,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             bootstrap=args.bootstrap, fid_reference=args.fid_reference, freecure=args.freecure,
             progress=not args.no_progress)
         summary = evaluate(cfg, state)
-    except (ConfigError, ModelLoadError, ImageLoadError, FileNotFoundError) as exc:
+    except (UserError, ImageLoadError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if summary is not None:

@@ -51,11 +51,10 @@ def browser():
 
 # demo/app.py's main() with another file as the toy world's subject preset
 LAUNCH_WITH_PRESET = """
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location("demo_app", sys.argv[1])
-app = sys.modules["demo_app"] = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(app)
-app.KINDS["subject"] = (sys.argv[2], app.KINDS["subject"][1])
+import sys
+sys.path.insert(0, sys.argv[1])  # the checkout, as demo/app.py puts it
+from demo import app, configs
+configs.KINDS["subject"] = (sys.argv[2], configs.KINDS["subject"][1])
 sys.exit(app.main(sys.argv[3:]))
 """
 
@@ -69,7 +68,7 @@ def running_app(tmp_path: Path, subject_preset: Path | None = None):
     env = {**python_subprocess_env(), "TMPDIR": str(system_tmp), "OMP_NUM_THREADS": "1"}  # one thread: see conftest
     env.pop("GRADIO_TEMP_DIR", None)  # gradio's default applies unless the app sets it
     app_args = ["--port", str(port), "--workdir", str(work)]
-    command = ([PYTHON, "-c", LAUNCH_WITH_PRESET, str(ROOT / "demo" / "app.py"), str(subject_preset), *app_args]
+    command = ([PYTHON, "-c", LAUNCH_WITH_PRESET, str(ROOT), str(subject_preset), *app_args]
                if subject_preset else [PYTHON, str(ROOT / "demo" / "app.py"), *app_args])
     log = open(tmp_path / "app.log", "w")
     proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)

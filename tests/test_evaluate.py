@@ -203,7 +203,7 @@ def test_cli_error_exit_code(trained, prompt_file, tmp_path, capsys):
 
 def test_blip2_t_is_registered_and_names_its_model_when_missing_offline(monkeypatch, tmp_path):
     from t2i_personal.errors import ModelLoadError
-    from t2i_personal.evaluation.engine import METRICS, MetricOptions, build_metrics
+    from t2i_personal.evaluation import METRICS, MetricOptions, build_metrics
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))  # nothing cached: the offline error must show
     assert "blip2_t" in METRICS and "BLIP" in METRICS["blip2_t"].description
@@ -246,7 +246,7 @@ class _FakeDetector:
 
 
 def test_cp_clip_through_the_engine(concept_dir, prompt_file, tmp_path, monkeypatch, one_torch_thread):
-    from t2i_personal.evaluation import engine, evaluate
+    from t2i_personal.evaluation import evaluate, registry
 
     images = _image_folder(tmp_path / "mine")
     detector = _FakeDetector()
@@ -256,7 +256,7 @@ def test_cp_clip_through_the_engine(concept_dir, prompt_file, tmp_path, monkeypa
         loaded.append(source)
         return detector
 
-    monkeypatch.setattr(engine, "load_detector", fake_load)
+    monkeypatch.setattr(registry, "load_detector", fake_load)
     cfg = _cfg(None, prompt_file, tmp_path / "out", images=[str(images)], concepts=["sks:dog"],
                references=[str(concept_dir)])
     cfg.metrics = "cp_clip,clip_i"
@@ -292,7 +292,7 @@ def test_cp_clip_through_the_engine(concept_dir, prompt_file, tmp_path, monkeypa
 
 def test_cp_clip_detector_offline_error_and_threshold(concept_dir, prompt_file, tmp_path, monkeypatch):
     from t2i_personal.errors import ModelLoadError
-    from t2i_personal.evaluation.engine import MetricOptions, build_metrics, prepare
+    from t2i_personal.evaluation import MetricOptions, build_metrics, prepare
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))  # nothing cached: the offline error must show
     with pytest.raises(ModelLoadError, match="owlvit-base-patch32"):
@@ -375,7 +375,7 @@ def test_fid_inception_offline_is_a_clear_early_error(prompt_file, tmp_path, mon
 
 
 def test_models_with_the_same_folder_name_get_distinct_names(tmp_path):
-    from t2i_personal.evaluation.engine import EvalConfig, prepare
+    from t2i_personal.evaluation import EvalConfig, prepare
 
     folders = [tmp_path / p for p in ("a/out", "b/out", "c/out-1")]
     for f in folders:
@@ -388,7 +388,9 @@ def test_models_with_the_same_folder_name_get_distinct_names(tmp_path):
 def test_resume_refuses_images_made_by_another_model_or_settings(tmp_path):
     from types import SimpleNamespace
 
-    from t2i_personal.evaluation.engine import GENERATION_RECORD, EvalConfig, GenerationOptions, claim_generation_folders
+    from t2i_personal.evaluation import EvalConfig, GenerationOptions
+    from t2i_personal.evaluation.layout import GENERATION_RECORD
+    from t2i_personal.evaluation.run import claim_generation_folders
 
     a, b = tmp_path / "runs" / "a" / "output", tmp_path / "runs" / "b" / "output"
     cfg = EvalConfig(models=[str(a)], prompts="p.txt", out=str(tmp_path / "eval"), generation=GenerationOptions(steps=5))

@@ -263,13 +263,14 @@ def test_evaluate_scores_with_and_without_freecure_side_by_side(results, tmp_pat
     import csv
 
     from t2i_personal.evaluation import EvalConfig, GenerationOptions, MetricOptions, evaluate
+    from t2i_personal.freecure import FreeCureOptions
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a {V} {C} wearing a red hat\na {V} {C} on the beach\n")
     cfg = EvalConfig(models=[str(results / "full")], prompts=str(prompts), images_per_prompt=1, seed=0,
                      metrics="clip_t", out=str(tmp_path / "eval"), freecure=True,
                      generation=GenerationOptions(steps=2, guidance=2.0, device="cpu", height=32, width=32,
-                                                  freecure={"attributes": "hat"}),
+                                                  freecure=FreeCureOptions(attributes="hat")),
                      metric_options=MetricOptions(clip_model="builtin:toy-clip", batch_size=4), progress=False)
     summary = evaluate(cfg)
     assert set(summary["models"]) == {"full", "full+freecure"}
@@ -358,12 +359,13 @@ def test_foundation_keeps_the_base_parameterisation(results):
 
 def test_evaluator_checks_freecure_options_before_generating(results, tmp_path):
     from t2i_personal.evaluation import EvalConfig, GenerationOptions, evaluate
+    from t2i_personal.freecure import FreeCureOptions
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a {V} {C} wearing a red hat\n")
     cfg = EvalConfig(models=[str(results / "full")], prompts=str(prompts), images_per_prompt=1, metrics="clip_t",
                      out=str(tmp_path / "eval"), freecure=True, progress=False,
-                     generation=GenerationOptions(steps=1, device="cpu", freecure={"mask_source": "nowhere.png"}))
+                     generation=GenerationOptions(steps=1, device="cpu", freecure=FreeCureOptions(mask_source="nowhere.png")))
     with pytest.raises(ConfigError, match="nowhere.png"):
         evaluate(cfg)
     assert not (tmp_path / "eval" / "full+freecure").exists()
@@ -373,7 +375,7 @@ def test_same_named_models_pair_with_their_freecure_twins(results, tmp_path):
     import shutil
 
     from t2i_personal.evaluation import EvalConfig, GenerationOptions
-    from t2i_personal.evaluation.engine import prepare
+    from t2i_personal.evaluation import prepare
 
     other = tmp_path / "elsewhere" / "full"
     shutil.copytree(results / "full", other)

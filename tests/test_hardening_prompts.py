@@ -140,11 +140,12 @@ def test_evaluator_refuses_overlong_prompts_before_drawing_anything(tiny_sd, res
 
 
 def test_evaluator_refuses_a_negative_freecure_omega_before_generating(result, tmp_path):
-    from t2i_personal.evaluation.engine import prepare
+    from t2i_personal.evaluation import prepare
+    from t2i_personal.freecure import FreeCureOptions
 
     cfg = _eval_config(result, _write(tmp_path, "p.txt", "a {V} {C} wearing a red hat\n"), tmp_path / "eval",
                        freecure=True)
-    cfg.generation.freecure = {"omega": -0.5}
+    cfg.generation.freecure = FreeCureOptions(omega=-0.5)
     with pytest.raises(ConfigError, match=r"omega must be a finite number >= 0, not -0\.5"):
         prepare(cfg)
 
@@ -171,12 +172,12 @@ def cure(tiny_sd):
 
 def test_freecure_refuses_a_negative_omega(tiny_sd):
     from t2i_personal.freecure import FreeCure
-    from t2i_personal.freecure.pipeline import check_options
+    from t2i_personal.freecure import FreeCureOptions
 
     with pytest.raises(ConfigError, match=r">= 0, not -1.*weakens the repair"):
         FreeCure(tiny_sd, foundation=tiny_sd, omega=-1)
     with pytest.raises(ConfigError, match="omega"):
-        check_options(omega=-0.01)
+        FreeCureOptions(omega=-0.01).check()
     assert FreeCure(tiny_sd, foundation=tiny_sd, omega=0).omega == 0.0  # equal weight: still a repair
 
 

@@ -488,3 +488,16 @@ def _scene(template: str) -> str | None:
     s = re.sub(dangling_end, "", s, flags=re.IGNORECASE)
     s = re.sub(dangling_start, "", s, flags=re.IGNORECASE).strip(" ,")
     return s or None
+
+
+def check_prompt_length(text: str, tokenizers, where: str = "prompt") -> None:
+    """Refuse ``text`` when it is longer than a text encoder's window (``tokenizers``: the pipeline's; ``None``
+    entries are skipped): diffusers would cut it silently, and the image would ignore the words past the cut."""
+    for tokenizer in tokenizers:
+        if tokenizer is None:
+            continue
+        limit = tokenizer.model_max_length
+        n = len(tokenizer(text, truncation=False).input_ids)
+        if n > limit:
+            raise ConfigError(f"{where}: {text!r} is {n} tokens long; the text encoder reads at most {limit} "
+                              "(start and end tokens included). Shorten the prompt.")

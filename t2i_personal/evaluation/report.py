@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import html
+import io
 import json
 import math
 import os
@@ -16,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..atomic import write_bytes_atomic, write_text_atomic
+from .layout import prompt_dir_name
 
 Z95 = 1.959963984540054
 
@@ -44,7 +48,7 @@ def summarize(rows, names: list[str], info: dict[str, dict], sources, prompts, *
     """Per model: overall and per prompt, for each per-image column (``names``: metrics and their extra columns
     such as ``cp_clip_detection_rate``), mean, 95 % CI, std and n; plus the metrics' describe().
 
-    ``set_metrics``: per model, set-level values (FID / KID, see :func:`~.engine.set_distances`), stored as the
+    ``set_metrics``: per model, set-level values (FID / KID, see :func:`~.scoring.set_distances`), stored as the
     model's ``fid_kid``."""
     from .. import __version__ as version
 
@@ -87,14 +91,8 @@ def _json_safe(obj):
     return str(obj)
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_summary(summary: dict, path: Path) -> None:
-    _atomic_text(path, json.dumps(_json_safe(summary), indent=2) + "\n")
+    write_text_atomic(path, json.dumps(_json_safe(summary), indent=2) + "\n")
 
 
 def _rel(path: Path, base: Path) -> str:
@@ -107,14 +105,13 @@ def _rel(path: Path, base: Path) -> str:
 def write_results_csv(rows, names: list[str], path: Path, base: Path) -> None:
     """One row per image: model, prompt_index, prompt, seed, path (relative to the output folder), each metric
     (``repr`` of the float, so the file holds the exact values; empty where the metric does not apply)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["model", "prompt_index", "prompt", "seed", "path", *names])
-        for r in rows:
-            writer.writerow([r.model, r.prompt_index, r.prompt, "" if r.seed is None else r.seed, _rel(r.path, base),
-                             *[repr(r.scores[m]) if math.isfinite(r.scores[m]) else "" for m in names]])
-    os.replace(tmp, path)
+    buffer = io.StringIO(newline="")  # the csv module writes its own \r\n line ends
+    writer = csv.writer(buffer)
+    writer.writerow(["model", "prompt_index", "prompt", "seed", "path", *names])
+    for r in rows:
+        writer.writerow([r.model, r.prompt_index, r.prompt, "" if r.seed is None else r.seed, _rel(r.path, base),
+                         *[repr(r.scores[m]) if math.isfinite(r.scores[m]) else "" for m in names]])
+    write_bytes_atomic(path, buffer.getvalue().encode("utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------------------- HTML
@@ -166,9 +163,6 @@ def _bar_chart(summary: dict, metric: str, path: Path) -> None:
 def write_report_html(rows, names: list[str], summary: dict, sources, prompts, out_dir: Path) -> Path:
     """``report.html`` with a metric table, bar charts (PNG) and a grid PNG per model and prompt, all linked
     relatively from ``out_dir/report/``; text is escaped with :func:`html.escape`."""
-    from ..data.images import load_image_rgb, make_image_grid, save_image_atomic
-    from .engine import prompt_dir_name
-
     out_dir = Path(out_dir)
     assets = out_dir / "report"
     esc = html.escape
@@ -219,7 +213,19 @@ def write_report_html(rows, names: list[str], summary: dict, sources, prompts, o
             parts.append(f"<tr><td>{item['index']}</td><td>{esc(item['prompt'])}</td><td>{esc(model)}</td>"
                          + "".join(f"<td>{esc(_fmt(item['metrics'][m]))}</td>" for m in names) + "</tr>")
     parts.append("</table>")
-    parts.append("<h2>Images</h2>")
+    parts += _image_grids(rows, names, summary, sources, prompts, out_dir)
+    parts.append("</body></html>")
+    path = out_dir / "report.html"
+    write_text_atomic(path, "\n".join(parts) + "\n")
+    return path
+
+
+def _image_grids(rows, names: list[str], summary: dict, sources, prompts, out_dir: Path) -> list[str]:
+    """The report's images section: per prompt, each model's images as one grid PNG with its scores."""
+    from ..data.images import load_image_rgb, make_image_grid, save_image_atomic
+
+    esc = html.escape
+    parts = ["<h2>Images</h2>"]
     by_key: dict[tuple[str, int], list] = {}
     for r in rows:
         by_key.setdefault((r.model, r.prompt_index), []).append(r)
@@ -231,7 +237,7 @@ def write_report_html(rows, names: list[str], summary: dict, sources, prompts, o
             group = by_key.get((source.name, p))
             if not group:
                 continue
-            grid_path = assets / "grids" / source.name / f"{prompt_dir_name(p, prompts[s][p].text)}.png"
+            grid_path = out_dir / "report" / "grids" / source.name / f"{prompt_dir_name(p, prompts[s][p].text)}.png"
             save_image_atomic(make_image_grid([load_image_rgb(r.path) for r in group], rows=1), grid_path)
             stats = summary["models"][source.name]["per_prompt"]
             stat = next((x for x in stats if x["index"] == p), None)
@@ -242,7 +248,4 @@ def write_report_html(rows, names: list[str], summary: dict, sources, prompts, o
                          f"<img src='{esc(_rel(grid_path, out_dir), quote=True)}' "
                          f"alt='{esc(prompts[s][p].text, quote=True)}'><div>{esc(scores)}</div>"
                          f"<div>images: {links}</div></div>")
-    parts.append("</body></html>")
-    path = out_dir / "report.html"
-    _atomic_text(path, "\n".join(parts) + "\n")
-    return path
+    return parts

@@ -15,6 +15,10 @@ import argparse
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .options import FreeCureOptions
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,16 +60,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def options_from_args(args) -> FreeCureOptions:
+    from .options import FreeCureOptions
+
+    return FreeCureOptions(attributes=args.attributes, mask_source=args.mask_source, omega=args.omega,
+                           layers=args.layers.split(",") if args.layers else None, apg=not args.no_apg,
+                           apg_gamma=args.apg_gamma, face_parser=args.face_parser, foundation=args.foundation,
+                           cache_device=args.cache_device, allow_pickle=args.allow_pickle)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
-    from ..data.images import ImageLoadError, save_image_atomic
-    from ..errors import ConfigError, ModelLoadError
-    from ..inference.pipeline import load_personalized
     from ..atomic import write_json_atomic
+    from ..data.images import ImageLoadError, save_image_atomic
+    from ..errors import UserError
+    from ..inference.pipeline import load_personalized
     from . import FreeCure
-    from .pipeline import check_options, check_prompts
+    from .pipeline import check_prompts
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.steps < 1:
@@ -73,17 +86,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         # before the model loads (minutes, for a large one); the identifiers once FreeCure knows the concepts
-        check_options(mask_source=args.mask_source, apg_gamma=args.apg_gamma, omega=args.omega)
+        options = options_from_args(args).check()
         check_prompts([args.prompt], concepts=[])
         pipe = load_personalized(args.model, device=device, dtype=getattr(torch, args.dtype), allow_pickle=args.allow_pickle)
-        cure = FreeCure(pipe, foundation=args.foundation, attributes=args.attributes, mask_source=args.mask_source,
-                        omega=args.omega, layers=args.layers.split(",") if args.layers else None,
-                        apg=not args.no_apg, apg_gamma=args.apg_gamma, face_parser=args.face_parser,
-                        allow_pickle=args.allow_pickle, cache_device=args.cache_device)
+        cure = FreeCure(pipe, options)
         result = cure(args.prompt, seed=args.seed, num_inference_steps=args.steps, guidance_scale=args.guidance,
                       height=args.height, width=args.width, negative_prompt=args.negative_prompt,
                       compare=args.compare)
-    except (ConfigError, ModelLoadError, ImageLoadError, FileNotFoundError, ValueError) as exc:
+    except (UserError, ImageLoadError, FileNotFoundError, ValueError) as exc:
         # ValueError: what the diffusers pipeline says of bad sizes or options (e.g. "divisible by 8")
         print(f"error: {exc}", file=sys.stderr)
         return 2

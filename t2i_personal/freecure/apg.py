@@ -1,6 +1,6 @@
 """APG, asymmetric prompt guidance (FreeCure v2 §3.4): restore expressions, which no mask can localise.
 
-Released only as a figure (``assets/method.png`` panel d); this is **this project's reconstruction**:
+Released only as a figure (panel d of the paper's method figure); this is **this project's reconstruction**:
 
 1. take the FASA result's latents z₀ (the paper encodes the decoded image; the latents are that image without the
    VAE round trip);
@@ -15,7 +15,7 @@ Released only as a figure (``assets/method.png`` panel d); this is **this projec
 The asymmetry (neutral in, expressive out) lets the second half of the trajectory add the expression while the
 first half of the structure, which carries identity and the FASA-repaired attributes, is kept. γ = 0.5 by default
 (the brief's middle of {0.3, 0.5, 0.7}); γ = 0 is a no-op. Unknowns (the paper's γ, step counts, guidance) are
-documented as such in the README.
+documented as such in this repository's README.md.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ their own keys/values and to the foundation's keys/values recorded at the same l
     FASA(p, f) = softmax( [Q_p K_pᵀ, Q_p K_fᵀ + B] / √d ) · [V_p; V_f],
     B = +ω where the attribute mask M(key) = 1,  −∞ where M(key) = 0.
 
-This is the released code's additive form (``fasa.py`` L135-230 of YIYANGCAI/FreeCure): the paper's figure writes
+This is the additive form of the released code (github.com/YIYANGCAI/FreeCure): the paper's figure writes
 a multiplicative ``[1, ωM] ⊙`` on the logits, which read literally would give masked-out foundation keys logit 0
 instead of excluding them. With an empty mask B is −∞ everywhere and FASA is exactly ordinary self-attention.
 The unconditional rows and every foundation row are plain attention.
@@ -34,13 +34,36 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-# The released code's ω: 0.5 on SD-1.4 (Face2Diffusion), 1.5 on SDXL (PhotoMaker, InstantID).
-DEFAULT_OMEGA = {"sd": 0.5, "sdxl": 1.5}
-SDXL_DECODER_BLOCKS = 20  # the released SDXL layer_idx 50-69: the last 20 of 70 transformer blocks, all decoder
+# ------------------------------------------------------------------------------------ model-family knowledge
+# Everything FreeCure knows per model family, in one table (to move into the model-family layer later).
+
+
+@dataclass(frozen=True)
+class FamilyDefaults:
+    """FreeCure's released settings for one UNet family."""
+
+    omega: float  # FASA's ω: 0.5 on SD-1.4 (Face2Diffusion), 1.5 on SDXL (PhotoMaker, InstantID)
+    #: FASA layers: the last N decoder self-attentions (SDXL's released layer_idx 50-69: the last 20 of 70
+    #: transformer blocks, all decoder); None: every self-attention of the last two decoder blocks with attention
+    fasa_decoder_blocks: int | None
+    #: cross-attention maps are averaged over the layers at 1/map_factor of the latent side (32² at native size)
+    map_factor: int
+
+
+FAMILY_DEFAULTS = {"sd": FamilyDefaults(omega=0.5, fasa_decoder_blocks=None, map_factor=2),
+                   "sdxl": FamilyDefaults(omega=1.5, fasa_decoder_blocks=20, map_factor=4)}
 
 
 def unet_family(unet) -> str:
+    """The :data:`FAMILY_DEFAULTS` key of a UNet: SDXL's is the one conditioned on text and time ids."""
     return "sdxl" if getattr(unet.config, "addition_embed_type", None) == "text_time" else "sd"
+
+
+def family_defaults(unet) -> FamilyDefaults:
+    return FAMILY_DEFAULTS[unet_family(unet)]
+
+
+# ------------------------------------------------------------------------------------------------------ layers
 
 
 def decoder_self_attention_names(unet) -> list[str]:
@@ -57,8 +80,9 @@ def default_layers(unet) -> list[str]:
     (the tiny test models, the toy world) get the same rule applied to what they have.
     """
     names = decoder_self_attention_names(unet)
-    if unet_family(unet) == "sdxl":
-        return names[-SDXL_DECODER_BLOCKS:]
+    last = family_defaults(unet).fasa_decoder_blocks
+    if last is not None:
+        return names[-last:]
     blocks = sorted({int(n.split(".")[1]) for n in names})[-2:]
     return [n for n in names if int(n.split(".")[1]) in blocks]
 
@@ -82,6 +106,9 @@ def resolve_layers(unet, layers) -> list[str]:
                               f"decoder self-attentions are e.g. {decoder_self_attention_names(unet)[-3:]}")
         chosen += [n for n in hits if n not in chosen]
     return chosen
+
+
+# ------------------------------------------------------------------------------------------------- attention
 
 
 @dataclass

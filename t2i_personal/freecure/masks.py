@@ -13,7 +13,7 @@ Three sources, each giving a ``{0, 1}`` mask per image at latent resolution (FAS
   cross-attention probabilities of the attribute's tokens, averaged over heads, steps and the mid-resolution
   layers (32² at the model's native size: ``up``/``down`` blocks at 1/2 of the latent side for SD-1.x, 1/4 for
   SDXL), upsampled bilinearly to the latent grid, min-max normalised and thresholded with Otsu's method. This is
-  FreeCure v1's recipe (``add_semantic_guidance``) without its ``exp(10·x)`` sharpening, which only reshapes the
+  the recipe of FreeCure v1's released code (its ``add_semantic_guidance``) without its ``exp(10·x)`` sharpening, which only reshapes the
   histogram that Otsu then splits.
 * a **user mask** image (white = attribute), resized to the latent grid.
 """
@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import ConfigError, ModelLoadError
-from .fasa import layer_grid
+from ..weights import check_weights_dir, offline_error
+from .fasa import family_defaults, layer_grid
 
 DEFAULT_FACE_PARSER = "jonathandinu/face-parsing"
 TOY_FACE_PARSER = "builtin:toy-face-parser"
@@ -121,8 +122,6 @@ def load_face_parser(source: str = DEFAULT_FACE_PARSER, device="cpu", allow_pick
     """A semantic-segmentation model and its processor from a hub id, a local folder, or ``builtin:toy-face-parser``."""
     from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
-    from ..metrics.loading import _offline_error, check_weights_dir
-
     if source == TOY_FACE_PARSER:
         from ..toyworld.face_parser import DEFAULT_PATH
 
@@ -139,7 +138,7 @@ def load_face_parser(source: str = DEFAULT_FACE_PARSER, device="cpu", allow_pick
     except (OSError, ValueError) as exc:
         if local:
             raise ModelLoadError(f"could not load the face parser folder {location}: {exc}") from exc
-        raise _offline_error(location, exc) from exc
+        raise offline_error("face parser", location, exc) from exc
     return FaceParser(model.to(device=device, dtype=torch.float32).eval(), processor, str(source))
 
 
@@ -234,13 +233,13 @@ def _attention_factors(unet) -> dict[str, int]:
     return factors
 
 
-def map_layers(unet, family: str) -> list[str]:
-    """The cross-attention layers whose maps are averaged: 32² at the native size (1/2 latent side for SD-1.x, 1/4
-    for SDXL), or the nearest resolution the UNet has."""
+def map_layers(unet) -> list[str]:
+    """The cross-attention layers whose maps are averaged: 32² at the native size (the family's ``map_factor``:
+    1/2 of the latent side for SD-1.x, 1/4 for SDXL), or the nearest resolution the UNet has."""
     factors = _attention_factors(unet)
     if not factors:
         raise ConfigError("this UNet has no cross-attention layers: cross-attention masks are impossible")
-    target = 4 if family == "sdxl" else 2
+    target = family_defaults(unet).map_factor
     best = min(abs(np.log2(f / target)) for f in factors.values())
     return [name for name, f in factors.items() if abs(np.log2(f / target)) == best]
 

@@ -2,10 +2,11 @@
 
 One call:
 
-1. **foundation pass** — the un-personalized model (LoRA disabled, Custom Diffusion processors set aside, or the
-   base model of a full fine-tune) generates the prompt with each identifier removed and its class noun kept, from
-   the same seed (same initial latent, same per-step noise), recording the conditional K/V of the FASA layers
-   (:mod:`.fasa`) and, when a mask needs them, the attribute tokens' cross-attention maps;
+1. **foundation pass** — the un-personalized model (:mod:`.foundation`: LoRA disabled, Custom Diffusion
+   processors set aside, or the base model of a full fine-tune) generates the prompt with each identifier removed
+   and its class noun kept, from the same seed (same initial latent, same per-step noise), recording the
+   conditional K/V of the FASA layers (:mod:`.fasa`) and, when a mask needs them, the attribute tokens'
+   cross-attention maps;
 2. **masks** of the prompt's attributes on the foundation image (:mod:`.masks`);
 3. **personalized pass** with FASA on the chosen self-attention layers: inside the masks the personalized
    queries also read the foundation's keys/values (+ω), elsewhere nothing changes;
@@ -18,13 +19,10 @@ passes (≈4×); ``benchmarks/freecure_cost.py`` measures it.
 from __future__ import annotations
 
 import inspect
-import math
-import os
 import re
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 
 import torch
 from PIL import Image
@@ -32,10 +30,12 @@ from PIL import Image
 from ..errors import ConfigError, ModelLoadError
 from ..inference.sampling import decode_latents
 from . import apg as apg_module
-from .fasa import DEFAULT_OMEGA, FasaState, FoundationAwareSelfAttention, resolve_layers, unet_family
-from .masks import (DEFAULT_FACE_PARSER, FACE_ATTRIBUTES, MASK_SOURCES, TOY_FACE_PARSER, CrossAttentionRecorder,
-                    FaceParser, attribute_list, cross_attention_mask, face_attribute, face_parsing_mask,
-                    find_attributes, is_person, load_face_parser, map_layers, mask_image, token_positions, user_mask)
+from .fasa import FasaState, FoundationAwareSelfAttention, family_defaults, resolve_layers
+from .foundation import build_foundation
+from .masks import (DEFAULT_FACE_PARSER, FACE_ATTRIBUTES, TOY_FACE_PARSER, CrossAttentionRecorder, FaceParser,
+                    attribute_list, cross_attention_mask, face_attribute, face_parsing_mask, find_attributes,
+                    is_person, load_face_parser, map_layers, mask_image, token_positions, user_mask)
+from .options import FreeCureOptions
 
 
 @dataclass
@@ -100,24 +100,6 @@ def to_foundation_prompt(prompt: str, concepts) -> str:
     return re.sub(r"\s{2,}", " ", prompt).strip()
 
 
-def check_options(mask_source="auto", apg_gamma: float = 0.5, omega: float | None = None, **_ignored):
-    """Check FreeCure's options without a model (the evaluator does before it generates anything); returns the
-    mask source, a path when it names a mask image file."""
-    if isinstance(mask_source, (str, os.PathLike)) and str(mask_source) not in MASK_SOURCES:
-        if not Path(mask_source).expanduser().is_file():
-            raise ConfigError(f"mask_source {str(mask_source)!r} is neither one of {', '.join(MASK_SOURCES)} nor "
-                              "an existing mask image file (white = attribute)")
-        mask_source = Path(mask_source).expanduser()
-    if not 0.0 <= float(apg_gamma) <= 1.0:
-        raise ConfigError(f"apg_gamma must be in [0, 1] (the fraction of the trajectory to invert), not {apg_gamma}")
-    if omega is not None and not (math.isfinite(float(omega)) and float(omega) >= 0):
-        raise ConfigError(f"omega must be a finite number >= 0, not {omega}: FASA adds it to the logits of the "
-                          "foundation's keys inside the mask, so each weighs e^omega times a personalized key; below 0 "
-                          "the foundation's attribute counts for less, which weakens the repair and never reverses "
-                          "it (0.5 for SD-1.x and 1.5 for SDXL are the released values; attributes=[] turns it off)")
-    return mask_source
-
-
 def check_prompts(prompts: list[str], concepts) -> None:
     """Before anything is sampled: refuse an empty prompt, warn about one that names none of the identifiers."""
     if not prompts:
@@ -134,141 +116,40 @@ def check_prompts(prompts: list[str], concepts) -> None:
                           stacklevel=3)
 
 
-def _record(pipe) -> dict | None:
-    return getattr(pipe, "_t2i_personal_record", None)
-
-
-def _lora_adapters(pipe) -> bool:
-    try:
-        return any(pipe.get_list_adapters().values())
-    except (AttributeError, ValueError):
-        return False
-
-
-def _foundation_scheduler(pipe):
-    """The personalized pipeline's sampler with the base model's own parameterisation: an adapter trained with
-    another ``prediction_type`` than its base must not impose it on the base."""
-    base_type = (_record(pipe) or {}).get("base_prediction_type")
-    overrides = {"prediction_type": base_type} if base_type else {}
-    return type(pipe.scheduler).from_config(pipe.scheduler.config, **overrides)
-
-
-class _SharedFoundation:
-    """The personalized pipeline itself with its personalization switched off for the duration of a ``with``."""
-
-    def __init__(self, pipe):
-        self.pipe = pipe
-
-    @contextmanager
-    def active(self):
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        pipe = self.pipe
-        lora = _lora_adapters(pipe)
-        original = dict(pipe.unet.attn_processors)
-        custom = {k for k, p in original.items() if type(p).__name__.startswith("CustomDiffusion")}
-        scheduler = pipe.scheduler
-        pipe.scheduler = _foundation_scheduler(pipe)
-        if lora:
-            pipe.disable_lora()
-        if custom:
-            pipe.unet.set_attn_processor({k: AttnProcessor2_0() if k in custom else p for k, p in original.items()})
-        try:
-            yield pipe
-        finally:
-            if custom:
-                pipe.unet.set_attn_processor(original)
-            if lora:
-                pipe.enable_lora()
-            pipe.scheduler = scheduler
-
-
-class _SeparateFoundation:
-    def __init__(self, pipe):
-        self.pipe = pipe
-
-    @contextmanager
-    def active(self):
-        yield self.pipe
-
-
-def _build_foundation(pipe, foundation, allow_pickle: bool = False):
-    """``None``: from the pipeline itself (adapters off) or, for a full fine-tune loaded by ``load_personalized``,
-    its recorded base model; a pipeline; or a base-model source (``builtin:...``, hub id, folder, file)."""
-    if foundation is None:
-        record = _record(pipe)
-        personalized_weights = record is not None and record["artifact"]["type"] == "pipeline"
-        adapters = _lora_adapters(pipe) or any(type(p).__name__.startswith("CustomDiffusion")
-                                               for p in pipe.unet.attn_processors.values())
-        if adapters or (record is not None and not personalized_weights):
-            return _SharedFoundation(pipe)
-        if personalized_weights:
-            from ..inference.pipeline import base_model_config
-
-            foundation = base_model_config(record).model_dump()
-        else:
-            raise ConfigError("FreeCure cannot tell what the foundation of this pipeline is: it carries no LoRA or "
-                              "Custom Diffusion adapter to switch off and was not loaded with load_personalized. "
-                              "Pass foundation=<the base pipeline> or foundation='<base model id or folder>'.")
-    if isinstance(foundation, (str, dict)):
-        from ..config import ModelConfig
-        from ..models.loading import load_components
-
-        settings = {"pretrained": foundation} if isinstance(foundation, str) else {
-            k: v for k, v in foundation.items() if k in ModelConfig.model_fields}
-        cfg = ModelConfig(**{**settings, "allow_pickle": allow_pickle})  # the caller's choice, never a record's
-        foundation = load_components(cfg, dtype=pipe.unet.dtype).pipeline()
-        foundation.to(pipe.unet.device)
-    if not hasattr(foundation, "unet"):
-        raise ConfigError(f"foundation must be a diffusers pipeline or a model source, not {type(foundation).__name__}")
-    if unet_family(foundation.unet) != unet_family(pipe.unet) or (
-            {n for n, _ in foundation.unet.named_modules() if n.endswith("attn1")}
-            != {n for n, _ in pipe.unet.named_modules() if n.endswith("attn1")}):
-        raise ConfigError("the foundation and the personalized pipeline have different UNet architectures: FASA "
-                          "mixes their self-attention layer by layer, so they must share one (family and blocks)")
-    foundation.scheduler = _foundation_scheduler(pipe)  # the same sampler for both passes
-    if hasattr(foundation, "set_progress_bar_config"):
-        foundation.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
-    return _SeparateFoundation(foundation)
-
-
 class FreeCure:
     """``FreeCure(pipe)(prompt, seed=0)``: the personalized generation with its dropped attributes repaired.
 
-    ``foundation``: ``None`` (derived from ``pipe``, see :func:`_build_foundation`), a pipeline, or a model source.
-    ``attributes``: ``"auto"`` (face parts and accessories named in the prompt) or a list of words/phrases.
-    ``mask_source``: ``"auto"`` (face parsing for face parts of a person, cross-attention otherwise),
-    ``"face_parsing"``, ``"cross_attention"``, or a mask image (path, PIL, array). ``omega``/``layers``: FASA's
-    weight and self-attention layers (``None``: the released code's defaults for the family). ``apg``: run APG
-    when the prompt has expression words; ``apg_gamma``: how far to invert. ``concepts``: ``[(identifier,
-    class_noun)]``, read from the result's record when ``pipe`` came from ``load_personalized``. ``cache_device``:
-    where the foundation's keys/values wait between the passes (default: beside the model; ``"cpu"`` frees the
-    accelerator's memory, about 6.8 GB per SDXL image at 1024² and 50 steps, for a copy per layer and step).
+    ``options``: a :class:`~t2i_personal.freecure.options.FreeCureOptions` (what to repair, mask source, FASA's
+    weight and layers, APG, foundation, ...); keyword arguments set single options on top of it, e.g.
+    ``FreeCure(pipe, omega=1.0, attributes=["hat"])``. ``concepts`` default to the result's record when ``pipe``
+    came from ``load_personalized``.
     """
 
-    def __init__(self, pipe, foundation=None, *, attributes="auto", mask_source="auto", omega: float | None = None,
-                 layers=None, apg: bool = True, apg_gamma: float = 0.5,
-                 expression_words=apg_module.EXPRESSION_WORDS, face_parser: str | FaceParser = "auto",
-                 concepts=None, allow_pickle: bool = False, cache_device: str | torch.device | None = None):
-        mask_source = check_options(mask_source=mask_source, apg_gamma=apg_gamma, omega=omega)
+    def __init__(self, pipe, options: FreeCureOptions | None = None, **overrides):
+        options = replace(options or FreeCureOptions(), **overrides).check()
+        self.options = options
         self.pipe = pipe
-        self.family = unet_family(pipe.unet)
-        self.layers = resolve_layers(pipe.unet, layers)
-        self.omega = DEFAULT_OMEGA[self.family] if omega is None else float(omega)
-        self.attributes = attributes
-        self.mask_source = mask_source
-        self.apg, self.apg_gamma, self.expression_words = apg, apg_gamma, tuple(expression_words)
-        self.allow_pickle = allow_pickle
-        self.cache_device = cache_device
-        record = _record(pipe)
+        self.layers = resolve_layers(pipe.unet, options.layers)
+        self.omega = family_defaults(pipe.unet).omega if options.omega is None else float(options.omega)
+        self.attributes = options.attributes
+        self.mask_source = options.mask_source
+        self.apg, self.apg_gamma = options.apg, options.apg_gamma
+        self.expression_words = tuple(options.expression_words)
+        self.allow_pickle = options.allow_pickle
+        self.cache_device = options.cache_device
+        from ..inference.pipeline import personalization_record  # diffusers: loaded when a FreeCure is made
+
+        record = personalization_record(pipe) or {}
+        concepts = options.concepts
         if concepts is None:
-            concepts = [(c["identifier"], c["class_noun"]) for c in (record or {}).get("concepts", [])]
+            concepts = [(c["identifier"], c["class_noun"]) for c in record.get("concepts", [])]
         self.concepts = [tuple(c) for c in concepts]
+        face_parser = options.face_parser
         if face_parser == "auto":
-            base = (record or {}).get("base_model", {}).get("pretrained", "")
+            base = record.get("base_model", {}).get("pretrained", "")
             face_parser = TOY_FACE_PARSER if base == "builtin:toy" else DEFAULT_FACE_PARSER
         self._face_parser = face_parser
-        self.foundation = _build_foundation(pipe, foundation, allow_pickle)
+        self.foundation = build_foundation(pipe, options.foundation, options.allow_pickle)
 
     # --------------------------------------------------------------------------------------------------- masks
 
@@ -362,7 +243,7 @@ class FreeCure:
             replace = {f"{n}.processor": FoundationAwareSelfAttention(n, state) for n in self.layers}
             if "cross_attention" in plan.values():
                 current = base.unet.attn_processors
-                for n in map_layers(base.unet, self.family):
+                for n in map_layers(base.unet):
                     replace[f"{n}.processor"] = CrossAttentionRecorder(n, current[f"{n}.processor"], maps,
                                                                        state.batch)
             state.start("record")
@@ -403,20 +284,8 @@ class FreeCure:
         if "prompt_embeds" in pipe_kwargs:
             raise ConfigError("FreeCure needs the prompt text (it derives the foundation prompt and finds attribute "
                               "words in it): pass prompt=..., not prompt_embeds")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        check_prompts(prompts, self.concepts)
-        if foundation_prompt is None:
-            foundation_prompts = [to_foundation_prompt(p, self.concepts) for p in prompts]
-        else:
-            foundation_prompts = [foundation_prompt] * len(prompts) if isinstance(foundation_prompt, str) else list(
-                foundation_prompt)
-        if len(foundation_prompts) != len(prompts):
-            raise ConfigError(f"{len(foundation_prompts)} foundation prompts for {len(prompts)} prompts")
-        # n images per prompt = the prompt repeated n times: the pipeline draws the same [B·n] noise either way,
-        # and every image gets its own mask
         per_prompt = int(pipe_kwargs.pop("num_images_per_prompt", 1) or 1)
-        prompts = [p for p in prompts for _ in range(per_prompt)]
-        foundation_prompts = [p for p in foundation_prompts for _ in range(per_prompt)]
+        prompts, foundation_prompts, negatives = self._prompts(prompt, foundation_prompt, negative_prompt, per_prompt)
         batch = len(prompts)
         generators = self._generators(seed, generator, batch)
         states = [g.get_state() for g in generators]
@@ -426,9 +295,6 @@ class FreeCure:
         height = height or sample * pipe.vae_scale_factor
         width = width or sample * pipe.vae_scale_factor
         latent_shape = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-        negatives = None if negative_prompt is None else (
-            [negative_prompt] * batch if isinstance(negative_prompt, str)
-            else [n for n in negative_prompt for _ in range(per_prompt)])
         if guidance_scale is None:  # the pipeline's own default (7.5 for SD-1.x/2.x, 5.0 for SDXL)
             guidance_scale = inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default
         kwargs = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
@@ -453,17 +319,8 @@ class FreeCure:
         state.masks = union.to(pipe.unet.device)
         latents = self._repair_pass(state, run, prompts) if plan else run(pipe, prompts)
         unrepaired = None if plan else latents
-
-        before_apg = None
-        expressive = self.apg and any(apg_module.expression_words_in(p, self.expression_words) for p in prompts)
-        if expressive and self.apg_gamma > 0:
-            before_apg = decode_latents(pipe, latents)
-            neutral = [apg_module.neutral_prompt(p, self.expression_words) for p in prompts]
-            latents = apg_module.invert_and_regenerate(
-                pipe, latents, neutral, prompts, gamma=self.apg_gamma, steps=num_inference_steps,
-                guidance=guidance_scale, height=height, width=width, negative_prompt=negatives,
-                clip_skip=pipe_kwargs.get("clip_skip"),
-                cross_attention_kwargs=pipe_kwargs.get("cross_attention_kwargs"))
+        latents, before_apg = self._apg(latents, prompts, negatives, num_inference_steps, guidance_scale, height,
+                                        width, pipe_kwargs)
         images = decode_latents(pipe, latents)
 
         personalized = None
@@ -479,6 +336,40 @@ class FreeCure:
             settings={"omega": self.omega, "layers": list(self.layers), "apg_gamma": self.apg_gamma,
                       "steps": num_inference_steps, "guidance_scale": guidance_scale, "height": height,
                       "width": width})
+
+    def _prompts(self, prompt, foundation_prompt, negative_prompt, per_prompt: int):
+        """The personalized, foundation and negative prompts, one per image."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        check_prompts(prompts, self.concepts)
+        if foundation_prompt is None:
+            foundation_prompts = [to_foundation_prompt(p, self.concepts) for p in prompts]
+        else:
+            foundation_prompts = [foundation_prompt] * len(prompts) if isinstance(foundation_prompt, str) else list(
+                foundation_prompt)
+        if len(foundation_prompts) != len(prompts):
+            raise ConfigError(f"{len(foundation_prompts)} foundation prompts for {len(prompts)} prompts")
+        # n images per prompt = the prompt repeated n times: the pipeline draws the same [B·n] noise either way,
+        # and every image gets its own mask
+        prompts = [p for p in prompts for _ in range(per_prompt)]
+        foundation_prompts = [p for p in foundation_prompts for _ in range(per_prompt)]
+        negatives = None if negative_prompt is None else (
+            [negative_prompt] * len(prompts) if isinstance(negative_prompt, str)
+            else [n for n in negative_prompt for _ in range(per_prompt)])
+        return prompts, foundation_prompts, negatives
+
+    def _apg(self, latents, prompts, negatives, steps, guidance, height, width, pipe_kwargs):
+        """APG on the repaired latents when a prompt has expression words; returns them and the images before it
+        (``None`` when APG did not run)."""
+        expressive = self.apg and any(apg_module.expression_words_in(p, self.expression_words) for p in prompts)
+        if not expressive or self.apg_gamma <= 0:
+            return latents, None
+        before_apg = decode_latents(self.pipe, latents)
+        neutral = [apg_module.neutral_prompt(p, self.expression_words) for p in prompts]
+        latents = apg_module.invert_and_regenerate(
+            self.pipe, latents, neutral, prompts, gamma=self.apg_gamma, steps=steps, guidance=guidance,
+            height=height, width=width, negative_prompt=negatives, clip_skip=pipe_kwargs.get("clip_skip"),
+            cross_attention_kwargs=pipe_kwargs.get("cross_attention_kwargs"))
+        return latents, before_apg
 
     def _generators(self, seed, generator, batch) -> list[torch.Generator]:
         """One generator (a single seed: the pipeline's own per-batch noise) or one per image (a list)."""

@@ -74,3 +74,9 @@ def load_personalized(output_dir: str | Path, device: str | torch.device | None 
     if device is not None:
         pipe.to(device)
     return pipe
+
+
+def personalization_record(pipe) -> dict | None:
+    """The record :func:`load_personalized` attached to ``pipe`` (concepts, base model, config, ...); ``None`` for a
+    pipeline it did not load."""
+    return getattr(pipe, "_t2i_personal_record", None)

@@ -1,6 +1,6 @@
 """CP-CLIP (Gen4Gen's Composition-Personalization CLIP) with an injectable open-vocabulary detector.
 
-Definition (``shared/research/gen4gen.md`` §2.2, §2.4, §6), per generated image with concepts O′:
+Definition (the Gen4Gen paper, Yeh et al. 2024), per generated image with concepts O′:
 
 1. detect with OWL-ViT (default ``google/owlvit-base-patch32``), the concepts' class nouns as text queries; each
    predicted box gets the query it scores highest on (transformers' ``post_process_object_detection``), boxes not
@@ -35,10 +35,10 @@ import torch
 from PIL import Image
 
 from ..errors import ModelLoadError
-from ..models.loading import HUB_ID
+from ..weights import HUB_ID, check_weights_dir, offline_error
 from .base import MetricResult, to_pil_list
 from .clip import DEFAULT_CLIP, ClipImageScore
-from .loading import MetricModel, _offline_error, check_weights_dir
+from .loading import MetricModel
 
 DEFAULT_DETECTOR = "google/owlvit-base-patch32"
 DEFAULT_THRESHOLD = 0.1
@@ -93,7 +93,7 @@ def load_model_and_processor(model_cls, processor_cls, source: str | os.PathLike
     except (OSError, ValueError) as exc:
         if local:
             raise ModelLoadError(f"could not load the {what} folder {src} (model + processor): {exc}") from exc
-        raise _offline_error(src, exc) from exc
+        raise offline_error(what, src, exc) from exc
     model = model.to(device=device, dtype=torch.float32).eval()
     return model, processor, str(path.resolve()) if local else src
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..errors import ModelLoadError
-from ..models.loading import HUB_ID, PICKLE_SUFFIXES
+from ..weights import HUB_ID, PICKLE_SUFFIXES, check_weights_dir, is_pickle, offline_error
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_CLIPS = ("toy-clip",)
@@ -116,20 +116,6 @@ def _load_builtin(name: str, device) -> MetricModel:
                        extra={"embed_dim": _embed_dim(model), "image_size": _image_size(model)})
 
 
-def check_weights_dir(path: Path, allow_pickle: bool, expected: str) -> None:
-    """A local model folder must hold safetensors weights; pickle-only folders load only when allowed."""
-    files = [f.name for f in path.iterdir() if f.is_file()]
-    if any(f.endswith(".safetensors") for f in files):
-        return
-    pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
-    if pickles and not allow_pickle:
-        raise ModelLoadError(
-            f"{path} holds only pickle weights ({', '.join(sorted(pickles))}), which can run arbitrary code when loaded. "
-            "Convert them to safetensors, or pass allow_pickle=True if you trust these files.")
-    if not pickles:
-        raise ModelLoadError(f"{path} has no weights (expected {expected})")
-
-
 def _load_open_clip_dir(path: Path, src: str, device, allow_pickle: bool) -> MetricModel:
     import open_clip
 
@@ -161,7 +147,7 @@ def _load_open_clip_named(name: str, pretrained: str | None, device, allow_pickl
         raise ModelLoadError(
             f"open_clip model {name!r} needs pretrained weights: pass pretrained=<tag> (one of "
             f"{', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none known'}) or a local .safetensors file")
-    if pretrained is not None and Path(pretrained).expanduser().suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
+    if pretrained is not None and is_pickle(pretrained) and not allow_pickle:
         raise ModelLoadError(
             f"{pretrained} is a pickle checkpoint, which can run arbitrary code when loaded. Convert it to "
             ".safetensors, or pass allow_pickle=True if you trust this file.")
@@ -180,8 +166,10 @@ def _load_open_clip_named(name: str, pretrained: str | None, device, allow_pickl
             name, pretrained=pretrained, device=device, weights_only=not allow_pickle)
         tokenizer = open_clip.get_tokenizer(name)
     except Exception as exc:  # hub/offline errors come as OSError, RuntimeError, ValueError and hub-specific types
-        raise _offline_error(name if pretrained is None else f"{name} (pretrained={pretrained})", exc,
-                             open_clip_name=name, tag=pretrained) from exc
+        if name.startswith("hf-hub:"):  # a hub repository: the hub's download recipe applies
+            raise offline_error("metric model", name.removeprefix("hf-hub:"), exc) from exc
+        raise offline_error("metric model", f"{name} (pretrained={pretrained})", exc,
+                            _open_clip_download_hint(name, pretrained)) from exc
     model = model.float().eval()
     return MetricModel("open_clip", model, preprocess, tokenizer, source=name,
                        backbone=name, pretrained=pretrained if pretrained is not None else "hf-hub",
@@ -218,7 +206,7 @@ def _load_transformers(location: str, src: str, device, allow_pickle: bool, loca
     except (OSError, ValueError) as exc:
         if local:
             raise ModelLoadError(f"could not load the transformers folder {location}: {exc}") from exc
-        raise _offline_error(location, exc) from exc
+        raise offline_error("metric model", location, exc) from exc
     try:
         processor = AutoImageProcessor.from_pretrained(location, local_files_only=local)
     except (OSError, ValueError):
@@ -234,23 +222,9 @@ def _load_transformers(location: str, src: str, device, allow_pickle: bool, loca
 # ---------------------------------------------------------------------------------------------------------- errors
 
 
-def _offline_error(model_id: str, exc: Exception, *, open_clip_name: str | None = None,
-                   tag: str | None = None) -> ModelLoadError:
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    why = ("HF_HUB_OFFLINE is set" if offline else
-           "the download failed (the hub may be unreachable from this machine)")
-    first_line = str(exc).splitlines()[0] if str(exc) else ""
-    if open_clip_name is not None and not open_clip_name.startswith("hf-hub:"):
-        how = (f"On a machine with internet, run once `python -c \"import open_clip; open_clip.create_model_and_transforms("
-               f"'{open_clip_name}', pretrained='{tag}')\"` and copy the Hugging Face cache (~/.cache/huggingface) here, "
-               f"or save the model as a folder with open_clip_config.json + open_clip_model.safetensors and pass that "
-               f"folder's path (or pass pretrained=/path/to/weights.safetensors).")
-    else:
-        repo = open_clip_name[len("hf-hub:"):] if open_clip_name else model_id
-        how = (f"On a machine with internet: `huggingface-cli download {repo} --local-dir /path/to/{repo.split('/')[-1]}` "
-               f"(safetensors and config files are enough), copy the folder here and pass /path/to/{repo.split('/')[-1]} "
-               "as the metric model.")
-    return ModelLoadError(
-        f"could not load metric model {model_id!r}: {why}, and it is not in the local cache.\n{how}\n"
-        f"Underlying error: {type(exc).__name__}: {first_line}")
-
+def _open_clip_download_hint(name: str, tag: str | None) -> str:
+    """An open_clip model name with a pretrained tag is no hub repository: how to bring its weights here."""
+    return (f"On a machine with internet, run once `python -c \"import open_clip; open_clip.create_model_and_transforms("
+            f"'{name}', pretrained='{tag}')\"` and copy the Hugging Face cache (~/.cache/huggingface) here, "
+            f"or save the model as a folder with open_clip_config.json + open_clip_model.safetensors and pass that "
+            f"folder's path (or pass pretrained=/path/to/weights.safetensors).")
