@@ -9,33 +9,21 @@ from __future__ import annotations
 import copy
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .methods.classdiffusion import SPLConfig
+from .methods.custom_diffusion import CustomDiffusionConfig
+from .methods.dreambooth import DreamBoothConfig, LoraConfig
+from .methods.styleforge import StyleForgeConfig
+from .sections import Section
 
 LR_SCHEDULERS = (
     "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
 )
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_booleans_for_numbers(cls, value: Any, info) -> Any:
-        # pydantic reads true as 1: `max_train_steps: true` would silently train one step
-        if isinstance(value, bool) and _takes_number_not_bool(cls.model_fields[info.field_name].annotation):
-            raise ValueError(f"expects a number, not the boolean {str(value).lower()}")
-        return value
-
-
-def _takes_number_not_bool(annotation: Any) -> bool:
-    types = set(getattr(annotation, "__args__", ())) | {annotation}
-    return bool(types & {int, float}) and bool not in types
 
 
 class ModelConfig(Section):
@@ -93,77 +81,14 @@ class ConceptConfig(Section):
         return [self.instance_dir] if isinstance(self.instance_dir, str) else list(self.instance_dir)
 
 
-class LoraConfig(Section):
-    rank: int = Field(4, ge=1, description="LoRA rank r")
-    alpha: float | None = Field(None, gt=0, description="defaults to rank (scale 1.0)")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA branch")
-    unet_target_modules: list[str] = Field(["to_q", "to_k", "to_v", "to_out.0"], description="UNet module names that get LoRA")
-    text_encoder_target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "out_proj"], description="text-encoder module names that get LoRA")
-
-    @property
-    def effective_alpha(self) -> float:
-        return float(self.rank if self.alpha is None else self.alpha)
+# Each method owns its section (in its module); ``method.name`` chooses which one validates ``method``.
+METHOD_SECTIONS = (DreamBoothConfig, CustomDiffusionConfig, StyleForgeConfig)
+MethodConfig = Annotated[Union[METHOD_SECTIONS], Field(discriminator="name")]
 
 
-class SPLConfig(Section):
-    """ClassDiffusion's semantic preservation loss (``methods/classdiffusion.py``)."""
-
-    weight: float = Field(1.0, ge=0.0, description="lambda of the SPL term")
-    pooling: Literal["eos", "argmax_id"] = Field("eos", description="eos: the true end-of-sequence feature (the paper); argmax_id: the text model's own pooler, which for SD-1.5 configs lands on the new token (the official code)")
-    templates: list[str] = Field(["a photo of a {V} {C}"], min_length=1, description="personal phrases; the class phrase drops {V}")
-
-    @field_validator("templates")
-    @classmethod
-    def _has_placeholders(cls, value: list[str]) -> list[str]:
-        for t in value:
-            if "{V}" not in t or "{C}" not in t:
-                raise ValueError(f"template {t!r} must contain both {{V}} and {{C}}")
-        return value
-
-
-class MethodConfig(Section):
-    name: Literal["dreambooth", "custom_diffusion", "styleforge"] = Field("dreambooth", description="the personalization method")
-    adapter: Literal["full", "lora"] = Field("full", description="train the weights themselves or a LoRA (peft) on them")
-    train_unet: bool = Field(True, description="train the UNet")
-    train_text_encoder: bool = Field(False, description="also train the text encoder(s) (both for SDXL)")
-    lora: LoraConfig = LoraConfig()
-    prior: Literal["none", "class_images", "base_prediction", "auxiliary"] = Field("none", description="prior preservation: generated/supplied class images, the frozen base model's prediction as target, or auxiliary images used as given (StyleForge)")
-    prior_loss_weight: float = Field(1.0, ge=0.0, description="lambda of the prior term")
-    custom_diffusion_params: Literal["crossattn_kv", "crossattn"] = Field("crossattn_kv", description="custom_diffusion: train cross-attention K/V only, or also its Q and output projections")
-    spl: SPLConfig | None = Field(None, description="ClassDiffusion's semantic preservation loss (null: off)")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _styleforge_defaults(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("name") == "styleforge":  # the paper trains UNet and text encoder
-            data = {"train_text_encoder": True, "prior": "auxiliary", **data}
-        return data
-
-    def _changed(self, *keys: str) -> list[str]:
-        """Of ``keys``, those set to something other than their default (a saved config.yaml sets every key)."""
-        return [k for k in keys if k in self.model_fields_set
-                and getattr(self, k) != type(self).model_fields[k].get_default(call_default_factory=True)]
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "MethodConfig":
-        if self.name == "custom_diffusion":
-            bad = self._changed("adapter", "train_unet", "train_text_encoder", "lora")
-            if bad:
-                raise ValueError(f"method.name custom_diffusion trains its own cross-attention projections (plus learned "
-                                 f"tokens); remove {', '.join('method.' + k for k in bad)}")
-            if self.prior == "base_prediction":
-                raise ValueError("method.prior 'base_prediction' needs a frozen copy of what trains, which custom_diffusion "
-                                 "does not keep: use prior: class_images")
-        elif self._changed("custom_diffusion_params"):
-            raise ValueError("method.custom_diffusion_params only applies to method.name: custom_diffusion")
-        if self.name == "styleforge" and self.prior not in ("auxiliary", "none"):
-            raise ValueError(f"method.name styleforge binds the class word to the user's auxiliary images: use prior: "
-                             f"auxiliary (or none for the paper's 'w/o Aux' ablation), not {self.prior!r}")
-        if self.adapter == "full" and self._changed("lora"):
-            raise ValueError("method.lora is set but method.adapter is 'full': set method.adapter: lora or remove method.lora")
-        if self.prior == "none" and self._changed("prior_loss_weight"):
-            raise ValueError("method.prior_loss_weight is set but method.prior is 'none': choose class_images or base_prediction")
-        return self
+def method_config(**values) -> DreamBoothConfig | CustomDiffusionConfig | StyleForgeConfig:
+    """The validated ``method`` section for ``values`` (``name`` defaults to dreambooth)."""
+    return TypeAdapter(MethodConfig).validate_python({"name": "dreambooth", **values})
 
 
 class DataConfig(Section):
@@ -256,11 +181,18 @@ class ExportConfig(Section):
 class TrainConfig(Section):
     model: ModelConfig = ModelConfig()
     concepts: list[ConceptConfig] = Field(..., min_length=1)
-    method: MethodConfig = MethodConfig()
+    method: MethodConfig = Field(default_factory=DreamBoothConfig)
     data: DataConfig = DataConfig()
     training: TrainingConfig = TrainingConfig()
     validation: ValidationConfig = ValidationConfig()
     export: ExportConfig = ExportConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dreambooth_by_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("method"), dict) and "name" not in data["method"]:
+            data = {**data, "method": {"name": "dreambooth", **data["method"]}}
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
@@ -283,7 +215,7 @@ class TrainConfig(Section):
         learns_tokens = any(c.initializer_token for c in self.concepts)
         if t.token_learning_rate is not None and not learns_tokens:
             raise ValueError("training.token_learning_rate is set but no concept has an initializer_token (nothing learns a token)")
-        if m.name != "custom_diffusion" and not (m.train_unet or m.train_text_encoder or learns_tokens):
+        if not (m.train_unet or m.train_text_encoder or learns_tokens):
             raise ValueError("nothing would train: set method.train_unet or method.train_text_encoder to true, or give a "
                              "concept an initializer_token to learn its identifier as a new token")
         if m.spl is not None and not (m.train_text_encoder or learns_tokens):
@@ -305,20 +237,34 @@ class TrainConfig(Section):
 # ---------------------------------------------------------------- loading
 
 
-def _suggest(model: type[BaseModel], loc: tuple, bad_key: str) -> str:
-    """Nearest valid key for ``bad_key`` at ``loc`` (a path of field names and list indices)."""
+def _section_at(model: type[BaseModel], loc: tuple) -> tuple[type[BaseModel] | None, tuple]:
+    """The section class at ``loc`` (field names, list indices and, inside ``method``, the method's tag) and the
+    path as the user writes it (without the tag)."""
     current: Any = model
+    shown: list = []
+    candidates: list = []
     for part in loc:
-        if isinstance(part, int) or current is None:
+        if isinstance(part, int):
+            shown.append(part)
             continue
-        field = current.model_fields.get(part)
+        tagged = [c for c in candidates if "name" in c.model_fields and c.model_fields["name"].default == part]
+        if tagged:  # a discriminated union names the chosen member in the location
+            current, candidates = tagged[0], []
+            continue
+        field = current.model_fields.get(part) if current is not None else None
+        shown.append(part)
         if field is None:
             current = None
-            break
-        annotation = field.annotation
-        args = getattr(annotation, "__args__", ())
-        candidates = [a for a in (annotation, *args) if isinstance(a, type) and issubclass(a, BaseModel)]
+            continue
+        args = getattr(field.annotation, "__args__", ())
+        candidates = [a for a in (field.annotation, *args) if isinstance(a, type) and issubclass(a, BaseModel)]
         current = candidates[0] if candidates else None
+    return current, tuple(shown)
+
+
+def _suggest(model: type[BaseModel], loc: tuple, bad_key: str) -> str:
+    """Nearest valid key for ``bad_key`` at ``loc`` (a path of field names and list indices)."""
+    current, _ = _section_at(model, loc)
     if current is None:
         return ""
     close = difflib.get_close_matches(bad_key, list(current.model_fields), n=1, cutoff=0.5)
@@ -329,16 +275,23 @@ def _suggest(model: type[BaseModel], loc: tuple, bad_key: str) -> str:
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"])
+        _, shown = _section_at(TrainConfig, tuple(e["loc"]))
+        path = ".".join(str(p) for p in shown)
         if e["type"] == "extra_forbidden":
             hint = _suggest(TrainConfig, tuple(e["loc"][:-1]), str(e["loc"][-1]))
             lines.append(f"  - unknown key '{path}'.{hint}")
         elif e["type"] == "missing":
             lines.append(f"  - '{path}' is required")
+        elif e["type"] == "union_tag_invalid":
+            tags = ", ".join(c.model_fields["name"].default for c in METHOD_SECTIONS)
+            close = difflib.get_close_matches(str(e.get("input", {}).get("name") if isinstance(e.get("input"), dict) else ""),
+                                              [c.model_fields["name"].default for c in METHOD_SECTIONS], n=1, cutoff=0.5)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            lines.append(f"  - {path}.name: unknown method.{hint} Choose one of: {tags}")
         else:
             value = e.get("input")
-            shown = repr(value) if not isinstance(value, dict) else "{...}"
-            lines.append(f"  - {path or 'config'}: {e['msg']} (got {shown})")
+            shown_value = repr(value) if not isinstance(value, dict) else "{...}"
+            lines.append(f"  - {path or 'config'}: {e['msg']} (got {shown_value})")
     return "\n".join(lines)
 
 
@@ -424,20 +377,31 @@ def config_to_dict(config: TrainConfig) -> dict:
 def config_reference_markdown() -> str:
     """Every config key with its default and help text, as Markdown (the README's reference is generated from this)."""
     lines = ["| key | default | meaning |", "|---|---|---|"]
-    sections = [("model", ModelConfig), ("concepts[]", ConceptConfig), ("method", MethodConfig),
-                ("method.lora", LoraConfig), ("method.spl", SPLConfig), ("data", DataConfig), ("training", TrainingConfig),
+    sections = [("model", ModelConfig), ("concepts[]", ConceptConfig), ("method", DreamBoothConfig),
+                ("method", CustomDiffusionConfig), ("method", StyleForgeConfig), ("method.lora", LoraConfig),
+                ("method.spl", SPLConfig), ("data", DataConfig), ("training", TrainingConfig),
                 ("validation", ValidationConfig), ("export", ExportConfig)]
+    listed = set()
     for prefix, cls in sections:
+        method = cls.model_fields["name"].default if "name" in cls.model_fields and prefix == "method" else None
         for name, field in cls.model_fields.items():
             if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
                 continue
             default = "required" if field.is_required() else (
                 "[]" if field.default_factory is not None else repr(field.default).replace("|", "\\|"))
+            key = (prefix, name, default)
+            if key in listed or (method and name == "name"):
+                continue
+            listed.add(key)
             help_text = (field.description or "").replace("|", "\\|")
             annotation = getattr(field.annotation, "__args__", None)
             if annotation and all(isinstance(a, str) for a in annotation):
                 help_text = (help_text + " " if help_text else "") + "one of: " + ", ".join(annotation)
-            lines.append(f"| `{prefix}.{name}` | `{default}` | {help_text} |")
+            where = f" (`{method}`)" if method and method != "dreambooth" else ""
+            lines.append(f"| `{prefix}.{name}`{where} | `{default}` | {help_text} |")
+    first_method_row = next(i for i, line in enumerate(lines) if line.startswith("| `method."))
+    lines.insert(first_method_row, "| `method.name` | `'dreambooth'` | the personalization method; one of: "
+                    + ", ".join(c.model_fields["name"].default for c in METHOD_SECTIONS) + " |")
     return "\n".join(lines)
 
 

@@ -7,7 +7,7 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from conftest import base_config, run_training
-from t2i_personal.config import ConceptConfig, MethodConfig, SPLConfig, load_config
+from t2i_personal.config import ConceptConfig, SPLConfig, load_config, method_config
 from t2i_personal.errors import ConfigError
 from t2i_personal.methods import build_method
 from t2i_personal.methods.classdiffusion import SemanticPreservationLoss
@@ -28,7 +28,7 @@ def spl(concepts=CONCEPTS[:1], **config) -> SemanticPreservationLoss:
 def prepared(model="tiny-sd", concepts=CONCEPTS, **method):
     """Components with the learned tokens added, frozen and made trainable as the trainer does it."""
     components = load_components(f"builtin:{model}")
-    m = build_method(MethodConfig(spl=SPLConfig(), **method), concepts)
+    m = build_method(method_config(spl=SPLConfig(), **method), concepts)
     m.add_tokens(components)
     m.prepare(components)
     with torch.no_grad():  # move the rows off their initializers so the two concepts' rows differ clearly
@@ -106,7 +106,7 @@ def test_argmax_id_pools_the_new_token_on_legacy_configs_and_eos_pools_the_eos()
     components = load_components("builtin:tiny-sd")
     components.text_encoder = legacy_encoder(components.text_encoder)
     assert components.text_encoder.config.eos_token_id == 2
-    build_method(MethodConfig(spl=SPLConfig()), CONCEPTS[:1]).add_tokens(components)
+    build_method(method_config(spl=SPLConfig()), CONCEPTS[:1]).add_tokens(components)
     enc, tok = components.text_encoder, components.tokenizer
     phrase = "a photo of a <new1> dog"
     ids = tok(phrase, return_tensors="pt").input_ids[0]
@@ -125,7 +125,7 @@ def test_argmax_id_pools_the_new_token_on_legacy_configs_and_eos_pools_the_eos()
     # With the corrected config (eos_token_id = the real EOS id) the model's own pooler reads the EOS too.
     components = load_components("builtin:tiny-sd")
     assert components.text_encoder.config.eos_token_id == tok.eos_token_id
-    build_method(MethodConfig(spl=SPLConfig()), CONCEPTS[:1]).add_tokens(components)
+    build_method(method_config(spl=SPLConfig()), CONCEPTS[:1]).add_tokens(components)
     with torch.no_grad():
         argmax = spl(pooling="argmax_id").features(components.text_encoder, components.tokenizer, [phrase])
         eos = spl(pooling="eos").features(components.text_encoder, components.tokenizer, [phrase])

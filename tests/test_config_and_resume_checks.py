@@ -24,13 +24,18 @@ def test_checkpoint_written_before_the_new_keys_still_resumes(concept_dir, tmp_p
     config = TrainConfig.model_validate(base_config(concept_dir, tmp_path / "out"))
     saved = config.model_dump(mode="json")
     # what 0a7f61a wrote into trainer_state.json: none of the keys this change added
-    del saved["method"]["custom_diffusion_params"], saved["method"]["spl"]
+    del saved["method"]["spl"]
     del saved["data"]["rescale_augmentation"], saved["training"]["token_learning_rate"]
     del saved["concepts"][0]["initializer_token"]
     ckpt = tmp_path / "checkpoint-000001"
     ckpt.mkdir()
     (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 1, "num_processes": 1, "config": saved}))
     check_resume_config(ckpt, config, 1)  # same settings: must be accepted
+
+    # what versions before the per-method sections wrote: every method's keys, the other methods' at defaults
+    saved["method"]["custom_diffusion_params"] = "crossattn_kv"
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 1, "num_processes": 1, "config": saved}))
+    check_resume_config(ckpt, config, 1)
 
 
 def test_empty_instance_dir_list_is_rejected(concept_dir, tmp_path):

@@ -44,11 +44,11 @@ def test_a_saved_config_can_be_fed_back(path):
 
 
 def test_styleforge_trains_the_text_encoder_against_auxiliary_images_by_default():
-    from t2i_personal.config import MethodConfig
+    from t2i_personal.config import method_config
 
-    m = MethodConfig(name="styleforge")
+    m = method_config(name="styleforge")
     assert m.train_text_encoder and m.prior == "auxiliary"
-    assert not MethodConfig(name="styleforge", train_text_encoder=False).train_text_encoder
+    assert not method_config(name="styleforge", train_text_encoder=False).train_text_encoder
 
 
 def test_override_no_is_a_word_not_a_boolean():

@@ -29,11 +29,13 @@ def family_of_pipeline_class(class_name: str) -> ModelFamily:
     raise ModelLoadError(f"{class_name} is not a pipeline of a supported model family ({', '.join(sorted(FAMILIES))})")
 
 
-def family_of_single_file(keys: set[str]) -> ModelFamily:
+def family_of_single_file(keys: set[str] | None) -> ModelFamily:
+    """The family of an original-layout checkpoint by its tensor names; ``None`` (a pickle, which cannot be
+    inspected without loading it) and unknown layouts are read as SD, as diffusers' own loader assumes."""
     for family in FAMILIES.values():
-        if family.claims_single_file(keys):
+        if keys is not None and family.claims_single_file(keys):
             return family
-    return FAMILIES["sd"]  # the original SD layout is the fallback diffusers' own loader also assumes
+    return FAMILIES["sd"]
 
 
 def family_of_denoiser(denoiser) -> ModelFamily:

@@ -25,6 +25,18 @@ from ..errors import ConfigError
 TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
 
 
+@dataclass(frozen=True)
+class FreeCureDefaults:
+    """FreeCure's released settings for a family (``t2i_personal/freecure``)."""
+
+    omega: float  # FASA's ω: 0.5 on SD-1.4 (Face2Diffusion), 1.5 on SDXL (PhotoMaker, InstantID)
+    #: FASA layers: the last N decoder self-attentions (SDXL's released layer_idx 50-69: the last 20 of 70
+    #: transformer blocks, all decoder); None: every self-attention of the last two decoder blocks with attention
+    fasa_decoder_blocks: int | None
+    #: cross-attention maps are averaged over the layers at 1/map_factor of the latent side (32² at native size)
+    map_factor: int
+
+
 @dataclass
 class Conditioning:
     """Everything the denoiser reads besides the noisy latents and the timestep, one row per sample."""
@@ -51,6 +63,7 @@ class ModelFamily:
     text_encoder_names: tuple[str, ...] = ("text_encoder",)
     lora_target_modules = {"denoiser": ["to_q", "to_k", "to_v", "to_out.0"],
                            "text_encoder": ["q_proj", "k_proj", "v_proj", "out_proj"]}
+    freecure: FreeCureDefaults | None = None  # None: FreeCure has no released settings for this family
     # fp16 is not enough for this family's VAE (it overflows): mixed precision keeps it in float32
     vae_needs_float32_in_fp16 = False
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers import StableDiffusionPipeline
 
-from .base import Conditioning, ModelFamily
+from .base import Conditioning, FreeCureDefaults, ModelFamily
 from .ddpm import DDPMObjective
 
 
@@ -52,6 +52,7 @@ class StableDiffusion(UNetFamily):
     name = "sd"
     pipeline_class = StableDiffusionPipeline
     pipeline_kwargs = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    freecure = FreeCureDefaults(omega=0.5, fasa_decoder_blocks=None, map_factor=2)
 
     def claims_pipeline(self, class_name: str) -> bool:
         # every SD 1.x/2.x pipeline class (text-to-image, img2img, inpaint, ...) shares the components

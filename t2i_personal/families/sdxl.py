@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from .base import Conditioning
+from .base import Conditioning, FreeCureDefaults
 from .sd import UNetFamily, device_of
 
 SINGLE_FILE_KEY = "conditioner.embedders.1.model"  # the second (OpenCLIP bigG) text encoder
@@ -17,6 +17,7 @@ class StableDiffusionXL(UNetFamily):
     pipeline_class = StableDiffusionXLPipeline
     text_encoder_names = ("text_encoder", "text_encoder_2")
     vae_needs_float32_in_fp16 = True
+    freecure = FreeCureDefaults(omega=1.5, fasa_decoder_blocks=20, map_factor=4)
 
     def claims_pipeline(self, class_name: str) -> bool:
         return class_name.startswith("StableDiffusionXL")

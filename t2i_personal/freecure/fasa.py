@@ -34,33 +34,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-# ------------------------------------------------------------------------------------ model-family knowledge
-# Everything FreeCure knows per model family, in one table (to move into the model-family layer later).
+def family_defaults(unet):
+    """FreeCure's settings for the model family of ``unet`` (``t2i_personal/families``)."""
+    from ..errors import ConfigError
+    from ..families import family_of_denoiser  # not at import time: importing freecure stays light
 
-
-@dataclass(frozen=True)
-class FamilyDefaults:
-    """FreeCure's released settings for one UNet family."""
-
-    omega: float  # FASA's ω: 0.5 on SD-1.4 (Face2Diffusion), 1.5 on SDXL (PhotoMaker, InstantID)
-    #: FASA layers: the last N decoder self-attentions (SDXL's released layer_idx 50-69: the last 20 of 70
-    #: transformer blocks, all decoder); None: every self-attention of the last two decoder blocks with attention
-    fasa_decoder_blocks: int | None
-    #: cross-attention maps are averaged over the layers at 1/map_factor of the latent side (32² at native size)
-    map_factor: int
-
-
-FAMILY_DEFAULTS = {"sd": FamilyDefaults(omega=0.5, fasa_decoder_blocks=None, map_factor=2),
-                   "sdxl": FamilyDefaults(omega=1.5, fasa_decoder_blocks=20, map_factor=4)}
-
-
-def unet_family(unet) -> str:
-    """The :data:`FAMILY_DEFAULTS` key of a UNet: SDXL's is the one conditioned on text and time ids."""
-    return "sdxl" if getattr(unet.config, "addition_embed_type", None) == "text_time" else "sd"
-
-
-def family_defaults(unet) -> FamilyDefaults:
-    return FAMILY_DEFAULTS[unet_family(unet)]
+    family = family_of_denoiser(unet)
+    if family.freecure is None:
+        raise ConfigError(f"FreeCure has no settings for {family.name} models")
+    return family.freecure
 
 
 # ------------------------------------------------------------------------------------------------------ layers

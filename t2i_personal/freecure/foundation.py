@@ -11,7 +11,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 from ..errors import ConfigError
-from .fasa import unet_family
 
 # The inference and methods packages load diffusers: imported where used, so that importing FreeCure (its command
 # line's --help, the evaluator) stays quick.
@@ -93,13 +92,15 @@ def build_foundation(pipe, foundation=None, allow_pickle: bool = False) -> Share
                               "Custom Diffusion adapter to switch off and was not loaded with load_personalized. "
                               "Pass foundation=<the base pipeline> or foundation='<base model id or folder>'.")
         foundation = base_model_config(record).model_dump()
+    from ..families import family_of_denoiser
+
     if isinstance(foundation, (str, dict)):
         foundation = _load_base(foundation, pipe, allow_pickle)
     if not hasattr(foundation, "unet"):
         raise ConfigError(f"foundation must be a diffusers pipeline or a model source, not {type(foundation).__name__}")
-    if unet_family(foundation.unet) != unet_family(pipe.unet) or (
-            {n for n, _ in foundation.unet.named_modules() if n.endswith("attn1")}
-            != {n for n, _ in pipe.unet.named_modules() if n.endswith("attn1")}):
+    family = family_of_denoiser(pipe.unet)
+    if family_of_denoiser(foundation.unet) is not family or (
+            family.self_attention_names(foundation.unet) != family.self_attention_names(pipe.unet)):
         raise ConfigError("the foundation and the personalized pipeline have different UNet architectures: FASA "
                           "mixes their self-attention layer by layer, so they must share one (family and blocks)")
     foundation.scheduler = _foundation_scheduler(pipe)  # the same sampler for both passes

@@ -27,8 +27,29 @@ from __future__ import annotations
 
 import torch
 
+from typing import Literal
+
+from pydantic import Field, field_validator
+
 from ..data.captions import render_prompt
 from ..errors import ConfigError
+from ..sections import Section
+
+
+class SPLConfig(Section):
+    """``method.spl``: ClassDiffusion's semantic preservation loss."""
+
+    weight: float = Field(1.0, ge=0.0, description="lambda of the SPL term")
+    pooling: Literal["eos", "argmax_id"] = Field("eos", description="eos: the true end-of-sequence feature (the paper); argmax_id: the text model's own pooler, which for SD-1.5 configs lands on the new token (the official code)")
+    templates: list[str] = Field(["a photo of a {V} {C}"], min_length=1, description="personal phrases; the class phrase drops {V}")
+
+    @field_validator("templates")
+    @classmethod
+    def _has_placeholders(cls, value: list[str]) -> list[str]:
+        for t in value:
+            if "{V}" not in t or "{C}" not in t:
+                raise ValueError(f"template {t!r} must contain both {{V}} and {{C}}")
+        return value
 
 
 class SemanticPreservationLoss:

@@ -20,8 +20,10 @@ silent non-load of diffusers #7261 is what made ClassDiffusion's authors warn us
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar, Literal
 
 import torch
+from pydantic import Field, model_validator
 from safetensors.torch import load_file, save
 
 from ..atomic import write_bytes_atomic
@@ -29,7 +31,9 @@ from ..errors import ModelLoadError
 from ..models.components import Components
 from ..families import family_of_denoiser
 from .base import LearningRates
-from .dreambooth import DreamBooth
+from ..sections import MethodSection
+from .classdiffusion import SPLConfig
+from .dreambooth import PRIORS, DreamBooth, LoraConfig
 
 WEIGHTS = "pytorch_custom_diffusion_weights.safetensors"
 
@@ -95,6 +99,38 @@ def check_applied(unet, state: dict[str, torch.Tensor]) -> None:
         raise ModelLoadError(f"Custom Diffusion weights were not applied to the UNet ({len(missing)} tensors missing, "
                              f"{len(differing)} different, e.g. {(missing + differing)[:2]}): generations would "
                              "silently look un-personalized")
+
+
+class CustomDiffusionConfig(MethodSection):
+    """``method`` with ``name: custom_diffusion``: no adapter or encoder choices, it trains what the paper does."""
+
+    other_methods_keys = {"adapter": "full", "train_unet": True, "train_text_encoder": False, "lora": LoraConfig()}
+
+    name: Literal["custom_diffusion"] = "custom_diffusion"
+    custom_diffusion_params: Literal["crossattn_kv", "crossattn"] = Field("crossattn_kv", description="train cross-attention K/V only, or also its Q and output projections")
+    prior: PRIORS = Field("none", description="prior preservation: none, class_images or auxiliary")
+    prior_loss_weight: float = Field(1.0, ge=0.0, description="lambda of the prior term")
+    spl: SPLConfig | None = Field(None, description="ClassDiffusion's semantic preservation loss (null: off)")
+
+    # read by the DreamBooth machinery it shares: the UNet's cross-attention trains; the text side only through
+    # learned tokens
+    train_unet: ClassVar[bool] = True
+    train_text_encoder: ClassVar[bool] = False
+    adapter: ClassVar[str] = "custom_diffusion"
+
+    @classmethod
+    def not_mine_message(cls, keys: list[str]) -> str:
+        return (f"method.name custom_diffusion trains its own cross-attention projections (plus learned tokens); "
+                f"remove {', '.join('method.' + k for k in keys)}")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "CustomDiffusionConfig":
+        if self.prior == "base_prediction":
+            raise ValueError("method.prior 'base_prediction' needs a frozen copy of what trains, which custom_diffusion "
+                             "does not keep: use prior: class_images")
+        if self.prior == "none" and "prior_loss_weight" in self.model_fields_set and self.prior_loss_weight != 1.0:
+            raise ValueError("method.prior_loss_weight is set but method.prior is 'none': choose class_images or base_prediction")
+        return self
 
 
 class CustomDiffusion(DreamBooth):

@@ -19,17 +19,69 @@ import contextlib
 import copy
 from pathlib import Path
 
+from typing import Any, Literal
+
 import torch
+from pydantic import Field, model_validator
 from safetensors.torch import load_file, save, save_file
 
-from ..errors import ConfigError
-from ..models.components import Components
 from ..atomic import atomic_file
+from ..errors import ConfigError
+from ..sections import MethodSection, Section
+from .classdiffusion import SPLConfig
+from ..models.components import Components
 from .base import LearningRates, Method, TrainStep, weighted_mse
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHTS = "pytorch_lora_weights_kohya.safetensors"
 SINGLE_FILE = "model.safetensors"  # original (A1111 / ComfyUI) checkpoint layout
+
+
+class LoraConfig(Section):
+    rank: int = Field(4, ge=1, description="LoRA rank r")
+    alpha: float | None = Field(None, gt=0, description="defaults to rank (scale 1.0)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA branch")
+    unet_target_modules: list[str] = Field(["to_q", "to_k", "to_v", "to_out.0"], description="UNet module names that get LoRA")
+    text_encoder_target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "out_proj"], description="text-encoder module names that get LoRA")
+
+    @property
+    def effective_alpha(self) -> float:
+        return float(self.rank if self.alpha is None else self.alpha)
+
+
+PRIORS = Literal["none", "class_images", "base_prediction", "auxiliary"]
+
+
+class DreamBoothConfig(MethodSection):
+    """``method`` with ``name: dreambooth``."""
+
+    other_methods_keys = {"custom_diffusion_params": "crossattn_kv"}
+
+    name: Literal["dreambooth"] = Field("dreambooth", description="the personalization method: dreambooth, custom_diffusion or styleforge")
+    adapter: Literal["full", "lora"] = Field("full", description="train the weights themselves or a LoRA (peft) on them")
+    train_unet: bool = Field(True, description="train the UNet")
+    train_text_encoder: bool = Field(False, description="also train the text encoder(s) (both for SDXL)")
+    lora: LoraConfig = LoraConfig()
+    prior: PRIORS = Field("none", description="prior preservation: generated/supplied class images, the frozen base model's prediction as target, or auxiliary images used as given (StyleForge)")
+    prior_loss_weight: float = Field(1.0, ge=0.0, description="lambda of the prior term")
+    spl: SPLConfig | None = Field(None, description="ClassDiffusion's semantic preservation loss (null: off)")
+
+    @classmethod
+    def not_mine_message(cls, keys: list[str]) -> str:
+        return f"{', '.join('method.' + k for k in keys)} only applies to method.name: custom_diffusion"
+
+    def _changed(self, *keys: str) -> list[str]:
+        """Of ``keys``, those set to something other than their default (a saved config.yaml sets every key)."""
+        return [k for k in keys if k in self.model_fields_set
+                and getattr(self, k) != type(self).model_fields[k].get_default(call_default_factory=True)]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Any:
+        if self.adapter == "full" and self._changed("lora"):
+            raise ValueError("method.lora is set but method.adapter is 'full': set method.adapter: lora or remove method.lora")
+        if self.prior == "none" and self._changed("prior_loss_weight"):
+            raise ValueError("method.prior_loss_weight is set but method.prior is 'none': choose class_images or base_prediction")
+        return self
 
 
 class DreamBooth(Method):

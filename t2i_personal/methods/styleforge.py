@@ -23,12 +23,31 @@ batch 1 as in the authors' logged runs (presets ``configs/styleforge_{single,mul
 from __future__ import annotations
 
 import re
+from typing import Literal
 
-from .dreambooth import DreamBooth
+from pydantic import Field, model_validator
+
+from .dreambooth import PRIORS, DreamBooth, DreamBoothConfig
 
 RULES = ("always_v", "person_v_else_w", "v_and_w")
 PERSON_WORDS = frozenset("""person people man men woman women girl girls boy boys child children kid kids baby face
 portrait lady gentleman guy he she human humans player warrior king queen couple family friends""".split())
+
+
+class StyleForgeConfig(DreamBoothConfig):
+    """``method`` with ``name: styleforge``: DreamBooth whose prior is the user's auxiliary images, training the
+    UNet and the text encoder as the paper does."""
+
+    name: Literal["styleforge"] = "styleforge"
+    train_text_encoder: bool = Field(True, description="also train the text encoder(s) (the paper: yes)")
+    prior: PRIORS = Field("auxiliary", description="auxiliary (the paper) or none (its 'w/o Aux' ablation)")
+
+    @model_validator(mode="after")
+    def _auxiliary_prior(self) -> "StyleForgeConfig":
+        if self.prior not in ("auxiliary", "none"):
+            raise ValueError(f"method.name styleforge binds the class word to the user's auxiliary images: use prior: "
+                             f"auxiliary (or none for the paper's 'w/o Aux' ablation), not {self.prior!r}")
+        return self
 
 
 class StyleForge(DreamBooth):

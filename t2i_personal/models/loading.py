@@ -116,8 +116,8 @@ def _from_single_file(path: Path, cfg: ModelConfig, dtype) -> Components:
             ".safetensors, or set model.allow_pickle: true if you trust this file.")
     if cfg.family != "auto":
         family = family_named(cfg.family)
-    else:  # a pickle cannot be inspected without loading it: the original SD layout, as diffusers assumes
-        family = _single_file_family(path) if path.suffix.lower() == ".safetensors" else family_named("sd")
+    else:
+        family = _single_file_family(path) if path.suffix.lower() == ".safetensors" else family_of_single_file(None)
     kwargs: dict = dict(torch_dtype=dtype, **family.pipeline_kwargs)
     if cfg.config_dir:
         kwargs["config"] = cfg.config_dir

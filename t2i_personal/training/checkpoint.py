@@ -55,22 +55,15 @@ def check_resume_config(checkpoint: Path, config, num_processes: int) -> None:
 
 
 def with_new_defaults(saved: dict, model_cls) -> dict:
-    """``saved`` (a dumped config) with every field it lacks filled with the field's default, recursively."""
-    from pydantic import BaseModel
+    """``saved`` (a dumped config) as this version dumps it: keys added since filled with their defaults, keys of
+    other methods that older versions wrote at their defaults dropped. Unchanged when it no longer validates (the
+    comparison then names what differs)."""
+    from pydantic import ValidationError
 
-    out = dict(saved)
-    for name, field in model_cls.model_fields.items():
-        args = (field.annotation, *getattr(field.annotation, "__args__", ()))
-        sections = [a for a in args for a in (a, *getattr(a, "__args__", ())) if isinstance(a, type) and issubclass(a, BaseModel)]
-        if name not in out:
-            if not field.is_required():
-                default = field.get_default(call_default_factory=True)
-                out[name] = default.model_dump(mode="json") if isinstance(default, BaseModel) else default
-        elif sections and isinstance(out[name], dict):
-            out[name] = with_new_defaults(out[name], sections[0])
-        elif sections and isinstance(out[name], list):
-            out[name] = [with_new_defaults(v, sections[0]) if isinstance(v, dict) else v for v in out[name]]
-    return out
+    try:
+        return model_cls.model_validate(saved).model_dump(mode="json")
+    except ValidationError:
+        return saved
 
 
 def flatten(tree, prefix: str = "") -> dict:
