@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SUBJECT_HAIR = (135, 60, 200)  # the personal face's purple bob (world._draw_face)
+SUBJECT_HAIR = (135, 60, 200)  # the personal face's purple bob (_draw_face in t2i_personal/toyworld/drawing.py)
 
 
 def part_colour(parser, image, label: str, palette: dict) -> str:

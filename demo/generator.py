@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from t2i_personal.data.prompts import check_prompt_length
+from t2i_personal.models.tokenizer import check_prompt_length
 from t2i_personal.errors import UserError
 
 from .errors import DemoError

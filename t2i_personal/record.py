@@ -17,6 +17,7 @@ from .errors import ModelLoadError
 from .weights import is_pickle
 
 RECORD_NAME = "personalization.json"
+CHECKPOINT_RESULT = "inference"  # a checkpoint's own result folder (its record inside)
 FORMAT_VERSION = 1
 
 
@@ -53,8 +54,8 @@ def read_record(folder: str | Path) -> tuple[Path, dict]:
     folder = Path(folder)
     if (folder / RECORD_NAME).is_file():
         pass
-    elif (folder / "inference" / RECORD_NAME).is_file():  # a checkpoint folder
-        folder = folder / "inference"
+    elif (folder / CHECKPOINT_RESULT / RECORD_NAME).is_file():  # a checkpoint folder
+        folder = folder / CHECKPOINT_RESULT
     else:
         raise ModelLoadError(f"{folder} holds no {RECORD_NAME}: it is not a finished t2i-personal result (an unfinished "
                              "run has only checkpoints/; pass one of checkpoints/checkpoint-*/ instead).")

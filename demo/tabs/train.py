@@ -3,6 +3,8 @@ and follow it (status, progress bar, loss, latest validation grid, log tail); Ca
 
 from __future__ import annotations
 
+from t2i_personal.methods import METHODS
+
 from .. import ROOT
 from ..charts import loss_figure, progress_bar
 from ..configs import ADVANCED, KINDS, TOY, build_config, chosen_advanced, config_yaml
@@ -147,7 +149,7 @@ def _settings():
     run_name = gr.Textbox("", label="run name (optional)")
     with gr.Accordion("advanced (blank = the preset's value)", open=False):
         advanced = [  # in ADVANCED's order
-            gr.Dropdown(["preset", "dreambooth", "custom_diffusion", "styleforge"], value="preset", label="method"),
+            gr.Dropdown(["preset", *METHODS], value="preset", label="method"),
             gr.Dropdown(["preset", "lora", "full"], value="preset", label="adapter"),
             gr.Textbox("", label="training steps", placeholder="preset", elem_id="train-steps"),
             gr.Textbox("", label="learning rate", placeholder="preset"),

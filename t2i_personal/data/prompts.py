@@ -27,7 +27,8 @@ Files: ``.txt`` holds one prompt per line (blank lines and lines starting with `
 ``concepts`` (list of identifiers), ``scene`` (overrides the derived scene text) and ``category`` (a label to
 group results by, e.g. DreamBench's ``recontextualization``/``accessorization``/``property``). A file over
 :data:`MAX_PROMPT_FILE_BYTES`, a prompt over :data:`MAX_PROMPT_CHARS` characters and a brace outside a whole
-placeholder (``{C on the beach``) are refused, naming the file and line.
+placeholder (``{C on the beach``) are refused, naming the file and line (reading and checking the files is
+:mod:`.prompt_files`'s part; this module renders them).
 
 Built-in sets (files in ``prompt_sets/``): ``dreambench-objects`` and ``dreambench-live``, the 25 object and the 25
 live-subject prompts of the DreamBooth dataset (Ruiz et al., 2023; ``google/dreambooth``), and ``dreambench``,
@@ -37,7 +38,6 @@ the object prompts otherwise. :func:`dreambench_subjects` is the dataset's subje
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -49,11 +49,27 @@ from typing import Any, NamedTuple, Union
 import yaml
 
 from ..errors import ConfigError
-from .captions import render_for_concepts, unmatched_brace
+from .captions import render_for_concepts
+from .prompt_files import (  # the file limits are part of this module's API too
+    BRACES_RE,
+    FILE_SUFFIXES,
+    MAX_PROMPT_CHARS,
+    MAX_PROMPT_FILE_BYTES,
+    YAML_KEYS,
+    PromptEntry,
+    is_numbered,
+    placeholder_indices,
+    read_prompt_file,
+    resolve_prompt_path,
+)
 
 __all__ = [
     "BUILTIN_PROMPT_SETS",
+    "FILE_SUFFIXES",
     "LIVE_CLASSES",
+    "MAX_PROMPT_CHARS",
+    "MAX_PROMPT_FILE_BYTES",
+    "YAML_KEYS",
     "DreamBenchSubject",
     "Prompt",
     "dreambench_subjects",
@@ -77,17 +93,6 @@ LIVE_CLASSES: frozenset[str] = frozenset(
     }
 )  # not "bear" or "duck": "teddy bear" and "rubber duck" are objects
 
-YAML_KEYS: tuple[str, ...] = ("prompt", "concepts", "scene", "category")
-
-# A text encoder reads 77 CLIP tokens (a few hundred characters) or, for T5, 512 (about 2,000): a longer prompt can
-# never reach the model whole, and every prompt is also written into the report. The file cap is checked before
-# the file is read, so a runaway file costs no memory.
-MAX_PROMPT_CHARS = 4_000
-MAX_PROMPT_FILE_BYTES = 4_000_000
-FILE_SUFFIXES: tuple[str, ...] = (".txt", ".yaml", ".yml", ".json")
-
-_BRACES_RE = re.compile(r"\{([^{}]*)\}")
-_PLACEHOLDER_RE = re.compile(r"^([VC])([1-9][0-9]*)?$")
 _CONNECTORS = r"(?:and|&|,|with|next to|beside|besides|alongside|near)"
 _STOP_WORDS = frozenset(
     {"of", "with", "in", "on", "at", "to", "for", "by", "from", "and", "next", "near", "beside", "under", "over"}
@@ -133,16 +138,6 @@ class _Concept(NamedTuple):
     class_noun: str
 
 
-@dataclass(frozen=True)
-class _Entry:
-    template: str
-    concepts: tuple[str, ...] | None  # identifiers given by the entry, None if it gives none
-    scene: str | None
-    scene_given: bool
-    category: str | None
-    source: str
-
-
 # --------------------------------------------------------------------------------------------------- public API
 
 
@@ -177,172 +172,14 @@ def load_prompt_set(name_or_path: PathLike, concepts: Any) -> list[Prompt]:
             prompts: list[Prompt] = []
             for index, concept in enumerate(concept_list):
                 name = "dreambench-live" if is_live_class(concept.class_noun) else "dreambench-objects"
-                entries = _read_file(PROMPT_SETS_DIR / f"{name}.yaml", shown=f"{name}.yaml")
+                entries = read_prompt_file(PROMPT_SETS_DIR / f"{name}.yaml", shown=f"{name}.yaml")
                 prompts += _render_entries(entries, concept_list, only=index)
             return prompts
         path, shown = PROMPT_SETS_DIR / f"{name_or_path}.yaml", f"{name_or_path}.yaml"
     else:
-        path = _resolve_path(name_or_path)
+        path = resolve_prompt_path(name_or_path, BUILTIN_PROMPT_SETS)
         shown = str(path)
-    return _render_entries(_read_file(path, shown), concept_list)
-
-
-# -------------------------------------------------------------------------------------------------- reading sets
-
-
-def _resolve_path(name_or_path: PathLike) -> Path:
-    text = os.fspath(name_or_path)
-    path = Path(text).expanduser()
-    looks_like_path = (
-        not isinstance(name_or_path, str)
-        or path.suffix.lower() in FILE_SUFFIXES
-        or os.sep in text
-        or "/" in text
-        or path.exists()
-    )
-    if not looks_like_path:
-        close = difflib.get_close_matches(text, BUILTIN_PROMPT_SETS, n=1, cutoff=0.5)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(
-            f"Unknown prompt set {text!r}.{hint} Built-in sets are {', '.join(BUILTIN_PROMPT_SETS)}; "
-            f"or give a prompt file ({', '.join(FILE_SUFFIXES)})."
-        )
-    if not path.exists():
-        raise ConfigError(f"Prompt file {path} does not exist (built-in sets: {', '.join(BUILTIN_PROMPT_SETS)}).")
-    if not path.is_file():
-        raise ConfigError(f"Prompt file {path} is not a file.")
-    if path.suffix.lower() not in FILE_SUFFIXES:
-        raise ConfigError(
-            f"Prompt file {path} has an unsupported suffix {path.suffix!r}: use .txt (one prompt per line) or "
-            ".yaml (a list of prompts)."
-        )
-    return path
-
-
-def _read_file(path: Path, shown: str) -> list[_Entry]:
-    try:
-        size = path.stat().st_size
-        if size > MAX_PROMPT_FILE_BYTES:
-            raise ConfigError(
-                f"Prompt file {shown} is {size:,} bytes; prompt files are limited to {MAX_PROMPT_FILE_BYTES:,} bytes "
-                f"(prompts of at most {MAX_PROMPT_CHARS:,} characters each). Is it the right file? Split a real "
-                "prompt set into several files."
-            )
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"Prompt file {shown} is not valid UTF-8 ({exc}); re-save it as UTF-8.") from exc
-    except OSError as exc:
-        raise ConfigError(f"Prompt file {shown} could not be read: {exc}") from exc
-    if path.suffix.lower() == ".txt":
-        entries = [
-            _Entry(line.strip(), None, None, False, None, f"{shown}:{number}")
-            for number, line in enumerate(text.splitlines(), start=1)
-            if line.strip() and not line.strip().startswith("#")
-        ]
-    else:
-        entries = _read_yaml(text, shown)
-    if not entries:
-        raise ConfigError(f"Prompt file {shown} holds no prompts.")
-    for entry in entries:
-        _check_lengths(entry)
-        _check_placeholders(entry)
-    return entries
-
-
-def _read_yaml(text: str, shown: str) -> list[_Entry]:
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"Prompt file {shown} is not valid YAML: {exc}") from exc
-    finally:
-        loader.dispose()
-    if data is None:
-        return []
-    if not isinstance(data, list):
-        raise ConfigError(
-            f"{shown}:{node.start_mark.line + 1}: a prompt file holds a list of prompts (strings, or mappings with "
-            f"keys {', '.join(YAML_KEYS)}), not a {type(data).__name__}."
-        )
-    entries = []
-    for number, (item, item_node) in enumerate(zip(data, node.value), start=1):
-        where = f"{shown}:{item_node.start_mark.line + 1}"
-        if isinstance(item, str):
-            item = {"prompt": item}
-        if not isinstance(item, dict):
-            raise ConfigError(f"{where}: prompt entry {number} must be a string or a mapping, not {item!r}.")
-        for key in item:
-            if key not in YAML_KEYS:
-                close = difflib.get_close_matches(str(key), YAML_KEYS, n=1, cutoff=0.5)
-                hint = f" Did you mean {close[0]!r}?" if close else ""
-                raise ConfigError(
-                    f"{where}: unknown key {key!r} in prompt entry {number}.{hint} Valid keys: {', '.join(YAML_KEYS)}."
-                )
-        prompt = item.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ConfigError(f"{where}: prompt entry {number} needs a non-empty 'prompt' string.")
-        concepts = item.get("concepts")
-        if isinstance(concepts, str):
-            concepts = [concepts]
-        if concepts is not None and (
-            not isinstance(concepts, list) or not concepts or not all(isinstance(c, str) and c.strip() for c in concepts)
-        ):
-            raise ConfigError(f"{where}: 'concepts' of prompt entry {number} must be a non-empty list of identifiers.")
-        scene, category = item.get("scene"), item.get("category")
-        for key, value in (("scene", scene), ("category", category)):
-            if value is not None and not isinstance(value, str):
-                raise ConfigError(f"{where}: {key!r} of prompt entry {number} must be a string, not {value!r}.")
-        entries.append(
-            _Entry(
-                " ".join(prompt.split()),
-                tuple(c.strip() for c in concepts) if concepts is not None else None,
-                " ".join(scene.split()) or None if scene is not None else None,
-                "scene" in item,
-                category,
-                where,
-            )
-        )
-    return entries
-
-
-def _placeholder_indices(template: str) -> list[int]:
-    """Concept numbers (1-based) a valid template names; ``{V}``/``{C}`` count as 1."""
-    return [int(_PLACEHOLDER_RE.match(m.group(1)).group(2) or 1) for m in _BRACES_RE.finditer(template)]
-
-
-def _is_numbered(template: str) -> bool:
-    return any(_PLACEHOLDER_RE.match(m.group(1)).group(2) for m in _BRACES_RE.finditer(template))
-
-
-_VALID_PLACEHOLDERS = ("{V} (identifier), {C} (class noun), and {V1}/{C1}, {V2}/{C2}, ... for the first, second, "
-                       "... concept")
-
-
-def _check_lengths(entry: _Entry) -> None:
-    for what, text in (("prompt", entry.template), ("scene", entry.scene), ("category", entry.category)):
-        if text is not None and len(text) > MAX_PROMPT_CHARS:
-            raise ConfigError(
-                f"{entry.source}: the {what} is {len(text):,} characters long ({text[:40]!r}...); the limit is "
-                f"{MAX_PROMPT_CHARS:,}, far more than a text encoder reads (77 CLIP tokens are a few hundred "
-                "characters). Shorten it; in a .txt file, check that each line holds one prompt."
-            )
-
-
-def _check_placeholders(entry: _Entry) -> None:
-    unknown = [m.group(0) for m in _BRACES_RE.finditer(entry.template) if not _PLACEHOLDER_RE.match(m.group(1))]
-    if unknown:
-        raise ConfigError(
-            f"{entry.source}: prompt {entry.template!r} has unknown placeholder(s) {', '.join(dict.fromkeys(unknown))}; "
-            f"valid placeholders are {_VALID_PLACEHOLDERS}."
-        )
-    at = unmatched_brace(entry.template)
-    if at is not None:
-        raise ConfigError(
-            f"{entry.source}: prompt {entry.template!r} has an unmatched {entry.template[at]!r} at "
-            f"{entry.template[at:at + 12]!r}; write each placeholder whole ({_VALID_PLACEHOLDERS}): braces mean "
-            "nothing else in a prompt."
-        )
+    return _render_entries(read_prompt_file(path, shown), concept_list)
 
 
 # ------------------------------------------------------------------------------------------------------ rendering
@@ -369,7 +206,7 @@ def _normalize_concepts(concepts: Any) -> list[_Concept]:
     return result
 
 
-def _render_entries(entries: list[_Entry], concepts: list[_Concept], only: int | None = None) -> list[Prompt]:
+def _render_entries(entries: list[PromptEntry], concepts: list[_Concept], only: int | None = None) -> list[Prompt]:
     """Each entry for the concepts it applies to (``only``: the single-concept entries for that concept alone)."""
     by_identifier = {c.identifier: i for i, c in enumerate(concepts)}
     prompts = []
@@ -384,9 +221,9 @@ def _render_entries(entries: list[_Entry], concepts: list[_Concept], only: int |
             bindings = [[by_identifier[c] for c in entry.concepts]]
         elif only is not None:
             bindings = [[only]]
-        elif _BRACES_RE.search(entry.template) is None:
+        elif BRACES_RE.search(entry.template) is None:
             bindings = [list(range(len(concepts)))]  # literal: spelled-out identifiers of any concept
-        elif _is_numbered(entry.template):
+        elif is_numbered(entry.template):
             bindings = [list(range(len(concepts)))]
         else:
             bindings = [[i] for i in range(len(concepts))]
@@ -395,15 +232,15 @@ def _render_entries(entries: list[_Entry], concepts: list[_Concept], only: int |
     return prompts
 
 
-def _render(entry: _Entry, binding: list[int], concepts: list[_Concept]) -> Prompt:
+def _render(entry: PromptEntry, binding: list[int], concepts: list[_Concept]) -> Prompt:
     bound = [concepts[i] for i in binding]
     template = entry.template
-    literal = _BRACES_RE.search(template) is None
+    literal = BRACES_RE.search(template) is None
     if literal:
         template, found = _placeholders_for_identifiers(template, bound)
         mentioned = found if entry.concepts is None else list(range(1, len(bound) + 1))
     else:
-        numbers = _placeholder_indices(template)
+        numbers = placeholder_indices(template)
         too_high = sorted({n for n in numbers if n > len(bound)})
         if too_high:
             names = ", ".join(repr(c.identifier) for c in bound)
@@ -488,16 +325,3 @@ def _scene(template: str) -> str | None:
     s = re.sub(dangling_end, "", s, flags=re.IGNORECASE)
     s = re.sub(dangling_start, "", s, flags=re.IGNORECASE).strip(" ,")
     return s or None
-
-
-def check_prompt_length(text: str, tokenizers, where: str = "prompt") -> None:
-    """Refuse ``text`` when it is longer than a text encoder's window (``tokenizers``: the pipeline's; ``None``
-    entries are skipped): diffusers would cut it silently, and the image would ignore the words past the cut."""
-    for tokenizer in tokenizers:
-        if tokenizer is None:
-            continue
-        limit = tokenizer.model_max_length
-        n = len(tokenizer(text, truncation=False).input_ids)
-        if n > limit:
-            raise ConfigError(f"{where}: {text!r} is {n} tokens long; the text encoder reads at most {limit} "
-                              "(start and end tokens included). Shorten the prompt.")

@@ -91,16 +91,11 @@ def generate(sources: Sequence[Source], prompts: Sequence[Sequence[Any]], jobs: 
 def check_prompt_tokens(pipe, prompts: Sequence[Any], model: str) -> None:
     """Refuse a prompt longer than the text encoder's window before any image is drawn: diffusers would cut it
     silently, and CLIP-T would then score the image against words the model never read."""
-    for tokenizer in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)):
-        if tokenizer is None:
-            continue
-        limit = tokenizer.model_max_length
-        for prompt in prompts:
-            n = len(tokenizer(prompt.text, truncation=False).input_ids)
-            if n > limit:
-                raise ConfigError(f"{prompt.source or 'prompt'}: {prompt.text!r} is {n} tokens long; the text "
-                                  f"encoder of {model} reads at most {limit} (start and end tokens included). "
-                                  "Shorten the prompt.")
+    from ..models.tokenizer import check_prompt_length
+
+    for prompt in prompts:
+        check_prompt_length(prompt.text, (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)),
+                            prompt.source or "prompt", model)
 
 
 class _FreeCureImages:

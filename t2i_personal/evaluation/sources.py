@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, ModelLoadError
 from ..record import RECORD_NAME, read_record
+from ..training.checkpoint import checkpoint_label
 
 #: the name of a model's FreeCure twin (``--freecure``): generated with attribute repair, scored beside it
 FREECURE_SUFFIX = "+freecure"
@@ -81,10 +82,7 @@ def load_model_source(model_dir: str | Path, references: Sequence[str] | None = 
         refs = [_reference_files(_instance_dirs(c.get("instance_dir")), path.resolve()) if i < len(cfg_concepts)
                 else [] for i, c in enumerate(cfg_concepts or concepts)]
     resolution = config.get("data", {}).get("resolution")
-    name = path.resolve().name
-    if name == "inference" or path.resolve().name.startswith("checkpoint-"):
-        ck = folder.parent if folder.name == "inference" else folder
-        name = f"{ck.parent.parent.name}-{ck.name}"
+    name = checkpoint_label(path) or path.resolve().name
     return Source(name, concepts, refs, model_dir=path, resolution=resolution, record=record)
 
 

@@ -117,16 +117,12 @@ class ModelFamily:
         """Token ids per tokenizer; a prompt longer than the encoder's window is an error, not a silent cut."""
         if not prompts:
             return [torch.zeros(0, tok.model_max_length, dtype=torch.long) for tok in components.tokenizers]
-        ids = []
-        for tok in components.tokenizers:
-            limit = tok.model_max_length
-            for prompt in prompts:
-                n = len(tok(prompt, truncation=False).input_ids)
-                if n > limit:
-                    raise ConfigError(f"prompt {prompt!r} is {n} tokens long; the text encoder reads at most {limit} "
-                                      f"(including start/end tokens). Shorten the prompt or caption.")
-            ids.append(tok(prompts, padding="max_length", max_length=limit, truncation=True, return_tensors="pt").input_ids)
-        return ids
+        from ..models.tokenizer import check_prompt_length
+
+        for prompt in prompts:
+            check_prompt_length(prompt, components.tokenizers)
+        return [tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids for tok in components.tokenizers]
 
     def encode(self, components, input_ids: list[torch.Tensor], text_encoders: list | None = None) -> Conditioning:
         """The text part of the conditioning, exactly as this family's diffusers pipeline computes it."""

@@ -26,7 +26,8 @@ class StableDiffusionXL(UNetFamily):
         return any(k.startswith(SINGLE_FILE_KEY) for k in keys)
 
     def claims_denoiser(self, denoiser) -> bool:
-        return getattr(denoiser.config, "addition_embed_type", None) == "text_time"  # pooled text + time ids
+        config = getattr(denoiser, "config", None)  # pooled text + time ids
+        return getattr(config, "addition_embed_type", None) == "text_time"
 
     def encode(self, components, input_ids, text_encoders=None) -> Conditioning:
         hidden, pooled = [], None

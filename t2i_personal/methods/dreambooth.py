@@ -41,8 +41,8 @@ class LoraConfig(Section):
     rank: int = Field(4, ge=1, description="LoRA rank r")
     alpha: float | None = Field(None, gt=0, description="defaults to rank (scale 1.0)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA branch")
-    unet_target_modules: list[str] = Field(["to_q", "to_k", "to_v", "to_out.0"], description="UNet module names that get LoRA")
-    text_encoder_target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "out_proj"], description="text-encoder module names that get LoRA")
+    unet_target_modules: list[str] | None = Field(None, description="denoiser (UNet) module names that get LoRA; null: the model family's default (SD/SDXL: to_q, to_k, to_v, to_out.0)")
+    text_encoder_target_modules: list[str] | None = Field(None, description="text-encoder module names that get LoRA; null: the model family's default (CLIP: q_proj, k_proj, v_proj, out_proj)")
 
     @property
     def effective_alpha(self) -> float:
@@ -128,17 +128,18 @@ class DreamBooth(Method):
             for name in self.trained:
                 getattr(components, name).requires_grad_(True)
             return
+        defaults = components.family.lora_target_modules
         if self.config.train_unet:
-            self._add_lora(components.unet, "unet_target_modules")
+            self._add_lora(components.unet, "unet_target_modules", defaults["denoiser"])
         if self.config.train_text_encoder:
             for name in components.text_encoder_names:
-                self._add_lora(getattr(components, name), "text_encoder_target_modules")
+                self._add_lora(getattr(components, name), "text_encoder_target_modules", defaults["text_encoder"])
 
-    def _add_lora(self, module: torch.nn.Module, targets_key: str) -> None:
+    def _add_lora(self, module: torch.nn.Module, targets_key: str, family_default: list[str]) -> None:
         from peft import LoraConfig
 
         lora = self.config.lora
-        targets = list(getattr(lora, targets_key))
+        targets = list(getattr(lora, targets_key) or family_default)
         try:
             module.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.effective_alpha, lora_dropout=lora.dropout,
                                           init_lora_weights="gaussian", target_modules=targets))

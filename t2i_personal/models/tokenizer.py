@@ -16,6 +16,7 @@ from pathlib import Path
 from transformers import CLIPTokenizer
 
 from ..atomic import write_text_atomic
+from ..errors import ConfigError
 
 NUM_MERGES = 49152 - 256 - 2
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -77,3 +78,17 @@ def build_clip_tokenizer(max_length: int = 77, pad_token: str = EOS) -> CLIPToke
         model_max_length=max_length,
         pad_token=pad_token,
     )
+
+
+def check_prompt_length(text: str, tokenizers, where: str = "prompt", model: str = "") -> None:
+    """Refuse ``text`` when it is longer than a text encoder's window (``tokenizers``: the model's; ``None``
+    entries are skipped): diffusers would cut it silently, and the image would ignore the words past the cut."""
+    for tokenizer in tokenizers:
+        if tokenizer is None:
+            continue
+        limit = tokenizer.model_max_length
+        n = len(tokenizer(text, truncation=False).input_ids)
+        if n > limit:
+            of = f" of {model}" if model else ""
+            raise ConfigError(f"{where}: {text!r} is {n} tokens long; the text encoder{of} reads at most {limit} "
+                              "(start and end tokens included). Shorten the prompt or caption.")

@@ -80,6 +80,17 @@ def checkpoint_dir(output_dir: Path, step: int) -> Path:
     return output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:06d}"
 
 
+def checkpoint_label(path: Path) -> str | None:
+    """``<run>-checkpoint-NNNNNN`` for a checkpoint folder or its result folder; None for anything else."""
+    from ..record import CHECKPOINT_RESULT
+
+    path = path.resolve()
+    checkpoint = path.parent if path.name == CHECKPOINT_RESULT else path
+    if not checkpoint.name.startswith(CHECKPOINT_PREFIX):
+        return None
+    return f"{checkpoint.parent.parent.name}-{checkpoint.name}"
+
+
 def list_checkpoints(output_dir: Path) -> list[Path]:
     root = output_dir / "checkpoints"
     if not root.is_dir():

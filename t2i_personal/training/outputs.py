@@ -16,7 +16,7 @@ from ..data.images import make_image_grid, save_image_atomic
 from ..inference.sampling import generate
 from ..models.components import Components
 from ..models.loading import load_components
-from ..record import RECORD_NAME, make_record
+from ..record import CHECKPOINT_RESULT, RECORD_NAME, make_record
 from . import checkpoint as ckpt
 from . import run_folder
 
@@ -106,8 +106,8 @@ def save_checkpoint(run, step: int, with_artifact: bool = True) -> None:
         state = {k: v.detach().to("cpu").contiguous() for k, v in run.method.trainable_state_dict(run.components).items()}
         save_file(state, str(tmp / "trainable.safetensors"))
         if with_artifact and run.config.export.inference_artifact_in_checkpoints:
-            artifact = write_artifact(run, tmp / "inference", step)
-            write_json_atomic(tmp / "inference" / RECORD_NAME,
+            artifact = write_artifact(run, tmp / CHECKPOINT_RESULT, step)
+            write_json_atomic(tmp / CHECKPOINT_RESULT / RECORD_NAME,
                               make_record(run.config, artifact, run.components.family.name, step))
         write_json_atomic(tmp / "trainer_state.json", {"global_step": step, "num_processes": accelerator.num_processes,
                                                        "config": run.config.model_dump(mode="json")})
