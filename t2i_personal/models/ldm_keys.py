@@ -162,20 +162,7 @@ def _down_block_entries(down_blocks, lpb: int) -> _Table:
     table: _Table = {}
     index = 1
     for b, block in enumerate(down_blocks):
-        name = type(block).__name__
-        check_supported(name in _UNET_DOWN_TYPES, f"UNet: down block type {name} is not supported")
-        check_supported(len(block.resnets) == lpb,
-                        f"UNet: down_blocks.{b} has {len(block.resnets)} resnets, expected {lpb}")
-        attentions = getattr(block, "attentions", None)
-        check_supported(
-            attentions is None or len(attentions) == lpb,
-            f"UNet: down_blocks.{b} has {len(attentions or [])} attentions for {lpb} resnets",
-        )
-        for j in range(lpb):
-            table[f"down_blocks.{b}.resnets.{j}"] = (f"input_blocks.{index}.0", _UNET_RESNET_RENAMES)
-            if attentions is not None:
-                table[f"down_blocks.{b}.attentions.{j}"] = (f"input_blocks.{index}.1", _KEEP)
-            index += 1
+        index = _resnet_attention_pairs(table, block, "down", b, lpb, _UNET_DOWN_TYPES, "input_blocks", index)
         has_down = block.downsamplers is not None
         check_supported(has_down == (b < len(down_blocks) - 1),
                         f"UNet: down_blocks.{b} downsampler placement is not the SD one")
@@ -184,6 +171,23 @@ def _down_block_entries(down_blocks, lpb: int) -> _Table:
             table[f"down_blocks.{b}.downsamplers.0.conv"] = (f"input_blocks.{index}.0.op", _KEEP)
             index += 1
     return table
+
+
+def _resnet_attention_pairs(table: _Table, block, kind: str, b: int, n: int, types, out: str, index: int) -> int:
+    """Check that ``{kind}_blocks.{b}`` holds ``n`` resnets (and as many attentions, if any) and map pair ``j`` to
+    ``{out}.{index + j}.0`` / ``.1``; return the next output index."""
+    name, where = type(block).__name__, f"{kind}_blocks.{b}"
+    check_supported(name in types, f"UNet: {kind} block type {name} is not supported")
+    check_supported(len(block.resnets) == n, f"UNet: {where} has {len(block.resnets)} resnets, expected {n}")
+    attentions = getattr(block, "attentions", None)
+    check_supported(attentions is None or len(attentions) == n,
+                    f"UNet: {where} has {len(attentions or [])} attentions for {n} resnets")
+    for j in range(n):
+        table[f"{where}.resnets.{j}"] = (f"{out}.{index}.0", _UNET_RESNET_RENAMES)
+        if attentions is not None:
+            table[f"{where}.attentions.{j}"] = (f"{out}.{index}.1", _KEEP)
+        index += 1
+    return index
 
 
 def _mid_block_entries(mid) -> _Table:
@@ -207,19 +211,8 @@ def _up_block_entries(up_blocks, lpb: int) -> _Table:
     index = 0
     n = lpb + 1
     for b, block in enumerate(up_blocks):
-        name = type(block).__name__
-        check_supported(name in _UNET_UP_TYPES, f"UNet: up block type {name} is not supported")
-        check_supported(len(block.resnets) == n, f"UNet: up_blocks.{b} has {len(block.resnets)} resnets, expected {n}")
+        index = _resnet_attention_pairs(table, block, "up", b, n, _UNET_UP_TYPES, "output_blocks", index)
         attentions = getattr(block, "attentions", None)
-        check_supported(
-            attentions is None or len(attentions) == n,
-            f"UNet: up_blocks.{b} has {len(attentions or [])} attentions for {n} resnets",
-        )
-        for j in range(n):
-            table[f"up_blocks.{b}.resnets.{j}"] = (f"output_blocks.{index}.0", _UNET_RESNET_RENAMES)
-            if attentions is not None:
-                table[f"up_blocks.{b}.attentions.{j}"] = (f"output_blocks.{index}.1", _KEEP)
-            index += 1
         has_up = block.upsamplers is not None
         check_supported(has_up == (b < len(up_blocks) - 1),
                         f"UNet: up_blocks.{b} upsampler placement is not the SD one")
