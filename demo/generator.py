@@ -27,12 +27,11 @@ class Generator:
         return self._loaded[1]
 
     def freecure(self, result: str, attributes: str, mask_source: str, omega: float | None = None):
-        from t2i_personal.freecure import FreeCure
+        from t2i_personal.freecure import FreeCure, FreeCureOptions
 
-        key = (result, attributes, mask_source, omega)
-        if self._cure is None or self._cure[0] != key:
-            self._cure = (key, FreeCure(self.pipeline(result), attributes=attributes, mask_source=mask_source,
-                                        omega=omega))
+        options = FreeCureOptions(attributes=attributes, mask_source=mask_source, omega=omega).check()
+        if self._cure is None or self._cure[0] != (result, options):
+            self._cure = ((result, options), FreeCure(self.pipeline(result), options))
         return self._cure[1]
 
     def __call__(self, result: str, prompt: str, *, seed: int | None = 0, steps: int = 25, guidance: float = 5.0,

@@ -71,6 +71,10 @@ def python_subprocess_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["HF_HUB_OFFLINE"] = "1"
+    # One thread, as in-process tests run (one_torch_thread): tiny models gain nothing from more, and with several
+    # test workers on few cores MKL's dynamic threading would change the summation order between two runs that
+    # must agree bit for bit (resume tests).
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = "1"
     return env
 
 

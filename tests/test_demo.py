@@ -184,7 +184,7 @@ def test_the_freecure_omega_typed_reaches_freecure(monkeypatch):
     built = []
 
     class FakeCure:
-        def __init__(self, pipe, **options):
+        def __init__(self, pipe, options):
             built.append(options)
 
         def __call__(self, prompt, **kwargs):
@@ -200,7 +200,7 @@ def test_the_freecure_omega_typed_reaches_freecure(monkeypatch):
     for omega in (0.7, 0.7, None, ""):  # a blank number field arrives as None
         out = generate("result", "a photo of sks dog wearing a red hat", freecure=True, omega=omega)
         assert out["attributes"] == "hat (cross_attention)"
-    assert [options["omega"] for options in built] == [0.7, None]
+    assert [options.omega for options in built] == [0.7, None]
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,8 @@ from safetensors.torch import load_file
 
 from conftest import PYTHON, ROOT, base_config, python_subprocess_env, run_training
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the same threads as the subprocesses it compares with
+
 
 def cli(config: dict, tmp_path, *overrides) -> subprocess.CompletedProcess:
     path = tmp_path / f"cfg-{len(list(tmp_path.glob('cfg-*')))}.yaml"

@@ -1,6 +1,6 @@
 """BLIP image-text scores: ClassDiffusion's "BLIP2-T" (really BLIP-1 ITC) and a true BLIP-2 ITC variant.
 
-ClassDiffusion's official code (``shared/research/classdiffusion.md`` §3.1, ``utils/blip2t.py``) scores a generated
+ClassDiffusion's official code (its ``utils/blip2t.py``) scores a generated
 image against its prompt (identifier replaced by the class noun) with ``Salesforce/blip-itm-large-coco`` loaded as
 ``BlipForImageTextRetrieval`` and called with ``use_itm_head=False``: the image [CLS] through ``vision_proj`` and the
 text [CLS] (BERT, no cross-attention) through ``text_proj``, both L2-normalised, dot product. That is an **ITC

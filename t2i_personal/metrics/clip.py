@@ -1,6 +1,6 @@
 """CLIP-T, CLIP-I and TI-CLIP with open_clip models, reported as raw cosine similarity.
 
-Definitions (DreamBooth protocol, ``shared/research/peers.md`` §3):
+Definitions (the DreamBooth paper's protocol):
 
 * **CLIP-T**: cosine between the L2-normalised image embedding of a generated image and the L2-normalised text
   embedding of its prompt. By convention the prompt has the identifier replaced by the class noun (``a sks dog on the

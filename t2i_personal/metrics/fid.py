@@ -1,6 +1,6 @@
 """FID and KID between a set of generated images and a reference set, through torchmetrics.
 
-StyleForge's protocol (``shared/research/styleforge.md`` §4): FID between all generated images and a reference folder
+StyleForge's protocol (the paper's evaluation section): FID between all generated images and a reference folder
 (pytorch-fid's Inception); KID, reported x 10³, for styles whose reference set is a small set of artworks, with
 ``subset_size`` at most the reference count.
 
