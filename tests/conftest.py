@@ -18,6 +18,17 @@ def _isolated_cache(tmp_path_factory):
     yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread_per_worker():
+    """With one test worker per core (pytest-xdist), a worker's own intra-op threads only fight the other workers
+    for the cores: OpenMP's spinning then makes tests many times slower."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+    yield
+
+
 @pytest.fixture
 def one_torch_thread():
     """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's spinning threads made
