@@ -38,6 +38,17 @@ class FreeCureDefaults:
 
 
 @dataclass
+class NoisedBatch:
+    """What a training objective makes of clean latents: the denoiser's input, the target and per-sample weights."""
+
+    noisy_latents: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor
+    loss_weights: torch.Tensor  # [B]
+    sigmas: torch.Tensor | None = None  # flow matching: the noise level of each sample, [B, 1, ..., 1]
+
+
+@dataclass
 class Conditioning:
     """Everything the denoiser reads besides the noisy latents and the timestep, one row per sample."""
 

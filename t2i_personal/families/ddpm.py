@@ -10,19 +10,11 @@ min-SNR-γ per-sample weights ``min(SNR, γ) / SNR`` (``/ (SNR + 1)`` for v-pred
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
-
-@dataclass
-class NoisedBatch:
-    noisy_latents: torch.Tensor
-    timesteps: torch.Tensor
-    target: torch.Tensor
-    loss_weights: torch.Tensor  # [B]
+from .base import NoisedBatch
 
 
 class DDPMObjective:
@@ -43,6 +35,10 @@ class DDPMObjective:
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         target = noise if self.prediction_type == "epsilon" else self.scheduler.get_velocity(latents, noise, timesteps)
         return NoisedBatch(noisy, timesteps, target, self.loss_weights(timesteps))
+
+    def output(self, model_pred: torch.Tensor, noised: NoisedBatch) -> torch.Tensor:
+        """The denoiser's output in the target's terms (as it is, for DDPM)."""
+        return model_pred
 
     def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
         if self.snr_gamma is None:

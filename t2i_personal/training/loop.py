@@ -107,6 +107,7 @@ def micro_step(run: Run, batch) -> dict[str, torch.Tensor]:
 
     with run.accelerator.autocast():
         model_pred = family.denoise(run.wrapped.get("unet", components.unet), noised.noisy_latents, noised.timesteps, cond)
+        model_pred = run.objective.output(model_pred, noised)
     step = TrainStep(model_pred=model_pred, target=noised.target, noisy_latents=noised.noisy_latents,
                      timesteps=noised.timesteps, cond=cond, input_ids=input_ids, is_prior=batch["is_prior"].to(device),
                      loss_weights=noised.loss_weights, loss_mask=loss_mask(batch, latents, device))
