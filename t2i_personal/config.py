@@ -116,8 +116,28 @@ class ValidationConfig(Section):
     every_n_steps: int = Field(100, ge=1, description="validation grid every N steps (and at the end)")
     num_images_per_prompt: int = Field(2, ge=1, description="grid columns")
     num_inference_steps: int = Field(25, ge=1, description="sampling steps")
-    guidance_scale: float = Field(7.5, description="CFG scale")
+    guidance_scale: float | None = Field(None, description="CFG scale (FLUX.1-dev: its embedded guidance); null: the family's default (SD/SDXL 7.5, SD3 7.0, FLUX 3.5)")
     seed: int = Field(0, description="validation images use seeds seed, seed+1, ... per prompt")
+
+
+class FlowMatchingConfig(Section):
+    """``training.flow_matching``: the objective of the flow-matching families (SD3, FLUX); see
+    ``families/flow_matching.py``. Unset keys take the family's default, as diffusers' scripts use them."""
+
+    timestep_sampling: Literal["uniform", "logit_normal", "mode"] | None = Field(None, description="how noise levels are drawn; null: the family's default (FLUX: uniform, SD3: logit_normal)")
+    logit_mean: float = Field(0.0, description="logit_normal: mean")
+    logit_std: float = Field(1.0, gt=0, description="logit_normal: standard deviation")
+    mode_scale: float = Field(1.29, description="mode sampling: scale (SD3 paper)")
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] | None = Field(None, description="per-sample loss weight; null: none")
+    precondition_outputs: bool = Field(False, description="SD3's option: turn the output into an x0 estimate and regress x0")
+    shift: float | Literal["resolution"] | None = Field(None, description="shift the drawn noise level: a number s (s*sigma/(1+(s-1)*sigma)), 'resolution' (FLUX's resolution-dependent shift) or null (the scheduler's own table)")
+
+    @field_validator("shift")
+    @classmethod
+    def _positive_shift(cls, value: Any) -> Any:
+        if isinstance(value, float) and value <= 0:
+            raise ValueError("training.flow_matching.shift must be positive, 'resolution' or null")
+        return value
 
 
 class TrainingConfig(Section):
@@ -147,6 +167,9 @@ class TrainingConfig(Section):
     prediction_type: Literal["epsilon", "v_prediction"] | None = Field(None, description="default: the base model's scheduler")
     noise_offset: float = Field(0.0, ge=0, description="offset noise strength (0.05-0.1 helps very dark/bright images)")
     snr_gamma: float | None = Field(None, gt=0, description="min-SNR weighting; 5.0 is the paper's value")
+    flow_matching: FlowMatchingConfig = FlowMatchingConfig()
+    guidance_scale: float | None = Field(None, gt=0, description="guidance-distilled models (FLUX.1-dev): the guidance value trained with; null: 3.5 as diffusers' FLUX script (refused for models without a guidance input)")
+    max_sequence_length: int | None = Field(None, ge=1, description="T5's token window (SD3, FLUX) in training and validation; null: the pipeline's default (FLUX 512, SD3 256)")
     cache_latents: bool = Field(False, description="encode every image (and its flip) once; needs center_crop")
     cache_text_embeddings: bool = Field(False, description="encode every prompt once; not with train_text_encoder")
     checkpointing_steps: int = Field(500, ge=1, description="resumable checkpoint (with an inference artifact) every N steps")
@@ -171,7 +194,7 @@ class TrainingConfig(Section):
 
 
 class ExportConfig(Section):
-    kohya_lora: bool = Field(True, description="LoRA: also write an A1111/ComfyUI (kohya keys) file")
+    kohya_lora: bool = Field(True, description="LoRA: also write an A1111/ComfyUI (kohya keys) file (SD, SDXL, FLUX; SD3 UIs read the diffusers file)")
     save_dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="dtype of exported weights")
     single_file: bool = Field(False, description="full fine-tunes: also write model.safetensors in the original "
                               "SD checkpoint layout (A1111 / ComfyUI)")

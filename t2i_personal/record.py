@@ -3,7 +3,8 @@ by every loader (inference, evaluation, FreeCure, the demo).
 
 Format version 1 (the only one so far): ``base_model`` (the ModelConfig, local paths absolute), ``family``,
 ``method``, ``adapter``, ``artifact`` (``type`` and the files it consists of), ``concepts``, ``steps``, ``seed``
-and the full ``config``.
+the full ``config`` and ``resolved`` (what the model family's defaults resolved to: the training objective's
+settings, the embedded guidance, T5's window).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ CHECKPOINT_RESULT = "inference"  # a checkpoint's own result folder (its record 
 FORMAT_VERSION = 1
 
 
-def make_record(config, artifact: dict, family: str, step: int) -> dict:
+def make_record(config, artifact: dict, family: str, step: int, resolved: dict | None = None) -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "t2i_personal_version": __version__,
@@ -35,6 +36,7 @@ def make_record(config, artifact: dict, family: str, step: int) -> dict:
         "steps": step,
         "seed": config.training.seed,
         "config": config.model_dump(mode="json"),
+        "resolved": resolved or {},  # what the family's defaults resolved to (objective, guidance, T5 window)
     }
 
 

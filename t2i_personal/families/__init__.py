@@ -1,4 +1,5 @@
-"""Model families: one module per model generation (``sd.py``, ``sdxl.py``); ``base.py`` says what a family is.
+"""Model families: one module per model generation (``sd.py``, ``sdxl.py``, ``sd3.py``, ``flux.py``); ``base.py``
+says what a family is, ``transformer.py`` what the flow-matching transformer families share.
 
 ``family_named("sdxl")`` gives a family by the name written in configs and ``personalization.json``;
 ``family_of_pipeline_class`` / ``family_of_single_file`` / ``family_of_denoiser`` recognise a model.
@@ -8,11 +9,14 @@ from __future__ import annotations
 
 from ..errors import ModelLoadError
 from .base import Conditioning, ModelFamily
+from .flux import Flux
 from .sd import StableDiffusion
+from .sd3 import StableDiffusion3
 from .sdxl import StableDiffusionXL
 
-# Most specific first: the first family that claims a model is its family.
-FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (StableDiffusionXL(), StableDiffusion())}
+# Most specific first: the first family that claims a model is its family (SD's claims would match SD3's names).
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (Flux(), StableDiffusion3(), StableDiffusionXL(),
+                                                        StableDiffusion())}
 
 
 def family_named(name: str) -> ModelFamily:

@@ -11,7 +11,8 @@ it; they never compare family names. A family says
 * its adapter defaults: LoRA targets, the kohya/A1111 names of its LoRA keys, which attention modules read the
   image ("self") and which read the text ("cross").
 
-A new family is one module next to ``sd.py`` and ``sdxl.py``, registered in ``families/__init__.py``.
+A new family is one module next to ``sd.py``, ``sdxl.py``, ``sd3.py`` and ``flux.py``, registered in
+``families/__init__.py``.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import torch
 
 from ..errors import ConfigError
 
-TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
 
+def tokenizer_name(text_encoder_name: str) -> str:
+    return text_encoder_name.replace("text_encoder", "tokenizer")
 
 @dataclass(frozen=True)
 class FreeCureDefaults:
@@ -53,13 +55,15 @@ class Conditioning:
     """Everything the denoiser reads besides the noisy latents and the timestep, one row per sample."""
 
     encoder_hidden_states: torch.Tensor
-    pooled: torch.Tensor | None = None  # a pooled text vector (SDXL)
+    pooled: torch.Tensor | None = None  # a pooled text vector (SDXL, SD3, FLUX)
     time_ids: torch.Tensor | None = None  # image size/crop micro-conditioning (SDXL)
+    guidance: torch.Tensor | None = None  # the embedded guidance scale per sample (FLUX.1-dev)
 
     def select(self, rows: torch.Tensor) -> "Conditioning":
         """The rows picked by a boolean mask or an index tensor."""
         pick = lambda x: None if x is None else x[rows.to(x.device)]  # noqa: E731
-        return Conditioning(pick(self.encoder_hidden_states), pick(self.pooled), pick(self.time_ids))
+        return Conditioning(pick(self.encoder_hidden_states), pick(self.pooled), pick(self.time_ids),
+                            pick(self.guidance))
 
     def replace(self, **changes) -> "Conditioning":
         return replace(self, **changes)
@@ -71,7 +75,11 @@ class ModelFamily:
     name: str = ""
     pipeline_class: type = None  # type: ignore[assignment]
     pipeline_kwargs: dict = {}  # extra arguments for from_pretrained / from_single_file / the constructor
+    denoiser_name: str = "unet"  # the pipeline's attribute: unet or transformer
     text_encoder_names: tuple[str, ...] = ("text_encoder",)
+    # text encoders that text-encoder training, learned tokens and SPL act on (the CLIPs; T5 stays frozen)
+    tunable_text_encoders: tuple[str, ...] = ("text_encoder",)
+    default_guidance_scale = 7.5  # validation images' guidance when validation.guidance_scale is not set
     lora_target_modules = {"denoiser": ["to_q", "to_k", "to_v", "to_out.0"],
                            "text_encoder": ["q_proj", "k_proj", "v_proj", "out_proj"]}
     freecure: FreeCureDefaults | None = None  # None: FreeCure has no released settings for this family
@@ -100,19 +108,19 @@ class ModelFamily:
     def components_from_pipeline(self, pipe, source: str):
         from ..models.components import Components
 
-        encoders = {n: getattr(pipe, n, None) for n in self.text_encoder_names}
-        tokenizers = {n.replace("text_encoder", "tokenizer"): getattr(pipe, n.replace("text_encoder", "tokenizer"), None)
-                      for n in self.text_encoder_names}
-        return Components(family=self, unet=pipe.unet, vae=pipe.vae, scheduler=pipe.scheduler, source=source,
-                          **encoders, **tokenizers)
+        names = [self.denoiser_name, *self.text_encoder_names, *map(tokenizer_name, self.text_encoder_names)]
+        return Components(family=self, vae=pipe.vae, scheduler=pipe.scheduler, source=source,
+                          **{n: getattr(pipe, n, None) for n in names})
 
     def pipeline(self, components, scheduler):
         """A pipeline sharing ``components``' modules (no copies) with ``scheduler``."""
-        modules = {n: getattr(components, n) for n in self.text_encoder_names}
-        modules |= {n.replace("text_encoder", "tokenizer"): getattr(components, n.replace("text_encoder", "tokenizer"))
-                    for n in self.text_encoder_names}
-        return self.pipeline_class(vae=components.vae, unet=components.unet, scheduler=scheduler,
-                                   **modules, **self.pipeline_kwargs)
+        names = [self.denoiser_name, *self.text_encoder_names, *map(tokenizer_name, self.text_encoder_names)]
+        return self.pipeline_class(vae=components.vae, scheduler=scheduler,
+                                   **{n: getattr(components, n) for n in names}, **self.pipeline_kwargs)
+
+    def pipeline_call_kwargs(self, components) -> dict:
+        """Extra arguments every generation passes to this family's pipeline (e.g. T5's sequence length)."""
+        return {}
 
     def build_tiny(self, spec: dict, seed: int, source: str):
         """Seeded random components from a ``models/configs/*.json`` spec."""
@@ -146,21 +154,46 @@ class ModelFamily:
     # ------------------------------------------------------------------ training
 
     def scale_latents(self, vae, sample: torch.Tensor) -> torch.Tensor:
-        """A VAE posterior sample in the scale the denoiser works in (float32)."""
-        return sample.float() * vae.config.scaling_factor
+        """A VAE posterior sample in the scale the denoiser works in (float32): ``(z - shift) * scale``, the
+        shift being 0 for the SD VAEs and the config's ``shift_factor`` for SD3's and FLUX's."""
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (sample.float() - shift) * vae.config.scaling_factor
+
+    def unpack_latents(self, pipe, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """``output_type="latent"`` latents of this family's pipeline as [B, C, h, w] (FLUX returns them packed)."""
+        return latents
+
+    def check_training(self, training) -> None:
+        """Refuse training options that do not apply to this family (before anything is written)."""
+        if training.max_sequence_length is not None or training.guidance_scale is not None or \
+                training.flow_matching != type(training.flow_matching)():
+            raise ConfigError(f"training.max_sequence_length, guidance_scale and flow_matching apply to the "
+                              f"flow-matching families (sd3, flux); this is an {self.name} model: remove them")
+
+    def training_guidance(self, denoiser, training) -> float | None:
+        """The guidance value a guidance-distilled denoiser is trained with (None: it has no guidance input)."""
+        return None
 
     def objective(self, components, training) -> "object":
         """The training objective (see ``families/ddpm.py``) for ``training`` (a TrainingConfig)."""
         raise NotImplementedError
 
     def denoise(self, denoiser, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The denoiser's output for [B, C, h, w] latents, as [B, C, h, w] (a family that packs latents into
+        tokens packs and unpacks here)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ adapters and attention
 
-    def kohya_lora_key(self, key: str) -> str:
-        """A kohya/A1111 LoRA key as this family's UIs name it (diffusers writes the two-encoder names)."""
-        return key
+    def lora_state_for_saving(self, peft_state: dict) -> dict:
+        """A module's peft LoRA state as this family's diffusers loader reads it (the transformer families'
+        loaders read peft's own keys, as diffusers' FLUX/SD3 scripts save them)."""
+        return peft_state
+
+    def kohya_lora_state(self, peft_state: dict, alpha: float) -> dict | None:
+        """A LoRA (peft keys prefixed by component name) in the kohya / A1111 / ComfyUI layout of this family;
+        None where those tools read the diffusers file itself."""
+        return None
 
     def cross_attention_modules(self, denoiser) -> dict[str, torch.nn.Module]:
         """Attention modules whose keys and values come from the text (Custom Diffusion, cross-attention maps)."""

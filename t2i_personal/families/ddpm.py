@@ -36,6 +36,10 @@ class DDPMObjective:
         target = noise if self.prediction_type == "epsilon" else self.scheduler.get_velocity(latents, noise, timesteps)
         return NoisedBatch(noisy, timesteps, target, self.loss_weights(timesteps))
 
+    def describe(self) -> dict:
+        return {"objective": "ddpm", "prediction_type": self.prediction_type, "snr_gamma": self.snr_gamma,
+                "noise_offset": self.noise_offset}
+
     def output(self, model_pred: torch.Tensor, noised: NoisedBatch) -> torch.Tensor:
         """The denoiser's output in the target's terms (as it is, for DDPM)."""
         return model_pred

@@ -27,6 +27,22 @@ class UNetFamily(ModelFamily):
         return denoiser(noisy_latents, timesteps, encoder_hidden_states=cond.encoder_hidden_states,
                         added_cond_kwargs=added, return_dict=False)[0]
 
+    def lora_state_for_saving(self, peft_state: dict) -> dict:
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        return convert_state_dict_to_diffusers(peft_state)  # as diffusers' SD / SDXL scripts save it
+
+    def kohya_lora_state(self, peft_state: dict, alpha: float) -> dict:
+        """``lora_unet_*``, ``lora_te_*`` (SD) or ``lora_te1_*``/``lora_te2_*`` (SDXL) keys via diffusers' converter."""
+        from diffusers.utils import convert_state_dict_to_kohya
+
+        # diffusers writes alpha = rank (scale 1); store the alpha we trained with so other UIs scale right
+        return {self.kohya_lora_key(k): torch.tensor(alpha) if k.endswith(".alpha") else v
+                for k, v in convert_state_dict_to_kohya(peft_state).items()}
+
+    def kohya_lora_key(self, key: str) -> str:
+        return key
+
     def cross_attention_modules(self, denoiser) -> dict[str, torch.nn.Module]:
         return {name: module for name, module in denoiser.named_modules() if name.endswith("attn2")}
 

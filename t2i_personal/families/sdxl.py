@@ -15,7 +15,7 @@ SINGLE_FILE_KEY = "conditioner.embedders.1.model"  # the second (OpenCLIP bigG) 
 class StableDiffusionXL(UNetFamily):
     name = "sdxl"
     pipeline_class = StableDiffusionXLPipeline
-    text_encoder_names = ("text_encoder", "text_encoder_2")
+    text_encoder_names = tunable_text_encoders = ("text_encoder", "text_encoder_2")
     vae_needs_float32_in_fp16 = True
     freecure = FreeCureDefaults(omega=1.5, fasa_decoder_blocks=20, map_factor=4)
 

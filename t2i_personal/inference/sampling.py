@@ -12,9 +12,13 @@ def generate(pipe, prompts: list[str], *, generators, autocast_dtype: torch.dtyp
     Decoding under fp16 autocast would run even a float32 VAE in fp16, where SDXL's VAE overflows to NaN (black
     images); the UNet, whose trainable tensors stay float32 while frozen ones are cast, needs the autocast.
     """
-    device = pipe.unet.device
+    device = pipe.vae.device
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         latents = pipe(prompts, output_type="latent", generator=generators, **kwargs).images
+    if "height" in kwargs and "width" in kwargs:
+        from ..families import family_of_pipeline
+
+        latents = family_of_pipeline(pipe).unpack_latents(pipe, latents, kwargs["height"], kwargs["width"])
     return decode_latents(pipe, latents)
 
 

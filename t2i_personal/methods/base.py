@@ -122,7 +122,7 @@ class Method:
         if self.tokens:
             for row in self.tokens.parameters(components):
                 row.requires_grad_(True)
-            self.trained += [n for n in components.text_encoder_names if n not in self.trained]
+            self.trained += [n for n in components.tunable_text_encoder_names if n not in self.trained]
 
     def configure(self, components: Components) -> None:
         """Make trainable what the method itself trains and set ``self.trained``."""
@@ -186,7 +186,7 @@ class Method:
 
     def exported_components(self) -> list[str]:
         """Components whose weights ``save`` writes (an adapter file writes none of the base weights)."""
-        return ["unet", "vae", "text_encoder", "text_encoder_2"]
+        return ["unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"]
 
     def export_components(self, components: Components, float32_base: Callable[[list[str]], dict]) -> Components:
         """Components as an export should read them: modules the export writes that were cast for mixed precision

@@ -17,8 +17,9 @@ Deviations from the official code (``Rbrq03/ClassDiffusion``):
 - SPL and prior preservation can be combined (the official script crashes when both are on).
 - The new token keeps its positional embedding in the SPL pass (the official pass overwrites the token's input
   vector with the raw embedding row, dropping it); the gradient reaches the same row either way.
-- SDXL: the loss is averaged over the text encoders that train (the paper covers SD-1.5 only; ``argmax_id``,
-  which imitates SD-1.5's pooling, is refused there).
+- SDXL, SD3, FLUX: the loss is averaged over the CLIP encoders that train (the paper covers SD-1.5 only;
+  ``argmax_id``, which imitates SD-1.5's pooling, is refused with two CLIPs); T5 never trains, so SPL never
+  reaches it.
 - The class phrase is the target (no gradient): with a trained text encoder (LoRA or full), which the official
   setup never has, SPL would otherwise also pull the class phrase towards the personal one.
 """
@@ -63,7 +64,7 @@ class SemanticPreservationLoss:
         """lambda * mean over (concept, template) pairs of 1 - cos(personal, class), averaged over ``encoders``."""
         personal, plain = zip(*self.pairs)
         losses = []
-        for encoder, tokenizer in zip(components.text_encoders, components.tokenizers):
+        for encoder, tokenizer in zip(components.tunable_text_encoders, components.tunable_tokenizers):
             if encoder not in encoders:
                 continue
             f_personal = self.features(encoder, tokenizer, list(personal))
@@ -74,9 +75,9 @@ class SemanticPreservationLoss:
 
     def check(self, components) -> None:
         """Fail before anything is written when the pooling cannot apply to this model."""
-        if self.pooling == "argmax_id" and len(components.text_encoders) > 1:  # SDXL
-            raise ConfigError("method.spl.pooling 'argmax_id' reproduces SD-1.5's text-encoder pooling; SDXL's encoders "
-                              "pool differently: use pooling: eos")
+        if self.pooling == "argmax_id" and len(components.tunable_text_encoders) > 1:  # SDXL, SD3
+            raise ConfigError("method.spl.pooling 'argmax_id' reproduces SD-1.5's text-encoder pooling; "
+                              f"{components.family.name}'s encoders pool differently: use pooling: eos")
 
     def features(self, encoder, tokenizer, phrases: list[str]) -> torch.Tensor:
         """(N, hidden) pooled final-layer features of ``phrases`` (each tokenized alone, no padding, as the paper)."""

@@ -138,7 +138,7 @@ class CustomDiffusion(DreamBooth):
 
     def check(self, components: Components, training=None) -> None:
         super().check(components, training)
-        components.family.cross_attention_modules(components.unet)  # a family without cross-attention refuses
+        components.family.cross_attention_modules(components.denoiser)  # a family without cross-attention refuses
 
     def configure(self, components: Components) -> None:
         install_processors(components.unet, train_q_out=self.config.custom_diffusion_params == "crossattn")

@@ -93,7 +93,7 @@ class DreamBooth(Method):
 
     def check(self, components: Components, training=None) -> None:
         super().check(components, training)
-        base = components.scheduler.config.prediction_type
+        base = components.scheduler.config.get("prediction_type")
         if training is not None and self.config.prior == "base_prediction" and training.prediction_type not in (None, base):
             raise ConfigError(f"method.prior 'base_prediction' takes the base model's {base} output as the target, which "
                               f"contradicts training.prediction_type '{training.prediction_type}'; use prior: "
@@ -118,8 +118,8 @@ class DreamBooth(Method):
     # ------------------------------------------------------------------ what trains
 
     def configure(self, components: Components) -> None:
-        self.trained = (["unet"] if self.config.train_unet else []) + (
-            components.text_encoder_names if self.config.train_text_encoder else [])
+        self.trained = ([components.denoiser_name] if self.config.train_unet else []) + (
+            components.tunable_text_encoder_names if self.config.train_text_encoder else [])
         if self.config.prior == "base_prediction" and self.config.adapter == "full":
             # The frozen reference must be a copy taken before any update (LoRA just disables its adapters).
             for name in self.trained:
@@ -130,9 +130,9 @@ class DreamBooth(Method):
             return
         defaults = components.family.lora_target_modules
         if self.config.train_unet:
-            self._add_lora(components.unet, "unet_target_modules", defaults["denoiser"])
+            self._add_lora(components.denoiser, "unet_target_modules", defaults["denoiser"])
         if self.config.train_text_encoder:
-            for name in components.text_encoder_names:
+            for name in components.tunable_text_encoder_names:
                 self._add_lora(getattr(components, name), "text_encoder_target_modules", defaults["text_encoder"])
 
     def _add_lora(self, module: torch.nn.Module, targets_key: str, family_default: list[str]) -> None:
@@ -192,7 +192,7 @@ class DreamBooth(Method):
     def _base_model(self, components: Components):
         """The un-personalized model: frozen copies (full fine-tune) or the same modules with LoRA disabled."""
         if self.config.adapter == "full":
-            unet = self._frozen.get("unet", components.unet)
+            unet = self._frozen.get(components.denoiser_name, components.denoiser)
             encoders = [self._frozen.get(n, getattr(components, n)) for n in components.text_encoder_names]
             yield unet, encoders
             return
@@ -200,7 +200,7 @@ class DreamBooth(Method):
         for module in adapted:
             module.disable_adapters()
         try:
-            yield components.unet, components.text_encoders
+            yield components.denoiser, components.text_encoders
         finally:
             for module in adapted:
                 module.enable_adapters()
@@ -234,40 +234,35 @@ class DreamBooth(Method):
         return artifact
 
     def _save_lora(self, components: Components, out_dir: Path, dtype: torch.dtype, kohya: bool) -> dict:
-        from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
         layers, metadata = {}, {}
         for name in self.own:
             module = getattr(components, name)
-            state = get_peft_model_state_dict(module)
-            layers[f"{name}_lora_layers"] = {k: v.to(dtype) for k, v in convert_state_dict_to_diffusers(state).items()}
+            state = components.family.lora_state_for_saving(get_peft_model_state_dict(module))
+            layers[f"{name}_lora_layers"] = {k: v.to(dtype) for k, v in state.items()}
             metadata[f"{name}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
         components.pipeline_class.save_lora_weights(out_dir, weight_name=LORA_WEIGHTS, safe_serialization=True, **layers, **metadata)
         artifact = {"type": "lora", "path": LORA_WEIGHTS, "rank": self.config.lora.rank,
                     "alpha": self.config.lora.effective_alpha}
-        if kohya:
-            self._save_kohya(components, out_dir / KOHYA_WEIGHTS, dtype)
+        if kohya and self._save_kohya(components, out_dir / KOHYA_WEIGHTS, dtype):
             artifact["kohya_path"] = KOHYA_WEIGHTS
         return artifact
 
-    def _save_kohya(self, components: Components, path: Path, dtype: torch.dtype) -> None:
-        """A1111 / ComfyUI / kohya keys (``lora_unet_*``, ``lora_te_*`` or SDXL's ``lora_te1_*``/``lora_te2_*``)."""
-        from diffusers.utils import convert_state_dict_to_kohya
+    def _save_kohya(self, components: Components, path: Path, dtype: torch.dtype) -> bool:
+        """The LoRA in the kohya / A1111 / ComfyUI layout of this model family (False: the family has none)."""
         from peft.utils import get_peft_model_state_dict
 
         peft_state = {f"{name}.{k}": v for name in self.own
                       for k, v in get_peft_model_state_dict(getattr(components, name)).items()}
-        kohya_state = convert_state_dict_to_kohya(peft_state)
+        state = components.family.kohya_lora_state(peft_state, self.config.lora.effective_alpha)
+        if state is None:
+            return False
         alpha = self.config.lora.effective_alpha
-        out = {}
-        for key, value in kohya_state.items():
-            key = components.family.kohya_lora_key(key)
-            # diffusers writes alpha = rank (scale 1); store the alpha we trained with so other UIs scale right.
-            out[key] = torch.tensor(alpha) if key.endswith(".alpha") else value
-        save_file({k: v.to(dtype).contiguous() for k, v in out.items()}, str(path),
+        save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, str(path),
                   metadata={"ss_network_dim": str(self.config.lora.rank), "ss_network_alpha": str(alpha),
                             "ss_base_model": components.source, "format": "pt"})
+        return True
 
     @classmethod
     def load_artifact(cls, pipeline, folder: Path, record: dict):

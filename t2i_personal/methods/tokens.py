@@ -104,7 +104,7 @@ class LearnedTokens:
     def check(self, components) -> None:
         """Refuse, without changing the tokenizers, identifiers that cannot become new tokens and initializer words
         that are not one token (cheap: runs before class images are generated)."""
-        for tokenizer in components.tokenizers:
+        for tokenizer in components.tunable_tokenizers:
             for token, init in self.specs:
                 _single_token_id(tokenizer, init, token)
                 # add_tokens would accept 'sks' (the vocabulary stores 'sks</w>') and shadow the real word
@@ -115,7 +115,7 @@ class LearnedTokens:
     def add_to(self, components) -> None:
         """Add every token to every tokenizer and give each text encoder trainable rows for them."""
         self.check(components)
-        for tokenizer, encoder in zip(components.tokenizers, components.text_encoders):
+        for tokenizer, encoder in zip(components.tunable_tokenizers, components.tunable_text_encoders):
             table = encoder.get_input_embeddings()
             if isinstance(table, NewTokenEmbedding):
                 raise RuntimeError("learned tokens were already added to this text encoder")
@@ -137,7 +137,7 @@ class LearnedTokens:
         return encoder.get_input_embeddings().new
 
     def parameters(self, components) -> list[torch.nn.Parameter]:
-        return [self.rows(e) for e in components.text_encoders]
+        return [self.rows(e) for e in components.tunable_text_encoders]
 
     @staticmethod
     def transplant(source, target) -> None:
@@ -188,7 +188,7 @@ class LearnedTokens:
         out_dir.mkdir(parents=True, exist_ok=True)
         written = []
         for i, token in enumerate(self.tokens):
-            rows = [self.rows(e)[i].detach().to("cpu", dtype).contiguous() for e in components.text_encoders]
+            rows = [self.rows(e)[i].detach().to("cpu", dtype).contiguous() for e in components.tunable_text_encoders]
             state = {token: rows[0]} if len(rows) == 1 else dict(zip(SDXL_KEYS, (r[None] for r in rows)))
             name = f"learned_embeds-{i}-{_file_safe(token)}.safetensors"
             write_bytes_atomic(out_dir / name, save(state, metadata={"format": "pt", "token": token}))
@@ -198,15 +198,32 @@ class LearnedTokens:
     @staticmethod
     def load(pipeline, folder: Path, entries: list[dict]) -> None:
         """Add saved tokens to a pipeline through diffusers' own ``load_textual_inversion``."""
+        from ..families import family_of_pipeline
+
+        names = family_of_pipeline(pipeline).tunable_text_encoders
         for entry in entries:
             path = folder / entry["path"]
-            if getattr(pipeline, "text_encoder_2", None) is None:
-                pipeline.load_textual_inversion(str(path), token=entry["token"])
+            if len(names) == 1 and hasattr(pipeline, "load_textual_inversion"):
+                pipeline.load_textual_inversion(str(path), token=entry["token"], text_encoder=pipeline.text_encoder,
+                                                tokenizer=pipeline.tokenizer)
                 continue
             state = load_file(str(path))
-            for key, encoder, tokenizer in zip(SDXL_KEYS, (pipeline.text_encoder, pipeline.text_encoder_2),
-                                               (pipeline.tokenizer, pipeline.tokenizer_2)):
-                pipeline.load_textual_inversion(state[key], token=entry["token"], text_encoder=encoder, tokenizer=tokenizer)
+            vectors = [state[entry["token"]]] if len(names) == 1 else [state[key] for key in SDXL_KEYS]
+            for name, vector in zip(names, vectors):
+                encoder, tokenizer = getattr(pipeline, name), getattr(pipeline, name.replace("text_encoder", "tokenizer"))
+                if hasattr(pipeline, "load_textual_inversion"):
+                    pipeline.load_textual_inversion(vector, token=entry["token"], text_encoder=encoder, tokenizer=tokenizer)
+                else:  # SD3's pipeline has no textual-inversion loader: the same steps by hand
+                    _append_token(encoder, tokenizer, entry["token"], vector.reshape(-1))
+
+
+def _append_token(encoder, tokenizer, token: str, vector: torch.Tensor) -> None:
+    if tokenizer.add_tokens(token) != 1:
+        raise ModelLoadError(f"cannot add learned token {token!r}: the tokenizer already has it")
+    encoder.resize_token_embeddings(len(tokenizer))
+    with torch.no_grad():
+        encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(token)] = vector.to(
+            encoder.get_input_embeddings().weight)
 
 
 def _with_child(module: torch.nn.Module, path: list[str], child: torch.nn.Module) -> torch.nn.Module:

@@ -48,7 +48,7 @@ def load_components(cfg: ModelConfig | str, dtype: torch.dtype | None = None) ->
     if cfg.family != "auto" and comps.family.name != cfg.family:
         raise ModelLoadError(f"model.family is {cfg.family!r} but {src} is an {comps.family.name!r} model; set "
                              "model.family: auto")
-    for module in (comps.unet, comps.vae, *comps.text_encoders):
+    for module in (comps.denoiser, comps.vae, *comps.text_encoders):
         if next(module.parameters()).dtype != dtype:
             module.to(dtype)
         # Inference mode until a trainer says otherwise: built-in models are constructed in training mode, and

@@ -80,13 +80,15 @@ def build_clip_tokenizer(max_length: int = 77, pad_token: str = EOS) -> CLIPToke
     )
 
 
-def check_prompt_length(text: str, tokenizers, where: str = "prompt", model: str = "") -> None:
+def check_prompt_length(text: str, tokenizers, where: str = "prompt", model: str = "", limit: int | None = None) -> None:
     """Refuse ``text`` when it is longer than a text encoder's window (``tokenizers``: the model's; ``None``
-    entries are skipped): diffusers would cut it silently, and the image would ignore the words past the cut."""
+    entries are skipped; ``limit``: a window other than the tokenizer's own, e.g. T5's max_sequence_length):
+    diffusers would cut it silently, and the image would ignore the words past the cut."""
+    window = limit
     for tokenizer in tokenizers:
         if tokenizer is None:
             continue
-        limit = tokenizer.model_max_length
+        limit = window or tokenizer.model_max_length
         n = len(tokenizer(text, truncation=False).input_ids)
         if n > limit:
             of = f" of {model}" if model else ""

@@ -104,9 +104,12 @@ def micro_step(run: Run, batch) -> dict[str, torch.Tensor]:
             cond = components.encode(input_ids, encoders)
     res = run.config.data.resolution
     cond = family.add_image_conditioning(cond, batch["original_size"], batch["crop_top_left"], (res, res))
+    if run.guidance is not None:
+        cond = cond.replace(guidance=torch.full((latents.shape[0],), run.guidance, device=device))
 
     with run.accelerator.autocast():
-        model_pred = family.denoise(run.wrapped.get("unet", components.unet), noised.noisy_latents, noised.timesteps, cond)
+        denoiser = run.wrapped.get(components.denoiser_name, components.denoiser)
+        model_pred = family.denoise(denoiser, noised.noisy_latents, noised.timesteps, cond)
         model_pred = run.objective.output(model_pred, noised)
     step = TrainStep(model_pred=model_pred, target=noised.target, noisy_latents=noised.noisy_latents,
                      timesteps=noised.timesteps, cond=cond, input_ids=input_ids, is_prior=batch["is_prior"].to(device),

@@ -39,10 +39,13 @@ def validate(config: TrainConfig, components: Components, prompts: list[str], ac
     and sent to the trackers; the models sample without dropout and get their training mode back after."""
     if not accelerator.is_main_process:
         return None
-    v, res = config.validation, config.data.resolution
+    v, res, family = config.validation, config.data.resolution, components.family
+    # a guidance-distilled model is shown at the guidance it trains with, unless the user asks otherwise
+    guidance = v.guidance_scale or family.training_guidance(components.denoiser, config.training) or \
+        family.default_guidance_scale
     pipe = components.pipeline()
     pipe.set_progress_bar_config(disable=True)
-    modes = {m: m.training for m in (components.unet, *components.text_encoders)}
+    modes = {m: m.training for m in (components.denoiser, *components.text_encoders)}
     for m in modes:
         m.eval()  # no (LoRA) dropout while sampling
     images = []
@@ -52,8 +55,8 @@ def validate(config: TrainConfig, components: Components, prompts: list[str], ac
             images += generate(pipe, [prompt] * v.num_images_per_prompt, generators=generators,
                                autocast_dtype=None if weight_dtype == torch.float32 else weight_dtype,
                                negative_prompt=None if v.negative_prompt is None else [v.negative_prompt] * len(generators),
-                               num_inference_steps=v.num_inference_steps, guidance_scale=v.guidance_scale,
-                               height=res, width=res)
+                               num_inference_steps=v.num_inference_steps, guidance_scale=guidance,
+                               height=res, width=res, **family.pipeline_call_kwargs(components))
     finally:
         for m, was_training in modes.items():
             m.train(was_training)
@@ -108,7 +111,8 @@ def save_checkpoint(run, step: int, with_artifact: bool = True) -> None:
         if with_artifact and run.config.export.inference_artifact_in_checkpoints:
             artifact = write_artifact(run, tmp / CHECKPOINT_RESULT, step)
             write_json_atomic(tmp / CHECKPOINT_RESULT / RECORD_NAME,
-                              make_record(run.config, artifact, run.components.family.name, step))
+                              make_record(run.config, artifact, run.components.family.name, step,
+                                          run.resolved_settings))
         write_json_atomic(tmp / "trainer_state.json", {"global_step": step, "num_processes": accelerator.num_processes,
                                                        "config": run.config.model_dump(mode="json")})
         publish_dir(tmp, final)
@@ -128,4 +132,5 @@ def export_final(run, step: int) -> None:
 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    write_json_atomic(run.output_dir / RECORD_NAME, make_record(run.config, artifact, run.components.family.name, step))
+    write_json_atomic(run.output_dir / RECORD_NAME, make_record(run.config, artifact, run.components.family.name, step,
+                                          run.resolved_settings))

@@ -63,6 +63,15 @@ class Run:
     resume_from: Path | None
     float32_base: object = None  # float32 base modules for exports (outputs.Float32Base)
     lock: object = None  # the run folder's lock, held while training
+    guidance: float | None = None  # the embedded guidance a guidance-distilled denoiser trains with (FLUX.1-dev)
+
+    @property
+    def resolved_settings(self) -> dict:
+        """What the family's defaults resolved to (recorded in personalization.json beside the config)."""
+        settings = {"objective": self.objective.describe(), "guidance_scale": self.guidance}
+        if self.components.family.denoiser_name == "transformer":
+            settings["max_sequence_length"] = self.components.family.max_sequence_length(self.components)
+        return settings
 
 
 def prepare_run(config: TrainConfig) -> Run:
@@ -80,6 +89,12 @@ def prepare_run(config: TrainConfig) -> Run:
     check_optional_dependencies(t)
     instances = load_instance_examples(cfg.concepts, d.max_image_pixels)  # bad images fail before any output
     components = load_components(cfg.model, dtype=torch.float32)  # master weights; mixed precision casts later
+    family = components.family
+    family.check_training(t)
+    if t.max_sequence_length:
+        components.extras["max_sequence_length"] = t.max_sequence_length
+    objective = family.objective(components, t)  # refuses options of another family's objective
+    guidance = family.training_guidance(components.denoiser, t)
     method.check(components, t)  # e.g. an identifier to learn that is already a word: before class images
     priors = method.prior_examples(instances, PriorImages(cfg, components, accelerator))  # by the base model, as it is
     if t.prediction_type:  # validation and exports must sample with what the denoiser learns
@@ -128,9 +143,10 @@ def prepare_run(config: TrainConfig) -> Run:
     # Checkpoints hold the trainable tensors only (trainable.safetensors), not accelerate's full model copies.
     accelerator.register_save_state_pre_hook(lambda models, weights, out: weights.clear())
     accelerator.register_load_state_pre_hook(lambda models, inp: models.clear())
-    return Run(cfg, output_dir, components, method, wrapped, components.family.objective(components, t), prompt_ids,
+    return Run(cfg, output_dir, components, method, wrapped, objective, prompt_ids,
                latent_cache, text_cache, accelerator, vae_dtype, weight_dtype, dataset, optimizer, lr_scheduler,
-               [p for g in groups for p in g["params"]], validation_prompts, resume_from, Float32Base(cfg), lock)
+               [p for g in groups for p in g["params"]], validation_prompts, resume_from, Float32Base(cfg), lock,
+               guidance)
 
 
 def _accelerator(cfg: TrainConfig, output_dir: Path, method: Method) -> Accelerator:
@@ -201,15 +217,15 @@ def place(cfg: TrainConfig, components: Components, method: Method, accelerator,
     for module in method.frozen_modules():
         move(module, device, weight_dtype)
     if t.gradient_checkpointing:
-        if "unet" in method.trained:
-            components.unet.enable_gradient_checkpointing()
+        if components.denoiser_name in method.trained:
+            components.denoiser.enable_gradient_checkpointing()
         for name in components.text_encoder_names:
             if name in method.trained:
                 # non-reentrant: with frozen embeddings the reentrant variant would give LoRA no gradient
                 getattr(components, name).gradient_checkpointing_enable(
                     gradient_checkpointing_kwargs={"use_reentrant": False})
     if t.attention == "xformers" or (t.attention == "auto" and importable("xformers") and device.type == "cuda"):
-        components.unet.enable_xformers_memory_efficient_attention()
+        components.denoiser.enable_xformers_memory_efficient_attention()
     # otherwise diffusers' default processors already use torch's scaled_dot_product_attention
 
 

@@ -1,0 +1,113 @@
+"""What SD3/SD3.5 and FLUX.1 share: a transformer denoiser over image tokens with joint (MMDiT) attention, CLIP
+text encoders beside a T5 encoder, a 16-channel-style VAE with a shift factor, and the flow-matching objective
+(``flow_matching.py``).
+
+Text: the CLIP tokenizers read 77 tokens and their pipelines cut longer prompts (CLIP only gives the pooled
+vector and, for SD3, the first 77 sequence rows); T5 reads ``max_sequence_length`` tokens (``training.
+max_sequence_length``; pipeline defaults FLUX 512, SD3 256), and a prompt longer than that is an error here,
+where the pipelines would cut it. T5 never trains: text-encoder LoRA, learned tokens and SPL act on the CLIPs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError
+from .base import ModelFamily
+from .flow_matching import FlowMatchingObjective
+
+
+def device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def unwrapped(module: torch.nn.Module) -> torch.nn.Module:
+    return getattr(module, "module", module)  # DistributedDataParallel keeps the model in .module
+
+
+class TransformerFamily(ModelFamily):
+    denoiser_name = "transformer"
+    t5_name = ""  # the T5 encoder's component name
+    default_max_sequence_length = 256
+    default_timestep_sampling = "uniform"
+    latent_patch = 1  # latent pixels per image token side (FLUX packs 2x2; SD3: the transformer's patch size)
+
+    def max_sequence_length(self, components) -> int:
+        return components.extras.get("max_sequence_length") or self.default_max_sequence_length
+
+    def pipeline_call_kwargs(self, components) -> dict:
+        return {"max_sequence_length": self.max_sequence_length(components)}
+
+    def tokenize(self, components, prompts: list[str]) -> list[torch.Tensor]:
+        """CLIP ids at 77 (cut as the pipelines cut them), T5 ids at ``max_sequence_length`` (longer: an error)."""
+        from ..models.tokenizer import check_prompt_length
+
+        t5_length = self.max_sequence_length(components)
+        t5 = getattr(components, self.t5_name.replace("text_encoder", "tokenizer"), None)
+        ids = []
+        for name, tokenizer in zip(components.text_encoder_names, components.tokenizers):
+            is_t5 = name == self.t5_name
+            length = t5_length if is_t5 else tokenizer.model_max_length
+            if is_t5 or t5 is None:  # without T5 the CLIP window is the only one
+                for prompt in prompts:
+                    check_prompt_length(prompt, [tokenizer], limit=length)
+            ids.append(tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
+                                 return_tensors="pt").input_ids if prompts else torch.zeros(0, length, dtype=torch.long))
+        return ids
+
+    def objective(self, components, training) -> FlowMatchingObjective:
+        fm = training.flow_matching
+        return FlowMatchingObjective(
+            components.scheduler.config, timestep_sampling=fm.timestep_sampling or self.default_timestep_sampling,
+            logit_mean=fm.logit_mean, logit_std=fm.logit_std, mode_scale=fm.mode_scale,
+            loss_weighting=fm.loss_weighting or "none", precondition_outputs=fm.precondition_outputs,
+            shift=fm.shift, patch_size=self.latent_patch_of(components.denoiser))
+
+    def latent_patch_of(self, denoiser) -> int:
+        return self.latent_patch
+
+    def check_training(self, training) -> None:
+        if training.prediction_type or training.snr_gamma is not None or training.noise_offset:
+            raise ConfigError(f"training.prediction_type, snr_gamma and noise_offset are DDPM options; {self.name} "
+                              "models train with flow matching: use training.flow_matching.* instead")
+
+    def claims_denoiser(self, denoiser) -> bool:
+        return type(unwrapped(denoiser)).__name__ == self.transformer_class_name
+
+    def self_attention_names(self, denoiser) -> list[str]:
+        return [name for name, module in denoiser.named_modules() if name.endswith(".attn")]
+
+    def cross_attention_modules(self, denoiser) -> dict[str, torch.nn.Module]:
+        raise ConfigError(
+            f"{self.name} models have no separate cross-attention: text and image tokens share joint attention, so "
+            "Custom Diffusion (which trains cross-attention K/V) and cross-attention maps do not apply. Use "
+            "method.name: dreambooth with adapter: lora (optionally learned tokens: concepts[].initializer_token)")
+
+    def save_single_file(self, components, path, dtype, metadata) -> None:
+        raise ConfigError(f"export.single_file: writing a {self.name} transformer in the original single-file layout "
+                          "is not supported yet; the exported diffusers folder loads in diffusers, ComfyUI and "
+                          "A1111 (Forge) through their diffusers loaders. Set export.single_file: false")
+
+    # ------------------------------------------------------------------ tiny models
+
+    def _tiny_encoders(self, spec: dict, seed: int) -> dict:
+        """Seeded CLIP encoder(s) and a T5 encoder from a ``models/configs/tiny-*.json`` spec."""
+        import transformers
+
+        from ..models.t5_tokenizer import build_t5_tokenizer
+        from ..models.tiny import seeded, tokenizer_from_spec
+
+        built = {}
+        for i, name in enumerate(self.text_encoder_names):
+            config = dict(spec[name])
+            cls = getattr(transformers, config.pop("_class_name"))
+            tokenizer = name.replace("text_encoder", "tokenizer")
+            if name == self.t5_name:
+                built[tokenizer] = build_t5_tokenizer()
+                config.setdefault("vocab_size", len(built[tokenizer]))
+                config_cls = transformers.T5Config
+            else:
+                built[tokenizer] = tokenizer_from_spec(spec, f"{tokenizer}_pad_token")
+                config_cls = transformers.CLIPTextConfig
+            built[name] = seeded(seed + 2 + i, lambda: cls(config_cls(**config)))
+        return built
