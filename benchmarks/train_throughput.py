@@ -1,13 +1,24 @@
 """Training throughput and peak memory: our trainer vs a minimal plain-diffusers loop.
 
-The reference loop does what diffusers' ``examples/dreambooth/train_dreambooth.py`` does per step (full UNet
-fine-tune, frozen VAE and text encoder, accelerate, AdamW, constant LR, grad clipping at 1.0, torchvision
-transforms, a shuffled DataLoader), on the same components, images, batch, resolution and seed. Each run is a
-separate process, so peak RSS is per run.
+SD models (tiny-sd, sd15-arch): the reference loop does what diffusers' ``examples/dreambooth/train_dreambooth.py``
+does per step (full UNet fine-tune, frozen VAE and text encoder, accelerate, AdamW, constant LR, grad clipping at
+1.0, torchvision transforms, a shuffled DataLoader); ours trains ``method: {name: dreambooth, adapter: full}``.
+
+FLUX models (tiny-flux, flux-arch): the reference loop (``_flux_plain_loop.py``) does what diffusers'
+``examples/dreambooth/train_dreambooth_lora_flux.py`` does per step with its defaults (peft LoRA rank 4 on the
+transformer, per-step CLIP + T5 prompt encoding, VAE encode, flow-matching noise, packed latents, guidance 3.5,
+AdamW lr 1e-4); ours trains ``method: {name: dreambooth, adapter: lora}`` with the family's default targets (the
+script's) at the same rank, learning rate and weight decay, text embeddings encoded per step as the script does.
+
+Both sides use the same components, images, batch, resolution and seed. Each run is a separate process, so
+peak RSS is per run. The ``ours+cache`` row adds ``cache_latents`` and ``cache_text_embeddings``.
 
     python benchmarks/train_throughput.py                      # CPU: builtin:tiny-sd, 64 px, batch 4
     python benchmarks/train_throughput.py --model sd15-arch --resolution 512 --batch 1 --mixed-precision bf16 \
         --steps 30 --warmup 5                                   # GPU: SD-1.5 architecture, random weights
+    python benchmarks/train_throughput.py --model tiny-flux    # CPU: builtin:tiny-flux, 64 px, batch 4, DreamBooth LoRA
+    python benchmarks/train_throughput.py --model flux-arch --resolution 1024 --batch 1 --mixed-precision bf16 \
+        --steps 20 --warmup 3                                   # GPU: FLUX.1-dev architecture, random weights
 
 Prints steps/s, peak RSS (and on CUDA peak GPU memory and model FLOP utilisation) with the ratios.
 """
@@ -26,7 +37,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _flux_plain_loop
 
+MODELS = ["tiny-sd", "sd15-arch", "tiny-flux", "flux-arch"]
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 
@@ -34,17 +47,33 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def model_family(model: str) -> str:
+    from t2i_personal.models.tiny import builtin_spec
+
+    return builtin_spec(model)["family"]
+
+
 def run_ours(args, data_dir: Path, out_dir: Path, cache: bool) -> dict:
     from t2i_personal.config import TrainConfig
     from t2i_personal.training.trainer import Trainer
 
+    if model_family(args.model) == "flux":
+        from _flux_plain_loop import ADAM_WEIGHT_DECAY, LEARNING_RATE, RANK
+
+        # the family's default LoRA targets are the FLUX script's; rank/alpha, lr and weight decay its defaults
+        method = {"name": "dreambooth", "adapter": "lora", "lora": {"rank": RANK}}
+        optim = {"learning_rate": LEARNING_RATE, "adam_weight_decay": ADAM_WEIGHT_DECAY}
+    else:
+        method = {"name": "dreambooth", "adapter": "full"}
+        optim = {"learning_rate": 5e-6}
     cfg = TrainConfig.model_validate({
         "model": {"pretrained": f"builtin:{args.model}"},
         "concepts": [{"identifier": "sks", "class_noun": "dog", "instance_dir": str(data_dir)}],
-        "method": {"name": "dreambooth", "adapter": "full"},
+        "method": method,
         "data": {"resolution": args.resolution},
         "training": {"output_dir": str(out_dir), "seed": 0, "max_train_steps": args.steps + args.warmup,
-                     "train_batch_size": args.batch, "learning_rate": 5e-6, "mixed_precision": args.mixed_precision,
+                     "train_batch_size": args.batch, **optim, "mixed_precision": args.mixed_precision,
+                     "gradient_checkpointing": args.gradient_checkpointing,
                      "checkpointing_steps": 10**9, "report_to": "none", "progress_bar": False,
                      "cache_latents": cache, "cache_text_embeddings": cache},
     })
@@ -54,6 +83,17 @@ def run_ours(args, data_dir: Path, out_dir: Path, cache: bool) -> dict:
 
 
 def run_reference(args, data_dir: Path) -> dict:
+    if model_family(args.model) == "flux":
+        from _flux_plain_loop import prepare
+
+        loader, step, accelerator = prepare(args, data_dir)
+    else:
+        loader, step, accelerator = prepare_sd_reference(args, data_dir)
+    return timed_steps(args, loader, step, accelerator.device)
+
+
+def prepare_sd_reference(args, data_dir: Path):
+    """(loader, step, accelerator) of the ``train_dreambooth.py`` loop (full UNet fine-tune)."""
     import torch
     import torch.nn.functional as F
     from accelerate import Accelerator
@@ -94,6 +134,8 @@ def run_reference(args, data_dir: Path) -> dict:
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
     vae.to(accelerator.device, dtype=weight_dtype)
     text_encoder.to(accelerator.device, dtype=weight_dtype)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     unet.train()
 
     def step(batch):
@@ -115,11 +157,17 @@ def run_reference(args, data_dir: Path) -> dict:
             optimizer.zero_grad(set_to_none=True)
         return loss.detach().item()
 
+    return loader, step, accelerator
+
+
+def timed_steps(args, loader, step, device) -> dict:
+    """Seconds per step over ``warmup + steps`` steps (epochs repeat); on CUDA one extra, untimed step first
+    under torch's FLOP counter, for the model FLOP utilisation."""
     times, flops = [], None
     while len(times) < args.steps + args.warmup:
         start = time.perf_counter()  # like ours, a step's time includes fetching its batch
         for batch in loader:
-            if flops is None and accelerator.device.type == "cuda":
+            if flops is None and device.type == "cuda":
                 from torch.utils.flop_counter import FlopCounterMode
 
                 counter = FlopCounterMode(display=False)
@@ -156,16 +204,20 @@ def child(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny-sd", help="built-in architecture: tiny-sd (CPU) or sd15-arch (GPU)")
+    p.add_argument("--model", default="tiny-sd", choices=MODELS,
+                   help="built-in architecture: tiny-sd, tiny-flux (CPU) or sd15-arch, flux-arch (GPU)")
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--steps", type=int, default=60, help="timed steps per run")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per run (default: 60 SD, 30 FLUX)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+    p.add_argument("--gradient-checkpointing", action="store_true", help="both sides (e.g. flux-arch on an 80 GB GPU)")
     p.add_argument("--repeats", type=int, default=2, help="runs per variant; the best steps/s is kept")
     p.add_argument("--role", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.steps is None:
+        args.steps = 30 if model_family(args.model) == "flux" else 60
     if args.role:
         return child(args)
 
@@ -178,7 +230,8 @@ def main() -> None:
             for role in ("reference", "ours", "ours+cache"):
                 cmd = [sys.executable, __file__, "--role", role, "--data", str(Path(tmp) / "data"),
                        "--model", args.model, "--resolution", str(args.resolution), "--batch", str(args.batch),
-                       "--steps", str(args.steps), "--warmup", str(args.warmup), "--mixed-precision", args.mixed_precision]
+                       "--steps", str(args.steps), "--warmup", str(args.warmup), "--mixed-precision", args.mixed_precision,
+                       *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])]
                 env = {**os.environ, "HF_HUB_OFFLINE": "1"}
                 out = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]

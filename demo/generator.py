@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from t2i_personal.models.tokenizer import check_prompt_length
+from t2i_personal.models.tokenizer import check_pipeline_prompt
 from t2i_personal.errors import UserError
 
 from .errors import DemoError
@@ -60,7 +60,7 @@ class Generator:
 
         pipe = self.pipeline(result)
         pipe.set_progress_bar_config(disable=True)
-        check_prompt_length(prompt, (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)))
+        check_pipeline_prompt(prompt, pipe)
         adapters = pipe.get_active_adapters() if hasattr(pipe, "get_active_adapters") else []
         if adapters:
             pipe.set_adapters(adapters, adapter_weights=[lora_scale] * len(adapters))

@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--out", default="eval_out", help="output folder (default eval_out/)")
     gen = p.add_argument_group("generation")
     gen.add_argument("--steps", type=int, default=30)
-    gen.add_argument("--guidance", type=float, default=7.5)
+    gen.add_argument("--guidance", type=float, default=None,
+                     help="CFG scale (FLUX.1-dev: its embedded guidance); default: the guidance a result trained with, "
+                          "else its family's (SD/SDXL 7.5, SD3 7.0, FLUX 3.5)")
     gen.add_argument("--height", type=int, default=None, help="default: the model's training resolution")
     gen.add_argument("--width", type=int, default=None, help="default: the model's training resolution")
     gen.add_argument("--negative-prompt", default=None)

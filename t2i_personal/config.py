@@ -28,7 +28,7 @@ LR_SCHEDULERS = (
 
 class ModelConfig(Section):
     pretrained: str = Field("builtin:tiny-sd", description="hub id, local diffusers folder, single .safetensors file or builtin:NAME")
-    family: str = Field("auto", description="auto (recognised from the model) or a family name: sd, sdxl")
+    family: str = Field("auto", description="auto (recognised from the model) or a family name: sd, sdxl, sd3, flux")
     config_dir: str | None = Field(None, description="single-file checkpoints: local diffusers folder (or hub id) holding the architecture configs")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
     variant: str | None = Field(None, description="weights variant, e.g. fp16")
@@ -172,6 +172,7 @@ class TrainingConfig(Section):
     max_sequence_length: int | None = Field(None, ge=1, description="T5's token window (SD3, FLUX) in training and validation; null: the pipeline's default (FLUX 512, SD3 256)")
     cache_latents: bool = Field(False, description="encode every image (and its flip) once; needs center_crop")
     cache_text_embeddings: bool = Field(False, description="encode every prompt once; not with train_text_encoder")
+    offload_text_encoders: bool = Field(False, description="with cache_text_embeddings: the text encoders leave the GPU after caching (back only for validation); FLUX's T5-XXL alone is ~9 GB in bf16")
     checkpointing_steps: int = Field(500, ge=1, description="resumable checkpoint (with an inference artifact) every N steps")
     checkpoints_total_limit: int | None = Field(None, ge=1, description="keep only the newest N checkpoints")
     resume: str | None = Field(None, description="'latest' or a checkpoint folder")
@@ -223,6 +224,9 @@ class TrainConfig(Section):
         if t.cache_text_embeddings and m.train_text_encoder:
             raise ValueError("training.cache_text_embeddings cannot be used with method.train_text_encoder: "
                              "the embeddings change while the text encoder trains")
+        if t.offload_text_encoders and not t.cache_text_embeddings:
+            raise ValueError("training.offload_text_encoders needs training.cache_text_embeddings: true (without the "
+                             "cache every step runs the text encoders)")
         if t.cache_latents and not d.center_crop:
             raise ValueError("training.cache_latents needs data.center_crop: true (a random crop gives a new latent every epoch)")
         if t.cache_latents and d.rescale_augmentation:

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from conftest import base_config, run_training
 from t2i_personal import load_personalized
-from t2i_personal.config import TrainingConfig
+from t2i_personal.config import ModelConfig, TrainingConfig
 from t2i_personal.errors import ConfigError, ModelLoadError
 from t2i_personal.families import family_of_pipeline_class, family_of_single_file
 from t2i_personal.families.flow_matching import FlowMatchingObjective
@@ -305,3 +305,18 @@ def test_sdxl_lora_on_a_flux_base_is_a_clear_error(saved_bases, concept_dir, tmp
     record_path.write_text(json.dumps(record))
     with pytest.raises(ModelLoadError, match="trained on another base model"):
         load_personalized(tmp_path / "out")
+
+
+def test_flux_full_finetune_single_file_round_trip(saved_bases, concept_dir, tmp_path):
+    """export.single_file writes the transformer in FLUX's original layout; model.pretrained reads it back with
+    model.config_dir, giving the tuned model's image."""
+    cfg = flow_config(concept_dir, tmp_path / "out", str(saved_bases / "tiny-flux"), method={"name": "dreambooth"},
+                      export={"single_file": True})
+    tuned = generate(run_training(cfg).components.pipeline())
+    single = tmp_path / "out" / "model.safetensors"
+    assert "double_blocks.0.img_attn.qkv.weight" in load_file(str(single))
+    components = load_components(ModelConfig(pretrained=str(single), config_dir=str(saved_bases / "tiny-flux")))
+    assert components.family.name == "flux"
+    np.testing.assert_allclose(generate(components.pipeline()), tuned, atol=1e-5)
+    with pytest.raises(ModelLoadError, match="config_dir"):
+        load_components(ModelConfig(pretrained=str(single)))

@@ -188,8 +188,8 @@ def test_family_of_pipeline_class():
     assert family_of_pipeline_class("StableDiffusionImg2ImgPipeline").name == "sd"
     assert family_of_pipeline_class("StableDiffusionXLPipeline").name == "sdxl"
     assert family_of_pipeline_class("StableDiffusionXLImg2ImgPipeline").name == "sdxl"
-    with pytest.raises(ModelLoadError, match="FluxPipeline.*sd, sdxl"):
-        family_of_pipeline_class("FluxPipeline")
+    with pytest.raises(ModelLoadError, match="KandinskyPipeline.*flux, sd, sd3, sdxl"):
+        family_of_pipeline_class("KandinskyPipeline")
 
 
 def test_family_of_denoiser_and_pipeline(comps):
@@ -207,14 +207,15 @@ def test_family_of_denoiser_refuses_other_modules():
 
 def test_unknown_family_names_are_refused():
     assert family_named("sd").name == "sd" and family_named("sdxl").name == "sdxl"
-    with pytest.raises(ModelLoadError, match=r"unknown model family 'nope'; known: sd, sdxl"):
+    with pytest.raises(ModelLoadError, match=r"unknown model family 'nope'; known: flux, sd, sd3, sdxl"):
         family_named("nope")
     assert ModelConfig(family="sdxl").family == "sdxl"
-    with pytest.raises(ValidationError, match=r"unknown model family 'flux'.*sd, sdxl"):
-        ModelConfig(family="flux")
-    base = {"model": {"family": "flux"},
+    with pytest.raises(ValidationError, match=r"unknown model family 'kandinsky'.*flux, sd, sd3, sdxl"):
+        ModelConfig(family="kandinsky")
+    assert ModelConfig(family="flux").family == "flux"
+    base = {"model": {"family": "kandinsky"},
             "concepts": [{"identifier": "sks", "class_noun": "dog", "instance_dir": "photos"}]}
-    with pytest.raises(ConfigError, match=r"model\.family.*unknown model family 'flux'.*sd, sdxl"):
+    with pytest.raises(ConfigError, match=r"model\.family.*unknown model family 'kandinsky'.*flux, sd, sd3, sdxl"):
         load_config(base=base)
 
 

@@ -22,7 +22,7 @@ class GenerationOptions:
     ``+freecure`` sources, FreeCure's options."""
 
     steps: int = 30
-    guidance: float = 7.5
+    guidance: float | None = None  # None: the model's own (the guidance it trained with, else its family's CFG scale)
     height: int | None = None  # default: the model's training resolution
     width: int | None = None
     device: str | None = None
@@ -44,7 +44,7 @@ def generate(sources: Sequence[Source], prompts: Sequence[Sequence[Any]], jobs: 
     With an ``accelerate.PartialState`` of several processes, rank ``r`` takes jobs ``r, r + world, ...``.
     """
     from ..data.images import save_image_atomic
-    from ..inference.pipeline import load_personalized
+    from ..inference.pipeline import default_guidance, load_personalized
 
     if options.dtype not in _DTYPES:
         raise ConfigError(f"--dtype {options.dtype!r}: use one of {', '.join(_DTYPES)}")
@@ -66,6 +66,7 @@ def generate(sources: Sequence[Source], prompts: Sequence[Sequence[Any]], jobs: 
             pipe = load_personalized(source.model_dir, device=device, dtype=_DTYPES[options.dtype],
                                      allow_pickle=options.allow_pickle)
             check_prompt_tokens(pipe, prompts[s], source.name)
+            guidance = default_guidance(pipe)  # unless options.guidance is given
             if hasattr(pipe, "set_progress_bar_config"):
                 pipe.set_progress_bar_config(disable=True)
             if source.freecure:
@@ -79,7 +80,7 @@ def generate(sources: Sequence[Source], prompts: Sequence[Sequence[Any]], jobs: 
                 generator = torch.Generator(device="cpu").manual_seed(job.seed)
                 kwargs = {"negative_prompt": options.negative_prompt} if options.negative_prompt else {}
                 image = pipe(prompts[s][job.prompt].text, num_inference_steps=options.steps,
-                             guidance_scale=options.guidance, height=height, width=width, generator=generator,
+                             guidance_scale=options.guidance or guidance, height=height, width=width, generator=generator,
                              **kwargs).images[0]
                 save_image_atomic(image, job.path)
                 written += 1
@@ -91,11 +92,10 @@ def generate(sources: Sequence[Source], prompts: Sequence[Sequence[Any]], jobs: 
 def check_prompt_tokens(pipe, prompts: Sequence[Any], model: str) -> None:
     """Refuse a prompt longer than the text encoder's window before any image is drawn: diffusers would cut it
     silently, and CLIP-T would then score the image against words the model never read."""
-    from ..models.tokenizer import check_prompt_length
+    from ..models.tokenizer import check_pipeline_prompt
 
     for prompt in prompts:
-        check_prompt_length(prompt.text, (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)),
-                            prompt.source or "prompt", model)
+        check_pipeline_prompt(prompt.text, pipe, prompt.source or "prompt", model)
 
 
 class _FreeCureImages:

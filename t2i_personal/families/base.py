@@ -31,12 +31,18 @@ def tokenizer_name(text_encoder_name: str) -> str:
 class FreeCureDefaults:
     """FreeCure's released settings for a family (``t2i_personal/freecure``)."""
 
-    omega: float  # FASA's ω: 0.5 on SD-1.4 (Face2Diffusion), 1.5 on SDXL (PhotoMaker, InstantID)
+    omega: float  # FASA's ω: 0.5 on SD-1.4 (Face2Diffusion), 1.5 on SDXL (PhotoMaker, InstantID); 1.0 on MM-DiTs
     #: FASA layers: the last N decoder self-attentions (SDXL's released layer_idx 50-69: the last 20 of 70
     #: transformer blocks, all decoder); None: every self-attention of the last two decoder blocks with attention
-    fasa_decoder_blocks: int | None
+    #: (UNet families only)
+    fasa_decoder_blocks: int | None = None
     #: cross-attention maps are averaged over the layers at 1/map_factor of the latent side (32² at native size)
-    map_factor: int
+    #: (UNet families only)
+    map_factor: int = 2
+    #: where FASA acts: "self" (a UNet's self-attention, ``freecure/fasa.py``) or "joint" (an MM-DiT's joint
+    #: text-image attention, ``freecure/joint_fasa.py``: layers from ``default_joint_layers``, attribute maps from
+    #: ``default_map_layers``; ``fasa_decoder_blocks`` and ``map_factor`` do not apply)
+    attention: str = "self"
 
 
 @dataclass
@@ -142,6 +148,11 @@ class ModelFamily:
             check_prompt_length(prompt, components.tokenizers)
         return [tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                     return_tensors="pt").input_ids for tok in components.tokenizers]
+
+    def prompt_windows(self, pipe) -> list[tuple[object, int]]:
+        """(tokenizer, most tokens it reads) for each window of a loaded pipeline a prompt must fit in."""
+        names = [tokenizer_name(n) for n in self.text_encoder_names]
+        return [(t, t.model_max_length) for t in (getattr(pipe, n, None) for n in names) if t is not None]
 
     def encode(self, components, input_ids: list[torch.Tensor], text_encoders: list | None = None) -> Conditioning:
         """The text part of the conditioning, exactly as this family's diffusers pipeline computes it."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from diffusers import StableDiffusion3Pipeline
 
-from .base import Conditioning
+from .base import Conditioning, FreeCureDefaults
 from .transformer import TransformerFamily, device_of, unwrapped
 
 
@@ -26,6 +26,7 @@ class StableDiffusion3(TransformerFamily):
     t5_name = "text_encoder_3"
     default_max_sequence_length = 256
     default_guidance_scale = 7.0
+    freecure = FreeCureDefaults(omega=1.0, attention="joint")  # freecure/joint_fasa.py (DEFAULT_JOINT_OMEGA)
     default_timestep_sampling = "logit_normal"
     # diffusers' SD3 script: the attention projections of the joint blocks (image and text streams)
     lora_target_modules = {

@@ -55,6 +55,14 @@ class TransformerFamily(ModelFamily):
                                  return_tensors="pt").input_ids if prompts else torch.zeros(0, length, dtype=torch.long))
         return ids
 
+    def prompt_windows(self, pipe) -> list[tuple[object, int]]:
+        """T5's window (the pipeline cuts CLIP's at 77 by design: it only gives the pooled vector and the first rows)."""
+        t5 = getattr(pipe, self.t5_name.replace("text_encoder", "tokenizer"), None)
+        if t5 is None:
+            return super().prompt_windows(pipe)
+        record = getattr(pipe, "_t2i_personal_record", None) or {}
+        return [(t5, record.get("resolved", {}).get("max_sequence_length") or self.default_max_sequence_length)]
+
     def objective(self, components, training) -> FlowMatchingObjective:
         fm = training.flow_matching
         return FlowMatchingObjective(

@@ -16,6 +16,20 @@ from ..errors import ConfigError
 # line's --help, the evaluator) stays quick.
 
 
+def denoiser_of(pipe):
+    """The pipeline's denoiser: its UNet, or (FLUX, SD3) its transformer; ``None`` when it has neither."""
+    unet = getattr(pipe, "unet", None)
+    return unet if unet is not None else getattr(pipe, "transformer", None)
+
+
+def _custom_diffusion(pipe) -> dict:
+    """Stock processors for the UNet's Custom Diffusion ones (a transformer's joint attention carries none)."""
+    from ..methods.custom_diffusion import foundation_processors
+
+    unet = getattr(pipe, "unet", None)
+    return foundation_processors(unet) if unet is not None else {}
+
+
 def _lora_adapters(pipe) -> bool:
     try:
         return any(pipe.get_list_adapters().values())
@@ -41,23 +55,22 @@ class SharedFoundation:
 
     @contextmanager
     def active(self):
-        from ..methods.custom_diffusion import foundation_processors
-
         pipe = self.pipe
         lora = _lora_adapters(pipe)
-        original = dict(pipe.unet.attn_processors)
-        stock = foundation_processors(pipe.unet)
+        denoiser = denoiser_of(pipe)
+        stock = _custom_diffusion(pipe)
+        original = dict(denoiser.attn_processors) if stock else {}
         scheduler = pipe.scheduler
         pipe.scheduler = _foundation_scheduler(pipe)
         if lora:
             pipe.disable_lora()
         if stock:
-            pipe.unet.set_attn_processor({**original, **stock})
+            denoiser.set_attn_processor({**original, **stock})
         try:
             yield pipe
         finally:
             if stock:
-                pipe.unet.set_attn_processor(original)
+                denoiser.set_attn_processor(original)
             if lora:
                 pipe.enable_lora()
             pipe.scheduler = scheduler
@@ -79,12 +92,11 @@ def build_foundation(pipe, foundation=None, allow_pickle: bool = False) -> Share
     ``load_personalized``, its recorded base model), a pipeline, or a base-model source (``builtin:...``, hub id,
     folder, file)."""
     from ..inference.pipeline import base_model_config, personalization_record
-    from ..methods.custom_diffusion import foundation_processors
 
     if foundation is None:
         record = personalization_record(pipe)
         personalized_weights = record is not None and record["artifact"]["type"] == "pipeline"
-        adapters = _lora_adapters(pipe) or bool(foundation_processors(pipe.unet))
+        adapters = _lora_adapters(pipe) or bool(_custom_diffusion(pipe))
         if adapters or (record is not None and not personalized_weights):
             return SharedFoundation(pipe)
         if not personalized_weights:
@@ -96,13 +108,15 @@ def build_foundation(pipe, foundation=None, allow_pickle: bool = False) -> Share
 
     if isinstance(foundation, (str, dict)):
         foundation = _load_base(foundation, pipe, allow_pickle)
-    if not hasattr(foundation, "unet"):
+    if denoiser_of(foundation) is None:
         raise ConfigError(f"foundation must be a diffusers pipeline or a model source, not {type(foundation).__name__}")
-    family = family_of_denoiser(pipe.unet)
-    if family_of_denoiser(foundation.unet) is not family or (
-            family.self_attention_names(foundation.unet) != family.self_attention_names(pipe.unet)):
-        raise ConfigError("the foundation and the personalized pipeline have different UNet architectures: FASA "
-                          "mixes their self-attention layer by layer, so they must share one (family and blocks)")
+    mine, theirs = denoiser_of(pipe), denoiser_of(foundation)
+    family = family_of_denoiser(mine)
+    if family_of_denoiser(theirs) is not family or (
+            family.self_attention_names(theirs) != family.self_attention_names(mine)):
+        kind = "UNet" if getattr(pipe, "unet", None) is not None else "transformer"
+        raise ConfigError(f"the foundation and the personalized pipeline have different {kind} architectures: FASA "
+                          "mixes their attention layer by layer, so they must share one (family and blocks)")
     foundation.scheduler = _foundation_scheduler(pipe)  # the same sampler for both passes
     if hasattr(foundation, "set_progress_bar_config"):
         foundation.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
@@ -117,6 +131,7 @@ def _load_base(source: str | dict, pipe, allow_pickle: bool):
     settings = {"pretrained": source} if isinstance(source, str) else {
         k: v for k, v in source.items() if k in ModelConfig.model_fields}
     cfg = ModelConfig(**{**settings, "allow_pickle": allow_pickle})  # the caller's choice, never a record's
-    base = load_components(cfg, dtype=pipe.unet.dtype).pipeline()
-    base.to(pipe.unet.device)
+    denoiser = denoiser_of(pipe)
+    base = load_components(cfg, dtype=denoiser.dtype).pipeline()
+    base.to(denoiser.device)
     return base

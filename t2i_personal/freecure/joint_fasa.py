@@ -331,6 +331,7 @@ class _JointFasaProcessor:
         raise NotImplementedError
 
     def _attend(self, query, key, value, image: slice, text: slice, attention_mask=None) -> torch.Tensor:
+        """``[B, heads, S, d]`` in, the attention out; ``image``/``text``: where each sits in the sequence."""
         state = self.state
         cond = state.conditional_rows(query.shape[0])
         has_cond = cond.start < cond.stop
@@ -338,13 +339,15 @@ class _JointFasaProcessor:
             self.maps.add(self.name, query[cond, :, image], key[cond], text)
         if self.fasa and state.mode == "record" and has_cond:
             state.keep(self.name, key[cond, :, image], value[cond, :, image])
-        samples = state.repaired_samples(query[:, :, image].shape[2]) if (
-            self.fasa and state.mode == "repair" and has_cond) else []
+        repairing = self.fasa and state.mode == "repair" and has_cond
+        samples = state.repaired_samples(len(range(query.shape[2])[image])) if repairing else []
         if not samples:
             return self._plain(query, key, value, attention_mask)
         if attention_mask is not None:
             raise RuntimeError(f"joint FASA does not combine with an attention mask ({self.name})")
 
+        # each output once: rows without a mask through the stock call, the repaired rows' text queries plainly,
+        # their image queries through FASA
         rows = [cond.start + i for i in samples]
         others = [r for r in range(query.shape[0]) if r not in rows]
         out = torch.empty_like(query)

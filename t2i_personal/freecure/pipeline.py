@@ -14,6 +14,13 @@ One call:
 
 About 2× a plain generation (one foundation and one personalized pass) where the released code runs two dual
 passes (≈4×); ``benchmarks/freecure_cost.py`` measures it.
+
+MM-DiT pipelines (FLUX.1, SD3/3.5; their family's ``FreeCureDefaults.attention == "joint"``) run the same steps with
+:mod:`.joint_fasa`: FASA on the image queries of the joint text-image attention (``layers``: its module names or
+patterns, default :func:`.joint_fasa.default_joint_layers`), and ``mask_source="cross_attention"`` reads the joint
+attention's image→text maps (:class:`.joint_fasa.JointAttentionMaps`) at the attribute's tokens (FLUX: T5's
+positions; SD3: the first CLIP's). Masks are thresholded at token resolution. APG (DDIM inversion of an
+ε-prediction UNet) is not available there and is refused when it would run.
 """
 
 from __future__ import annotations
@@ -31,10 +38,12 @@ from ..errors import ConfigError, ModelLoadError
 from ..inference.sampling import decode_latents
 from . import apg as apg_module
 from .fasa import FasaState, FoundationAwareSelfAttention, family_defaults, resolve_layers
-from .foundation import build_foundation
+from .foundation import build_foundation, denoiser_of
 from .masks import (DEFAULT_FACE_PARSER, FACE_ATTRIBUTES, TOY_FACE_PARSER, CrossAttentionRecorder, FaceParser,
                     attribute_list, cross_attention_mask, face_attribute, face_parsing_mask, find_attributes,
                     is_person, load_face_parser, map_layers, mask_image, token_positions, user_mask)
+from .joint_fasa import (JointAttentionMaps, JointFasaState, installed, joint_fasa_processors, model_kind,
+                         resolve_joint_layers, text_token_positions, token_grid, token_patch)
 from .options import FreeCureOptions
 
 
@@ -91,6 +100,20 @@ class FreeCureOutput:
         return canvas
 
 
+def _joint_defaults(transformer):
+    """``(model kind, FreeCureDefaults)`` of an MM-DiT, or a ConfigError saying what is supported."""
+    from ..families import family_of_denoiser
+
+    try:
+        kind = model_kind(transformer)
+    except TypeError as exc:
+        raise ConfigError(f"FreeCure: {exc}") from None
+    defaults = family_of_denoiser(transformer).freecure
+    if defaults is None or defaults.attention != "joint":
+        raise ConfigError(f"FreeCure has no joint-attention settings for {type(transformer).__name__} models")
+    return kind, defaults
+
+
 def to_foundation_prompt(prompt: str, concepts) -> str:
     """The prompt with each identifier removed and its class noun kept: "a sks dog in a hat" -> "a dog in a hat"."""
     for identifier, class_noun in concepts:
@@ -129,8 +152,14 @@ class FreeCure:
         options = replace(options or FreeCureOptions(), **overrides).check()
         self.options = options
         self.pipe = pipe
-        self.layers = resolve_layers(pipe.unet, options.layers)
-        self.omega = family_defaults(pipe.unet).omega if options.omega is None else float(options.omega)
+        self.joint = getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is not None
+        if self.joint:  # MM-DiT (FLUX, SD3): joint_fasa
+            self.kind, defaults = _joint_defaults(pipe.transformer)
+            self.layers = resolve_joint_layers(pipe.transformer, options.layers)
+        else:
+            defaults = family_defaults(pipe.unet)
+            self.layers = resolve_layers(pipe.unet, options.layers)
+        self.omega = defaults.omega if options.omega is None else float(options.omega)
         self.attributes = options.attributes
         self.mask_source = options.mask_source
         self.apg, self.apg_gamma = options.apg, options.apg_gamma
@@ -155,7 +184,7 @@ class FreeCure:
 
     def face_parser(self) -> FaceParser:
         if not isinstance(self._face_parser, FaceParser):
-            self._face_parser = load_face_parser(self._face_parser, self.pipe.unet.device, self.allow_pickle)
+            self._face_parser = load_face_parser(self._face_parser, denoiser_of(self.pipe).device, self.allow_pickle)
         return self._face_parser
 
     def _plan_attributes(self, prompts: list[str], attributes) -> tuple[dict, dict, dict]:
@@ -198,8 +227,7 @@ class FreeCure:
         positions = {}
         for a, source in plan.items():
             if source == "cross_attention":
-                positions[a] = [token_positions(self.pipe.tokenizer, p, a) if use else []
-                                for p, use in zip(prompts, applies[a])]
+                positions[a] = [self._token_positions(p, a) if use else [] for p, use in zip(prompts, applies[a])]
                 if not any(positions[a]):
                     raise ConfigError(f"FreeCure attribute {a!r} does not occur in the prompt {prompts[0]!r}: a "
                                       "cross-attention mask needs the attribute's words in the prompt")
@@ -214,11 +242,28 @@ class FreeCure:
                 if labels is None:  # one parse of the foundation images serves every attribute
                     labels = self.face_parser().parse(foundation_images)
                 mask = face_parsing_mask(self.face_parser(), labels, attribute, latent_shape)
+            elif self.joint:  # joint attention maps: thresholded per token, each token covering patch² latent cells
+                tokens = maps.mask(positions[attribute], self._grid(latent_shape))
+                patch = latent_shape[0] // tokens.shape[-2]
+                mask = tokens.repeat_interleave(patch, dim=-2).repeat_interleave(patch, dim=-1)
             else:
                 mask = cross_attention_mask(maps, positions[attribute], latent_shape)
             where = torch.tensor(applies[attribute], dtype=mask.dtype).view(-1, 1, 1, 1)
             per_attribute[attribute] = mask * where
         return per_attribute
+
+    def _token_positions(self, prompt: str, phrase: str) -> list[int]:
+        """Where ``phrase``'s tokens are in the text the attention maps are read at: the UNet's CLIP tokens; FLUX's
+        T5 sequence (``tokenizer_2``); SD3's first CLIP (its 77 CLIP rows come first in the joint sequence)."""
+        if not self.joint:
+            return token_positions(self.pipe.tokenizer, prompt, phrase)
+        tokenizer = self.pipe.tokenizer_2 if self.kind == "flux" else self.pipe.tokenizer
+        return text_token_positions(tokenizer, prompt, phrase)
+
+    def _grid(self, latent_shape) -> tuple[int, int]:
+        """The image-token grid of a latent-resolution shape (joint models)."""
+        patch = token_patch(self.pipe.transformer)
+        return latent_shape[0] // patch, latent_shape[1] // patch
 
     # --------------------------------------------------------------------------------------------------- passes
 
@@ -261,6 +306,34 @@ class FreeCure:
         finally:
             state.cache.clear()
 
+    def _joint_foundation_pass(self, state: JointFasaState, plan: dict, run, prompts: list[str], size):
+        """MM-DiT: the foundation's images and, for attention masks, its :class:`JointAttentionMaps`; its
+        conditional image K/V of the FASA layers go to ``state.cache``."""
+        maps = JointAttentionMaps() if "cross_attention" in plan.values() else None
+        with self.foundation.active() as base:
+            processors = joint_fasa_processors(base.transformer, state, self.layers, maps=maps)
+            state.start("record")
+            with installed(base.transformer, processors, state):
+                latents = run(base, prompts)
+            return self._decode(base, latents, size), maps
+
+    def _joint_repair_pass(self, state: JointFasaState, run, prompts: list[str]) -> torch.Tensor:
+        state.start("repair")
+        processors = joint_fasa_processors(self.pipe.transformer, state, self.layers)
+        try:
+            with installed(self.pipe.transformer, processors, state):
+                return run(self.pipe, prompts)
+        finally:
+            state.cache.clear()
+
+    def _decode(self, pipe, latents, size) -> list:
+        """Images from ``output_type="latent"`` latents (FLUX's packed tokens unpacked first)."""
+        if self.joint:
+            from ..families import family_of_pipeline
+
+            latents = family_of_pipeline(pipe).unpack_latents(pipe, latents, *size)
+        return decode_latents(pipe, latents)
+
     def _run(self, pipe, prompts, generators, states, kwargs) -> torch.Tensor:
         for g, s in zip(generators, states):
             g.set_state(s)
@@ -290,11 +363,19 @@ class FreeCure:
         generators = self._generators(seed, generator, batch)
         states = [g.get_state() for g in generators]
         pipe = self.pipe
-        sample = pipe.unet.config.sample_size
-        sample = sample if isinstance(sample, int) else sample[0]
+        if self.joint:  # the pipeline's own default size; masks at latent resolution, whole tokens
+            self._check_joint_call(prompts)
+            sample = pipe.default_sample_size
+        else:
+            sample = pipe.unet.config.sample_size
+            sample = sample if isinstance(sample, int) else sample[0]
         height = height or sample * pipe.vae_scale_factor
         width = width or sample * pipe.vae_scale_factor
         latent_shape = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+        if self.joint:
+            grid = token_grid(pipe.transformer, height, width, pipe.vae_scale_factor)
+            patch = token_patch(pipe.transformer)
+            latent_shape = (grid[0] * patch, grid[1] * patch)
         if guidance_scale is None:  # the pipeline's own default (7.5 for SD-1.x/2.x, 5.0 for SDXL)
             guidance_scale = inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default
         kwargs = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
@@ -302,40 +383,64 @@ class FreeCure:
         plan, applies, positions = self._plan_attributes(foundation_prompts,
                                                          self.attributes if attributes is None else attributes)
 
-        state = FasaState(omega=self.omega, batch=batch, cache_device=self.cache_device)
+        if self.joint:
+            state = JointFasaState.for_transformer(pipe.transformer, batch, omega=self.omega,
+                                                   cache_device=self.cache_device)
+        else:
+            state = FasaState(omega=self.omega, batch=batch, cache_device=self.cache_device)
 
         def run(target, texts):  # every pass starts from the same generator state: the same initial latent
             return self._run(target, texts, generators, states, kwargs)
 
         foundation_images: list = []
         per_attribute: dict = {}
+        size = (height, width)
         if plan:  # else nothing to repair (no attribute named): only the plain generation runs
-            maps: dict = {}
-            foundation_images = self._foundation_pass(state, maps, plan, run, foundation_prompts)
+            if self.joint:
+                foundation_images, maps = self._joint_foundation_pass(state, plan, run, foundation_prompts, size)
+            else:
+                maps = {}
+                foundation_images = self._foundation_pass(state, maps, plan, run, foundation_prompts)
             per_attribute = self._masks(plan, applies, positions, maps, foundation_images, batch, latent_shape)
         union = torch.zeros(batch, 1, *latent_shape)
         for m in per_attribute.values():
             union = torch.maximum(union, m.cpu())
-        state.masks = union.to(pipe.unet.device)
-        latents = self._repair_pass(state, run, prompts) if plan else run(pipe, prompts)
+        state.masks = union.to(denoiser_of(pipe).device)
+        repair = self._joint_repair_pass if self.joint else self._repair_pass
+        latents = repair(state, run, prompts) if plan else run(pipe, prompts)
         unrepaired = None if plan else latents
-        latents, before_apg = self._apg(latents, prompts, negatives, num_inference_steps, guidance_scale, height,
-                                        width, pipe_kwargs)
-        images = decode_latents(pipe, latents)
+        if self.joint:  # APG was refused before sampling (_check_joint_call)
+            before_apg = None
+        else:
+            latents, before_apg = self._apg(latents, prompts, negatives, num_inference_steps, guidance_scale, height,
+                                            width, pipe_kwargs)
+        images = self._decode(pipe, latents, size)
 
         personalized = None
         if compare:
-            personalized = decode_latents(pipe, unrepaired if unrepaired is not None else run(pipe, prompts))
+            personalized = self._decode(pipe, unrepaired if unrepaired is not None else run(pipe, prompts), size)
         size = images[0].size
         masks = [{a: mask_image(m[i], size) for a, m in per_attribute.items()} for i in range(batch)]
+        sources = {a: "joint_attention" if self.joint and s == "cross_attention" else s for a, s in plan.items()}
         return FreeCureOutput(
             images=images, foundation_images=foundation_images, masks=masks,
             mask=[mask_image(union[i], size) for i in range(batch)], attributes=list(plan),
-            mask_sources=dict(plan), prompts=prompts, foundation_prompts=foundation_prompts,
+            mask_sources=sources, prompts=prompts, foundation_prompts=foundation_prompts,
             apg_applied=before_apg is not None, before_apg=before_apg, personalized_images=personalized,
             settings={"omega": self.omega, "layers": list(self.layers), "apg_gamma": self.apg_gamma,
                       "steps": num_inference_steps, "guidance_scale": guidance_scale, "height": height,
                       "width": width})
+
+    def _check_joint_call(self, prompts: list[str]) -> None:
+        """Before sampling on an MM-DiT: refuse what only the UNet path does (APG)."""
+        if self.apg and self.apg_gamma > 0:
+            words = sorted({w for p in prompts for w in apg_module.expression_words_in(p, self.expression_words)})
+            if words:
+                raise ConfigError(
+                    f"FreeCure option apg: APG (expression repair for {', '.join(words)!s}) DDIM-inverts an "
+                    f"epsilon-prediction UNet and is not available for {self.kind.upper()} (flow-matching "
+                    "transformer) pipelines. Pass apg=False (or apg_gamma=0) to repair the attributes with joint "
+                    "FASA only, or remove the expression words from the prompt")
 
     def _prompts(self, prompt, foundation_prompt, negative_prompt, per_prompt: int):
         """The personalized, foundation and negative prompts, one per image."""

@@ -35,6 +35,13 @@ def load_personalized_components(output_dir: str | Path, dtype: torch.dtype | No
                                      dtype=dtype)
     else:
         components = load_components(base_model_config(record, allow_pickle), dtype=dtype)
+        trained_on = record.get("family")
+        if trained_on and trained_on != components.family.name:  # diffusers would skip every key with a warning
+            raise ModelLoadError(
+                f"{folder}: its {artifact['type']} weights were trained on an {trained_on!r} model, but the base model "
+                f"{record['base_model'].get('pretrained')!r} is an {components.family.name!r} model; these weights "
+                f"were trained on another base model. Point base_model.pretrained in {RECORD_NAME} at the "
+                f"{trained_on} model they were trained on.")
         override = record.get("config", {}).get("training", {}).get("prediction_type")
         if override:  # the adapter learned this parameterisation, whatever the base model's scheduler says
             components.extras["base_prediction_type"] = components.scheduler.config.prediction_type
@@ -80,3 +87,17 @@ def personalization_record(pipe) -> dict | None:
     """The record :func:`load_personalized` attached to ``pipe`` (concepts, base model, config, ...); ``None`` for a
     pipeline it did not load."""
     return getattr(pipe, "_t2i_personal_record", None)
+
+
+def default_guidance(pipe) -> float:
+    """The guidance a result is shown at when none is asked for: the embedded guidance it trained with (FLUX.1-dev),
+    else its family's usual CFG scale (SD/SDXL 7.5, SD3 7.0, FLUX 3.5)."""
+    from ..families import family_of_pipeline
+
+    record = personalization_record(pipe) or {}
+    if record.get("resolved", {}).get("guidance_scale"):
+        return record["resolved"]["guidance_scale"]
+    try:
+        return family_of_pipeline(pipe).default_guidance_scale
+    except ModelLoadError:  # a pipeline-like object of no family
+        return 7.5

@@ -17,7 +17,7 @@ from ..errors import ModelLoadError
 from ..weights import HUB_ID, PICKLE_SUFFIXES, check_pipeline_dir, offline_error
 from ..families import family_named, family_of_pipeline_class, family_of_single_file
 from .components import Components
-from .tiny import build_tiny
+from .tiny import build_tiny, builtin_names
 
 SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 # Built-in names backed by trained weights shipped in the package (the others are seeded random tiny models).
@@ -44,7 +44,7 @@ def load_components(cfg: ModelConfig | str, dtype: torch.dtype | None = None) ->
     else:
         raise ModelLoadError(
             f"model.pretrained = {src!r} is not a folder, a .safetensors file, a hub id (org/name) or a built-in "
-            "name (builtin:toy, builtin:tiny-sd, builtin:tiny-sd2, builtin:tiny-sdxl).")
+            "name (builtin:toy, " + ", ".join(f"builtin:{n}" for n in builtin_names()) + ").")
     if cfg.family != "auto" and comps.family.name != cfg.family:
         raise ModelLoadError(f"model.family is {cfg.family!r} but {src} is an {comps.family.name!r} model; set "
                              "model.family: auto")
@@ -118,6 +118,8 @@ def _from_single_file(path: Path, cfg: ModelConfig, dtype) -> Components:
         family = family_named(cfg.family)
     else:
         family = _single_file_family(path) if path.suffix.lower() == ".safetensors" else family_of_single_file(None)
+    if hasattr(family, "from_single_file"):  # a transformer-only file (FLUX): the rest comes from config_dir
+        return family.components_from_pipeline(family.from_single_file(path, cfg, dtype), str(path))
     kwargs: dict = dict(torch_dtype=dtype, **family.pipeline_kwargs)
     if cfg.config_dir:
         kwargs["config"] = cfg.config_dir

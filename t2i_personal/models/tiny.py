@@ -1,4 +1,5 @@
-"""Built-in tiny models (``builtin:tiny-sd``, ``builtin:tiny-sd2``, ``builtin:tiny-sdxl``).
+"""Built-in tiny models (``builtin:tiny-sd``, ``-sd2``, ``-sdxl``, ``-sd3``, ``-flux``, ``-flux-schnell``) and the
+real architectures with random weights for GPU benchmarks (``builtin:sd15-arch``, ``sd3-arch``, ``flux-arch``).
 
 Architectures are data: each is a JSON file in ``models/configs/`` holding the diffusers/transformers configs and
 its ``family``, which builds the components. Weights are random but seeded, so every machine builds bit-identical

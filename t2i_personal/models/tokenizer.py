@@ -94,3 +94,17 @@ def check_prompt_length(text: str, tokenizers, where: str = "prompt", model: str
             of = f" of {model}" if model else ""
             raise ConfigError(f"{where}: {text!r} is {n} tokens long; the text encoder{of} reads at most {limit} "
                               "(start and end tokens included). Shorten the prompt or caption.")
+
+
+def check_pipeline_prompt(text: str, pipe, where: str = "prompt", model: str = "") -> None:
+    """:func:`check_prompt_length` against every window of a loaded pipeline, as its model family defines them."""
+    from ..errors import ModelLoadError
+    from ..families import family_of_pipeline
+
+    try:
+        windows = family_of_pipeline(pipe).prompt_windows(pipe)
+    except ModelLoadError:  # a pipeline-like object of no family: its tokenizers' own windows
+        tokenizers = (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None))
+        windows = [(t, t.model_max_length) for t in tokenizers if t is not None]
+    for tokenizer, limit in windows:
+        check_prompt_length(text, [tokenizer], where, model, limit=limit)

@@ -48,6 +48,9 @@ def validate(config: TrainConfig, components: Components, prompts: list[str], ac
     modes = {m: m.training for m in (components.denoiser, *components.text_encoders)}
     for m in modes:
         m.eval()  # no (LoRA) dropout while sampling
+    offloaded = config.training.offload_text_encoders
+    for encoder in components.text_encoders if offloaded else ():
+        encoder.to(accelerator.device)
     images = []
     try:
         for i, prompt in enumerate(prompts):
@@ -60,6 +63,8 @@ def validate(config: TrainConfig, components: Components, prompts: list[str], ac
     finally:
         for m, was_training in modes.items():
             m.train(was_training)
+        for encoder in components.text_encoders if offloaded else ():
+            encoder.to("cpu")
     path = save_image_atomic(make_image_grid(images, rows=len(prompts)),
                              Path(config.training.output_dir) / "validation" / f"step-{step:06d}.png")
     _send_to_trackers(accelerator, images, [p for p in prompts for _ in range(v.num_images_per_prompt)], step)

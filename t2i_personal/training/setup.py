@@ -127,6 +127,11 @@ def prepare_run(config: TrainConfig) -> Run:
     latent_cache = cache_latents(components, dataset, accelerator, vae_dtype, d.random_flip) if t.cache_latents else None
     with torch.no_grad():
         text_cache = components.encode(prompt_ids) if t.cache_text_embeddings else None
+    if t.offload_text_encoders:
+        for encoder in components.text_encoders:
+            encoder.to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     scale = t.train_batch_size * t.gradient_accumulation_steps * accelerator.num_processes if t.scale_lr else 1
     groups = method.trainable_parameters(components, LearningRates(**t.learning_rates(scale)))
