@@ -90,3 +90,18 @@ def python_subprocess_env() -> dict:
 
 
 PYTHON = sys.executable
+
+
+@pytest.fixture(scope="module")
+def comps():
+    """``comps("tiny-sd")``: a built-in model's components, built once per test module."""
+    from t2i_personal.models.loading import load_components
+
+    cache: dict = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = load_components(f"builtin:{name}")
+        return cache[name]
+
+    return get

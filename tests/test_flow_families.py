@@ -36,18 +36,6 @@ FLOW_MODELS = ["tiny-flux", "tiny-sd3"]
 
 
 @pytest.fixture(scope="module")
-def comps():
-    cache: dict = {}
-
-    def get(name: str):
-        if name not in cache:
-            cache[name] = load_components(f"builtin:{name}")
-        return cache[name]
-
-    return get
-
-
-@pytest.fixture(scope="module")
 def saved_bases(tmp_path_factory):
     root = tmp_path_factory.mktemp("flow-bases")
     for name in ("tiny-flux", "tiny-sd3", "tiny-sdxl"):

@@ -40,18 +40,6 @@ RESULTS_V1 = Path(__file__).resolve().parent / "artifacts" / "results-v1"
 PROMPTS = ["a photo of sks dog", "an oil painting of a cat on the beach"]
 
 
-@pytest.fixture(scope="module")
-def comps():
-    cache: dict = {}
-
-    def get(name: str):
-        if name not in cache:
-            cache[name] = load_components(f"builtin:{name}")
-        return cache[name]
-
-    return get
-
-
 # ------------------------------------------------------------------------------------------- conditioning
 
 
