@@ -8,6 +8,11 @@ conditional K/V of the FASA layers and runs the personalized pass alone (target 
 
     python benchmarks/freecure_cost.py                                   # tiny SD-1 and tiny SDXL shapes, CPU
     python benchmarks/freecure_cost.py --model sd15-arch --resolution 512 --device cuda --dtype float16
+    python benchmarks/freecure_cost.py --model tiny-flux --model tiny-sd3        # MM-DiTs: joint FASA, 64 px
+
+FLUX / SD3 (``--model tiny-flux``, ``tiny-sd3``; ``flux-arch``, ``sd3-arch`` on a GPU) get the LoRA on the
+transformer's attention projections and run FreeCure through ``freecure/joint_fasa.py`` (joint-attention maps
+for the mask, FASA on the default joint layers).
 
 Prints, per model, seconds per plain generation, seconds per FreeCure generation (best of ``--repeats``, the two
 run alternately after one warm-up each) and their ratio.
@@ -35,8 +40,9 @@ def personalized_pipe(name: str, device: str, dtype):
     pipe = build_tiny(name).pipeline()
     pipe.set_progress_bar_config(disable=True)
     torch.manual_seed(0)
-    pipe.unet.add_adapter(LoraConfig(r=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                     init_lora_weights=False))
+    denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+    denoiser.add_adapter(LoraConfig(r=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                    init_lora_weights=False))
     return pipe.to(device=device, dtype=dtype) if dtype != torch.float32 else pipe.to(device)
 
 
@@ -62,7 +68,8 @@ def best_of_interleaved(fns, repeats: int, device: str) -> list[float]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", default=None,
-                   help="built-in architecture (repeatable): tiny-sd, tiny-sdxl (default both), sd15-arch (GPU)")
+                   help="built-in architecture (repeatable): tiny-sd, tiny-sdxl (default both), tiny-flux, tiny-sd3, "
+                        "sd15-arch (GPU)")
     p.add_argument("--resolution", type=int, default=None, help="default: the model's own (64 px for the tiny ones)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=5)
@@ -81,8 +88,11 @@ def main(argv=None) -> int:
     print(f"device: {device_name}; torch {torch.__version__}; steps {args.steps}; {args.dtype}; APG off")
     for name in args.model or ["tiny-sd", "tiny-sdxl"]:
         pipe = personalized_pipe(name, args.device, getattr(torch, args.dtype))
-        sample = pipe.unet.config.sample_size
-        size = args.resolution or (sample if isinstance(sample, int) else sample[0]) * pipe.vae_scale_factor
+        if getattr(pipe, "unet", None) is not None:
+            sample = pipe.unet.config.sample_size
+            size = args.resolution or (sample if isinstance(sample, int) else sample[0]) * pipe.vae_scale_factor
+        else:  # the tiny transformers' own resolution (their pipelines' defaults are the full models')
+            size = args.resolution or (64 if name.startswith("tiny-") else 1024)
         cure = FreeCure(pipe, concepts=[("sks", "dog")], attributes=["hat"], mask_source="cross_attention",
                         apg=False)
 
