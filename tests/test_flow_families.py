@@ -1,7 +1,7 @@
 """The flow-matching families (``families/sd3.py``, ``families/flux.py``) end to end on the tiny built-in models.
 
 * conditioning and the transformer call equal what diffusers' own pipelines compute for the same inputs;
-* every method trains a few steps, or refuses with a reason (Custom Diffusion: no separate cross-attention);
+* every method trains a few steps (Custom Diffusion: the text tokens' K/V projections of joint attention);
 * exports reload in plain diffusers (a process that never imports t2i_personal) and reproduce the tuned image:
   the diffusers LoRA file, FLUX's kohya file (through diffusers' own kohya-FLUX conversion), a full pipeline;
 * resuming from a checkpoint gives the uninterrupted run's weights bit for bit;
@@ -195,9 +195,26 @@ def test_styleforge_with_two_concepts_on_flux(concept_dir, tmp_path):
     assert {"denoise", "prior"} <= set(trainer.last_logs)
 
 
-def test_custom_diffusion_refuses_joint_attention(concept_dir, tmp_path):
-    cfg = flow_config(concept_dir, tmp_path / "out", method={"name": "custom_diffusion"})
-    with pytest.raises(ConfigError, match="no separate cross-attention"):
+@pytest.mark.parametrize("model", FLOW_MODELS)
+def test_custom_diffusion_tunes_the_text_kv_of_joint_attention(model, concept_dir, tmp_path):
+    """The analogue of cross-attention K/V: only the text tokens' add_k_proj / add_v_proj change, and the saved
+    weights reproduce the tuned model."""
+    cfg = flow_config(concept_dir, tmp_path / "out", f"builtin:{model}", method={"name": "custom_diffusion"})
+    cfg["training"]["learning_rate"] = 5e-2
+    trainer = run_training(cfg)
+    tuned = generate(trainer.components.pipeline())
+    base = dict(load_components(f"builtin:{model}").transformer.named_parameters())
+    changed = {n for n, p in trainer.components.transformer.named_parameters() if not torch.equal(p, base[n])}
+    assert changed and all(".attn.add_k_proj." in n or ".attn.add_v_proj." in n for n in changed)
+    record = json.loads((tmp_path / "out" / "personalization.json").read_text())
+    assert record["artifact"]["attention"] == "joint"
+    np.testing.assert_allclose(generate(load_personalized(tmp_path / "out")), tuned, atol=1e-5)
+
+
+def test_custom_diffusion_crossattn_is_refused_on_joint_attention(concept_dir, tmp_path):
+    cfg = flow_config(concept_dir, tmp_path / "out",
+                      method={"name": "custom_diffusion", "custom_diffusion_params": "crossattn"})
+    with pytest.raises(ConfigError, match="self-attention"):
         run_training(cfg)
     assert not (tmp_path / "out").exists()
 

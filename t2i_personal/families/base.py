@@ -210,6 +210,11 @@ class ModelFamily:
         """Attention modules whose keys and values come from the text (Custom Diffusion, cross-attention maps)."""
         raise ConfigError(f"{self.name} models have no separate cross-attention")
 
+    def text_kv_projections(self, denoiser) -> dict[str, torch.nn.Module]:
+        """Joint attention: the projections that turn text tokens into keys and values, by module name ({} where
+        text enters through cross-attention instead)."""
+        return {}
+
     def self_attention_names(self, denoiser) -> list[str]:
         """Attention modules over the image tokens, in forward order."""
         raise NotImplementedError

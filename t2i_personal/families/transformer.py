@@ -86,10 +86,12 @@ class TransformerFamily(ModelFamily):
         return [name for name, module in denoiser.named_modules() if name.endswith(".attn")]
 
     def cross_attention_modules(self, denoiser) -> dict[str, torch.nn.Module]:
-        raise ConfigError(
-            f"{self.name} models have no separate cross-attention: text and image tokens share joint attention, so "
-            "Custom Diffusion (which trains cross-attention K/V) and cross-attention maps do not apply. Use "
-            "method.name: dreambooth with adapter: lora (optionally learned tokens: concepts[].initializer_token)")
+        raise ConfigError(f"{self.name} models have no separate cross-attention: text and image tokens share joint "
+                          "attention (see text_kv_projections)")
+
+    def text_kv_projections(self, denoiser) -> dict[str, torch.nn.Module]:
+        return {name: module for name, module in unwrapped(denoiser).named_modules()
+                if name.endswith(("attn.add_k_proj", "attn.add_v_proj"))}
 
     def save_single_file(self, components, path, dtype, metadata) -> None:
         raise ConfigError(f"export.single_file: writing a {self.name} transformer in the original single-file layout "

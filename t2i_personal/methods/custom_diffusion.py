@@ -10,7 +10,15 @@ DreamBooth's (instance ε-MSE plus the optional prior term). As in the official 
 K/V are detached, so no gradient flows through them: this is diffusers' ``CustomDiffusionAttnProcessor2_0``,
 used here as is.
 
-Saved as ``pytorch_custom_diffusion_weights.safetensors`` with diffusers' key names. Two traps of diffusers'
+Joint attention (SD3, FLUX), this project's analogue: an MMDiT has no separate cross-attention, but each joint
+block projects the text tokens to keys and values with their own weights (``attn.add_k_proj``, ``attn.add_v_proj``)
+before text and image attend together. Those are exactly the projections that turn c_j into k_j, v_j, so they are
+what trains (FLUX's double-stream blocks, SD3's joint blocks; FLUX's single-stream blocks share one K/V projection
+between text and image and stay frozen). ``crossattn`` is refused there: the image stream's Q and output
+projections also carry its self-attention, which the paper keeps frozen. T5 has no BOS token to detach.
+
+Saved as ``pytorch_custom_diffusion_weights.safetensors`` with diffusers' key names (joint attention: the
+projections' own parameter names, e.g. ``transformer_blocks.0.attn.add_k_proj.weight``). Two traps of diffusers'
 own loader (0.42): ``unet.load_attn_procs`` silently does nothing unless it is given ``_pipeline=pipe``, and a
 safetensors file lacks the empty entries of the self-attention layers, which it then rejects. ``apply_weights``
 works around both, and ``load_into`` checks that every saved tensor really sits in the UNet afterwards (the
@@ -27,7 +35,7 @@ from pydantic import Field, model_validator
 from safetensors.torch import load_file, save
 
 from ..atomic import write_bytes_atomic
-from ..errors import ModelLoadError
+from ..errors import ConfigError, ModelLoadError
 from ..models.components import Components
 from ..families import family_of_denoiser
 from .base import LearningRates
@@ -62,11 +70,11 @@ def install_processors(unet, train_q_out: bool) -> None:
     unet.set_attn_processor(processors)
 
 
-def processor_state_dict(unet) -> dict[str, torch.Tensor]:
+def processor_state_dict(unet, keep_vars: bool = False) -> dict[str, torch.Tensor]:
     """The trained tensors under diffusers' keys (``...attn2.processor.to_k_custom_diffusion.weight``)."""
     return {f"{name}.processor.{key}": value for name, attn in _cross_attention_modules(unet).items()
             if isinstance(attn.processor, torch.nn.Module)  # diffusers' stock processors hold no weights
-            for key, value in attn.processor.state_dict().items()}
+            for key, value in attn.processor.state_dict(keep_vars=keep_vars).items()}
 
 
 def apply_weights(unet, state: dict[str, torch.Tensor]) -> None:
@@ -99,6 +107,27 @@ def check_applied(unet, state: dict[str, torch.Tensor]) -> None:
         raise ModelLoadError(f"Custom Diffusion weights were not applied to the UNet ({len(missing)} tensors missing, "
                              f"{len(differing)} different, e.g. {(missing + differing)[:2]}): generations would "
                              "silently look un-personalized")
+
+
+def joint_text_kv(transformer) -> dict[str, torch.nn.Module]:
+    """The text tokens' K/V projections of every joint-attention layer, by module name ({} for a UNet)."""
+    return family_of_denoiser(transformer).text_kv_projections(transformer)
+
+
+def apply_joint_weights(transformer, state: dict[str, torch.Tensor]) -> None:
+    """Put saved joint-attention K/V projections into a transformer and check every tensor arrived."""
+    params = {f"{name}.{key}": p for name, module in joint_text_kv(transformer).items()
+              for key, p in module.named_parameters()}
+    unknown = sorted(set(state) - set(params))
+    if unknown:
+        raise ModelLoadError(f"Custom Diffusion weights name projections this transformer does not have (e.g. "
+                             f"{unknown[:2]}): they were trained on another base model")
+    with torch.no_grad():
+        for key, value in state.items():
+            if params[key].shape != value.shape:
+                raise ModelLoadError(f"Custom Diffusion weight {key} has shape {tuple(value.shape)}, the transformer's "
+                                     f"{tuple(params[key].shape)}: it was trained on another base model")
+            params[key].copy_(value)
 
 
 class CustomDiffusionConfig(MethodSection):
@@ -138,31 +167,54 @@ class CustomDiffusion(DreamBooth):
 
     def check(self, components: Components, training=None) -> None:
         super().check(components, training)
-        components.family.cross_attention_modules(components.denoiser)  # a family without cross-attention refuses
+        if not joint_text_kv(components.denoiser):
+            components.family.cross_attention_modules(components.denoiser)  # a family without either refuses
+        elif self.config.custom_diffusion_params == "crossattn":
+            raise ConfigError(f"method.custom_diffusion_params 'crossattn' on {components.family.name}'s joint "
+                              "attention would train the image stream's query and output projections, which also do "
+                              "its self-attention (the paper keeps that frozen): use crossattn_kv (the text tokens' "
+                              "K/V projections)")
 
     def configure(self, components: Components) -> None:
+        self.trained = [components.denoiser_name]
+        joint = joint_text_kv(components.denoiser)
+        if joint:
+            for projection in joint.values():
+                projection.requires_grad_(True)
+            return
         install_processors(components.unet, train_q_out=self.config.custom_diffusion_params == "crossattn")
         for attn in _cross_attention_modules(components.unet).values():
             attn.processor.requires_grad_(True)
-        self.trained = ["unet"]
 
     def exported_components(self) -> list[str]:
         return []
 
     def parameter_groups(self, components: Components, lrs: LearningRates) -> list[dict]:
-        params = [p for attn in _cross_attention_modules(components.unet).values() for p in attn.processor.parameters()]
-        return [{"name": "unet", "params": params, "lr": lrs.denoiser}]
+        return [{"name": components.denoiser_name, "params": list(self._weights(components).values()), "lr": lrs.denoiser}]
+
+    @staticmethod
+    def _weights(components: Components) -> dict[str, torch.Tensor]:
+        joint = joint_text_kv(components.denoiser)
+        if joint:
+            return {f"{name}.{key}": p for name, module in joint.items() for key, p in module.named_parameters()}
+        return processor_state_dict(components.unet, keep_vars=True)
 
     def save_artifact(self, components: Components, out_dir: Path, export) -> dict:
         out_dir.mkdir(parents=True, exist_ok=True)
         dtype = getattr(torch, export.save_dtype)
-        state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in processor_state_dict(components.unet).items()}
+        state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in self._weights(components).items()}
         write_bytes_atomic(out_dir / WEIGHTS, save(state, metadata={"format": "pt"}))
-        return {"type": "custom_diffusion", "path": WEIGHTS, "params": self.config.custom_diffusion_params}
+        attention = "joint" if joint_text_kv(components.denoiser) else "cross"
+        return {"type": "custom_diffusion", "path": WEIGHTS, "params": self.config.custom_diffusion_params,
+                "attention": attention}
 
     @classmethod
     def load_artifact(cls, pipeline, folder: Path, record: dict):
-        apply_weights(pipeline.unet, load_file(str(folder / record["artifact"]["path"])))
+        state = load_file(str(folder / record["artifact"]["path"]))
+        if record["artifact"].get("attention") == "joint":
+            apply_joint_weights(pipeline.transformer, state)
+        else:
+            apply_weights(pipeline.unet, state)
         return pipeline
 
 
