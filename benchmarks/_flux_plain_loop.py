@@ -66,6 +66,8 @@ def prepare(args, data_dir: Path):
     vae.requires_grad_(False)
     for encoder in text_encoders:
         encoder.requires_grad_(False)
+        encoder.eval()  # as from_pretrained leaves them (built-in tiny models are constructed in training mode)
+    vae.eval()
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
     vae.to(device, dtype=weight_dtype)
     transformer.to(device, dtype=weight_dtype)

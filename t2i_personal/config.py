@@ -33,6 +33,7 @@ class ModelConfig(Section):
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
     variant: str | None = Field(None, description="weights variant, e.g. fp16")
     allow_pickle: bool = Field(False, description="allow .bin/.ckpt/.pt weights (pickle can run code: only for files you trust)")
+    quantize: Literal["none", "nf4", "int8", "torchao_int8"] = Field("none", description="LoRA training on a quantized frozen denoiser (QLoRA): nf4 / int8 via bitsandbytes, torchao_int8 via torchao")
 
 
     @field_validator("family")
@@ -224,6 +225,10 @@ class TrainConfig(Section):
         if t.cache_text_embeddings and m.train_text_encoder:
             raise ValueError("training.cache_text_embeddings cannot be used with method.train_text_encoder: "
                              "the embeddings change while the text encoder trains")
+        if self.model.quantize != "none" and getattr(m, "adapter", None) != "lora":
+            raise ValueError(f"model.quantize {self.model.quantize!r} freezes a quantized denoiser, which only a LoRA can "
+                             "train on: set method.adapter: lora (method.name dreambooth or styleforge), or "
+                             "model.quantize: none")
         if t.offload_text_encoders and not t.cache_text_embeddings:
             raise ValueError("training.offload_text_encoders needs training.cache_text_embeddings: true (without the "
                              "cache every step runs the text encoders)")

@@ -325,3 +325,47 @@ def test_flux_full_finetune_single_file_round_trip(saved_bases, concept_dir, tmp
     np.testing.assert_allclose(generate(components.pipeline()), tuned, atol=1e-5)
     with pytest.raises(ModelLoadError, match="config_dir"):
         load_components(ModelConfig(pretrained=str(single)))
+
+
+# ------------------------------------------------------------------------------------------- quantized base (QLoRA)
+
+
+@pytest.mark.parametrize("kind, layer", [("nf4", "Linear4bit"), ("int8", "Linear8bitLt"), ("torchao_int8", "Linear")])
+def test_lora_on_a_quantized_base(kind, layer, concept_dir, tmp_path):
+    """The frozen denoiser's block linears are quantized (peft wraps them), the LoRA trains and its export applies
+    to the unquantized base."""
+    cfg = flow_config(concept_dir, tmp_path / "out", method={"name": "dreambooth", "adapter": "lora"},
+                      training={"mixed_precision": "bf16", "learning_rate": 5e-2})
+    cfg["model"]["quantize"] = kind
+    trainer = run_training(cfg)
+    base = trainer.components.transformer.transformer_blocks[0].ff.net[2].base_layer
+    assert type(base).__name__ == layer
+    if kind == "torchao_int8":
+        assert type(base.weight).__name__ == "Int8Tensor"
+    lora = load_file(str(tmp_path / "out" / "pytorch_lora_weights.safetensors"))
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
+    assert generate(load_personalized(tmp_path / "out")).shape == (1, 32, 32, 3)
+
+
+def test_quantized_base_resumes_exactly(concept_dir, tmp_path):
+    method = {"name": "dreambooth", "adapter": "lora"}
+    straight = flow_config(concept_dir, tmp_path / "a", method=method)
+    straight["training"].update(max_train_steps=4, checkpointing_steps=2)
+    straight["model"]["quantize"] = "nf4"
+    run_training(straight)
+    stopped = flow_config(concept_dir, tmp_path / "b", method=method)
+    stopped["model"]["quantize"] = "nf4"
+    stopped["training"].update(max_train_steps=4, checkpointing_steps=2, stop_after_step=2)
+    run_training(stopped)
+    stopped["training"].update(stop_after_step=None, resume="latest")
+    run_training(stopped)
+    a = load_file(str(tmp_path / "a" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(tmp_path / "b" / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_quantized_base_needs_lora(concept_dir, tmp_path):
+    cfg = flow_config(concept_dir, tmp_path / "out")
+    cfg["model"]["quantize"] = "nf4"
+    with pytest.raises(Exception, match="only a LoRA can"):
+        run_training(cfg)

@@ -31,6 +31,7 @@ from ..families import Conditioning
 from ..methods import LearningRates, Method, build_method
 from ..models.components import Components
 from ..models.loading import load_components
+from ..models.quantize import check_quantization_available, quantize_frozen
 from . import checkpoint as ckpt
 from . import run_folder
 from .outputs import Float32Base
@@ -87,6 +88,7 @@ def prepare_run(config: TrainConfig) -> Run:
     if resume_from is not None:
         ckpt.check_resume_config(resume_from, cfg, accelerator.num_processes)
     check_optional_dependencies(t)
+    check_quantization_available(cfg.model.quantize)
     instances = load_instance_examples(cfg.concepts, d.max_image_pixels)  # bad images fail before any output
     components = load_components(cfg.model, dtype=torch.float32)  # master weights; mixed precision casts later
     family = components.family
@@ -109,6 +111,9 @@ def prepare_run(config: TrainConfig) -> Run:
     validation_prompts = [render_for_concepts(p, cfg.concepts) for p in cfg.validation.prompts]
     components.tokenize(validation_prompts)
 
+    if cfg.model.quantize != "none":  # after class images (made by the base as it is), before LoRA wraps the layers
+        n = quantize_frozen(components.denoiser, cfg.model.quantize, DTYPES[t.mixed_precision])
+        logger.info("quantized %d linear layers of the %s to %s", n, components.denoiser_name, cfg.model.quantize)
     torch.manual_seed(t.seed)  # adapter initialisation must not depend on what ran before (e.g. class images)
     method.prepare(components)
     accelerator.wait_for_everyone()  # every rank has checked the output folder before the first write to it
@@ -216,7 +221,8 @@ def place(cfg: TrainConfig, components: Components, method: Method, accelerator,
         if name in method.trained:
             module.to(device)
             for p in module.parameters():
-                p.data = p.data.to(torch.float32 if p.requires_grad else weight_dtype)
+                if p.is_floating_point():  # a quantized base's packed integer weights stay as they are
+                    p.data = p.data.to(torch.float32 if p.requires_grad else weight_dtype)
         else:
             move(module, device, vae_dtype if name == "vae" else weight_dtype)
     for module in method.frozen_modules():
