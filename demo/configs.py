@@ -13,6 +13,7 @@ from t2i_personal.config import config_to_dict, load_config
 from t2i_personal.data.concepts import class_prompt
 from t2i_personal.data.priors import default_class_dir
 from t2i_personal.errors import ConfigError
+from t2i_personal.models.loading import peek_family
 
 from . import ROOT
 from .errors import DemoError
@@ -26,6 +27,8 @@ KINDS = {
     "face": ("configs/quickstart_face.yaml", "configs/dreambooth_lora.yaml"),
     "style": ("configs/quickstart_styleforge.yaml", "configs/styleforge_single.yaml"),
 }
+# Subjects and faces on the flow-matching families (StyleForge's preset has no family-specific options)
+FLOW_PRESETS = {"flux": "configs/dreambooth_lora_flux.yaml", "sd3": "configs/dreambooth_lora_sd3.yaml"}
 ADVANCED = ("method.name", "method.adapter", "training.max_train_steps", "training.learning_rate", "method.prior",
             "method.spl.weight", "method.lora.rank")
 
@@ -58,6 +61,9 @@ def build_config(workspace: Workspace, kind: str, identifier: str, class_noun: s
         raise DemoError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
     base_model = (base_model or TOY).strip()
     preset = ROOT / KINDS[kind][0 if base_model == TOY else 1]
+    family = peek_family(base_model)
+    if family in FLOW_PRESETS and kind != "style":  # the SD presets' DDPM options do not apply to flow matching
+        preset = ROOT / FLOW_PRESETS[family]
     output_dir = unique_folder(workspace.root / "runs", slug(run_name or f"{kind}-{identifier}-{class_noun}"))
     text = {"model.pretrained": base_model, "concepts.0.identifier": identifier, "concepts.0.class_noun": class_noun,
             "concepts.0.instance_dir": str(instance_dir), "training.output_dir": str(output_dir)}

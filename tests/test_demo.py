@@ -117,6 +117,14 @@ def test_real_base_models_get_the_real_presets(workspace, tmp_path):
                         advanced={"method.prior": "none"}).method.prior == "none"
 
 
+@pytest.mark.parametrize("base", ["builtin:tiny-flux", "builtin:tiny-sd3"])
+def test_flow_matching_base_models_get_their_family_preset(workspace, base):
+    """A FLUX / SD3 base gets its family's preset (the SD presets' DDPM options would be refused there)."""
+    config = build_config(workspace, "subject", "sks", "dog", base, "/d")
+    assert config.model.pretrained == base and config.training.snr_gamma is None
+    assert config.training.cache_text_embeddings and config.method.adapter == "lora"
+
+
 def test_a_word_of_the_vocabulary_is_refused_before_it_is_queued_where_the_identifier_is_learned(workspace):
     # The subject preset on a real base learns the identifier as a new token, and training would fail on 'sks' (a
     # word of CLIP's vocabulary) after minutes of class-image generation; the message names the fixes.

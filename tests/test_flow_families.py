@@ -26,7 +26,7 @@ from t2i_personal.config import ModelConfig, TrainingConfig
 from t2i_personal.errors import ConfigError, ModelLoadError
 from t2i_personal.families import family_of_pipeline_class, family_of_single_file
 from t2i_personal.families.flow_matching import FlowMatchingObjective
-from t2i_personal.models.loading import load_components
+from t2i_personal.models.loading import load_components, peek_family
 from test_exports import plain_diffusers
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -133,6 +133,12 @@ def test_recognition():
     assert family_of_single_file({"double_blocks.0.img_attn.qkv.weight"}).name == "flux"
     assert family_of_single_file({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"}).name == "sd3"
     assert family_of_single_file({"model.diffusion_model.input_blocks.0.0.weight"}).name == "sd"
+
+
+def test_peek_family_reads_configs_only(saved_bases):
+    assert peek_family("builtin:tiny-flux") == "flux" and peek_family("builtin:toy") == "sd"
+    assert peek_family(str(saved_bases / "tiny-sd3")) == "sd3"
+    assert peek_family("nobody/not-in-the-cache") is None and peek_family("model.safetensors") is None
 
 
 # ------------------------------------------------------------------------------------------- training

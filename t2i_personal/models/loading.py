@@ -17,7 +17,7 @@ from ..errors import ModelLoadError
 from ..weights import HUB_ID, PICKLE_SUFFIXES, check_pipeline_dir, offline_error
 from ..families import family_named, family_of_pipeline_class, family_of_single_file
 from .components import Components
-from .tiny import build_tiny, builtin_names
+from .tiny import build_tiny, builtin_names, builtin_spec
 
 SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 # Built-in names backed by trained weights shipped in the package (the others are seeded random tiny models).
@@ -55,6 +55,25 @@ def load_components(cfg: ModelConfig | str, dtype: torch.dtype | None = None) ->
         # any dropout left on makes the same seed give different images.
         module.eval()
     return comps
+
+
+def peek_family(pretrained: str) -> str | None:
+    """The family name of a base model from its configs alone (no weights loaded); None when that cannot be told
+    offline (e.g. a hub id not in the local cache, a single file)."""
+    src = pretrained.strip()
+    try:
+        if src.startswith("builtin:"):
+            name = src[len("builtin:"):]
+            return "sd" if name in PRETRAINED_BUILTINS else family_named(builtin_spec(name)["family"]).name
+        if (Path(src).expanduser() / "model_index.json").is_file():
+            index = json.loads((Path(src).expanduser() / "model_index.json").read_text())
+        elif HUB_ID.match(src):
+            index = DiffusionPipeline.load_config(src)
+        else:
+            return None
+        return family_of_pipeline_class(index["_class_name"]).name
+    except (ModelLoadError, OSError, ValueError, KeyError):
+        return None
 
 
 def _from_shipped(name: str, cfg: ModelConfig, dtype) -> Components:
