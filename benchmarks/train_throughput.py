@@ -55,7 +55,7 @@ def model_family(model: str) -> str:
     return json.loads(spec.read_text())["family"]
 
 
-def run_ours(args, data_dir: Path, out_dir: Path, cache: bool) -> dict:
+def run_ours(args, data_dir: Path, out_dir: Path, cache: bool, quantize: str = "none") -> dict:
     from t2i_personal.config import TrainConfig
     from t2i_personal.training.trainer import Trainer
 
@@ -69,7 +69,7 @@ def run_ours(args, data_dir: Path, out_dir: Path, cache: bool) -> dict:
         method = {"name": "dreambooth", "adapter": "full"}
         optim = {"learning_rate": 5e-6}
     cfg = TrainConfig.model_validate({
-        "model": {"pretrained": f"builtin:{args.model}"},
+        "model": {"pretrained": f"builtin:{args.model}", "quantize": quantize},
         "concepts": [{"identifier": "sks", "class_noun": "dog", "instance_dir": str(data_dir)}],
         "method": method,
         "data": {"resolution": args.resolution},
@@ -196,7 +196,8 @@ def child(args) -> None:
         result = run_reference(args, data_dir)
     else:
         with tempfile.TemporaryDirectory() as out:
-            result = run_ours(args, data_dir, Path(out) / "run", cache=args.role == "ours+cache")
+            result = run_ours(args, data_dir, Path(out) / "run", cache=args.role == "ours+cache",
+                              quantize=args.quantize if args.role == "ours+quantized" else "none")
     times = result["step_seconds"][args.warmup:]
     result.update(steps_per_s=len(times) / sum(times), peak_rss_mb=peak_rss_mb())
     if torch.cuda.is_available():
@@ -217,11 +218,15 @@ def main() -> None:
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--gradient-checkpointing", action="store_true", help="both sides (e.g. flux-arch on an 80 GB GPU)")
     p.add_argument("--repeats", type=int, default=2, help="runs per variant; the best steps/s is kept")
+    p.add_argument("--quantize", default="none", choices=["none", "nf4", "int8", "torchao_int8"],
+                   help="FLUX: also run ours on a quantized frozen transformer (QLoRA), role ours+quantized")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads per run (0: torch's default); 1 steadies CPU timings on a busy machine")
     p.add_argument("--role", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.quantize != "none" and model_family(args.model) != "flux":
+        sys.exit("--quantize: the benchmark trains a full fine-tune on SD models; a quantized base needs LoRA (FLUX)")
     if model_family(args.model) not in ("sd", "flux"):
         sys.exit(f"--model {args.model}: the benchmark has reference loops for SD and FLUX models only")
     if args.steps is None:
@@ -236,11 +241,12 @@ def main() -> None:
         results: dict[str, dict] = {}
         spread: dict[str, list[float]] = {}
         for _ in range(args.repeats):
-            for role in ("reference", "ours", "ours+cache"):
+            quantized = ("ours+quantized",) if args.quantize != "none" else ()
+            for role in ("reference", "ours", "ours+cache", *quantized):
                 cmd = [sys.executable, __file__, "--role", role, "--data", str(Path(tmp) / "data"),
                        "--model", args.model, "--resolution", str(args.resolution), "--batch", str(args.batch),
                        "--steps", str(args.steps), "--warmup", str(args.warmup), "--mixed-precision", args.mixed_precision,
-                       "--threads", str(args.threads),
+                       "--threads", str(args.threads), "--quantize", args.quantize,
                        *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])]
                 env = {**os.environ, "HF_HUB_OFFLINE": "1"}
                 out = subprocess.run(cmd, capture_output=True, text=True, env=env)

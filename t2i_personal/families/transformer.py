@@ -75,6 +75,9 @@ class TransformerFamily(ModelFamily):
         return self.latent_patch
 
     def check_training(self, training) -> None:
+        if training.attention == "xformers":
+            raise ConfigError(f"training.attention 'xformers': {self.name}'s joint-attention processors use PyTorch's "
+                              "scaled_dot_product_attention (flash / memory-efficient kernels on a GPU); use attention: auto")
         if training.prediction_type or training.snr_gamma is not None or training.noise_offset:
             raise ConfigError(f"training.prediction_type, snr_gamma and noise_offset are DDPM options; {self.name} "
                               "models train with flow matching: use training.flow_matching.* instead")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 
 import torch
 from tqdm.auto import tqdm
@@ -100,8 +100,12 @@ def micro_step(run: Run, batch) -> dict[str, torch.Tensor]:
         cond = run.text_cache.select(index)
     else:
         encoders = [run.wrapped.get(n, getattr(components, n)) for n in components.text_encoder_names]
-        with nullcontext() if any(n.startswith("text_encoder") for n in run.method.trained) else torch.no_grad():
+        if any(n.startswith("text_encoder") for n in run.method.trained):
             cond = components.encode(input_ids, encoders)
+        else:  # frozen encoders: each distinct prompt once (a batch repeats the instance prompt; T5 is costly)
+            distinct, rows = torch.unique(index, return_inverse=True)
+            with torch.no_grad():
+                cond = components.encode([ids[distinct] for ids in run.prompt_ids], encoders).select(rows)
     res = run.config.data.resolution
     cond = family.add_image_conditioning(cond, batch["original_size"], batch["crop_top_left"], (res, res))
     if run.guidance is not None:

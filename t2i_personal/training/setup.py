@@ -235,7 +235,8 @@ def place(cfg: TrainConfig, components: Components, method: Method, accelerator,
                 # non-reentrant: with frozen embeddings the reentrant variant would give LoRA no gradient
                 getattr(components, name).gradient_checkpointing_enable(
                     gradient_checkpointing_kwargs={"use_reentrant": False})
-    if t.attention == "xformers" or (t.attention == "auto" and importable("xformers") and device.type == "cuda"):
+    if t.attention == "xformers" or (t.attention == "auto" and importable("xformers") and device.type == "cuda"
+                                     and components.denoiser_name == "unet"):
         components.denoiser.enable_xformers_memory_efficient_attention()
     # otherwise diffusers' default processors already use torch's scaled_dot_product_attention
 
