@@ -225,19 +225,24 @@ def test_custom_diffusion_crossattn_is_refused_on_joint_attention(concept_dir, t
     assert not (tmp_path / "out").exists()
 
 
-def test_resume_is_exact(concept_dir, tmp_path):
-    method = {"name": "dreambooth", "adapter": "lora", "train_text_encoder": True}
-    straight = flow_config(concept_dir, tmp_path / "a", method=method)
-    straight["training"].update(max_train_steps=4, checkpointing_steps=2)
-    run_training(straight)
-    stopped = flow_config(concept_dir, tmp_path / "b", method=method)
-    stopped["training"].update(max_train_steps=4, checkpointing_steps=2, stop_after_step=2)
-    run_training(stopped)
-    stopped["training"].update(stop_after_step=None, resume="latest")
-    run_training(stopped)
-    a = load_file(str(tmp_path / "a" / "pytorch_lora_weights.safetensors"))
-    b = load_file(str(tmp_path / "b" / "pytorch_lora_weights.safetensors"))
+def assert_resume_is_exact(concept_dir, tmp_path, method: dict, quantize: str = "none") -> None:
+    """Four steps straight, and two + resume + two, give bit-identical LoRA files."""
+    runs = []
+    for name, stop in (("straight", None), ("stopped", 2)):
+        cfg = flow_config(concept_dir, tmp_path / name, method=method)
+        cfg["model"]["quantize"] = quantize
+        cfg["training"].update(max_train_steps=4, checkpointing_steps=2, stop_after_step=stop)
+        run_training(cfg)
+        if stop:
+            cfg["training"].update(stop_after_step=None, resume="latest")
+            run_training(cfg)
+        runs.append(load_file(str(tmp_path / name / "pytorch_lora_weights.safetensors")))
+    a, b = runs
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_is_exact(concept_dir, tmp_path):
+    assert_resume_is_exact(concept_dir, tmp_path, {"name": "dreambooth", "adapter": "lora", "train_text_encoder": True})
 
 
 # ------------------------------------------------------------------------------------------- exports
@@ -354,20 +359,7 @@ def test_lora_on_a_quantized_base(kind, layer, concept_dir, tmp_path):
 
 
 def test_quantized_base_resumes_exactly(concept_dir, tmp_path):
-    method = {"name": "dreambooth", "adapter": "lora"}
-    straight = flow_config(concept_dir, tmp_path / "a", method=method)
-    straight["training"].update(max_train_steps=4, checkpointing_steps=2)
-    straight["model"]["quantize"] = "nf4"
-    run_training(straight)
-    stopped = flow_config(concept_dir, tmp_path / "b", method=method)
-    stopped["model"]["quantize"] = "nf4"
-    stopped["training"].update(max_train_steps=4, checkpointing_steps=2, stop_after_step=2)
-    run_training(stopped)
-    stopped["training"].update(stop_after_step=None, resume="latest")
-    run_training(stopped)
-    a = load_file(str(tmp_path / "a" / "pytorch_lora_weights.safetensors"))
-    b = load_file(str(tmp_path / "b" / "pytorch_lora_weights.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_is_exact(concept_dir, tmp_path, {"name": "dreambooth", "adapter": "lora"}, quantize="nf4")
 
 
 def test_quantized_base_needs_lora(concept_dir, tmp_path):

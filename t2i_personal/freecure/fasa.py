@@ -77,15 +77,21 @@ def resolve_layers(unet, layers) -> list[str]:
     if isinstance(layers, str):
         layers = [layers]
     every = [n for n, _ in unet.named_modules() if n.endswith(".attn1")]
+    return match_layers(every, layers, "self-attention (attn1) module of this UNet; decoder self-attentions are e.g. "
+                        f"{decoder_self_attention_names(unet)[-3:]}")
+
+
+def match_layers(every: list[str], patterns: list[str], what: str) -> list[str]:
+    """The names in ``every`` that the module names or glob patterns pick, in order; a pattern that picks none is
+    an error naming ``what`` it should have matched."""
     chosen: list[str] = []
-    for pattern in layers:
+    for pattern in patterns:
         pattern = pattern.removesuffix(".processor")
         hits = [n for n in every if fnmatch.fnmatchcase(n, pattern)]
         if not hits:
             from ..errors import ConfigError
 
-            raise ConfigError(f"FreeCure layers: {pattern!r} matches no self-attention (attn1) module of this UNet; "
-                              f"decoder self-attentions are e.g. {decoder_self_attention_names(unet)[-3:]}")
+            raise ConfigError(f"FreeCure layers: {pattern!r} matches no {what}")
         chosen += [n for n in hits if n not in chosen]
     return chosen
 

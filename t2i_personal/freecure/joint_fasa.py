@@ -61,7 +61,6 @@ the earlier layers).
 
 from __future__ import annotations
 
-import fnmatch
 import inspect
 import math
 from contextlib import contextmanager
@@ -70,7 +69,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .fasa import FasaState
+from .fasa import FasaState, match_layers
 
 DEFAULT_JOINT_OMEGA = 1.0
 
@@ -148,16 +147,8 @@ def resolve_joint_layers(transformer, layers) -> list[str]:
     if layers is None or layers == "default":
         return default_joint_layers(transformer)
     every = joint_attention_names(transformer)
-    chosen: list[str] = []
-    for pattern in [layers] if isinstance(layers, str) else layers:
-        hits = [n for n in every if fnmatch.fnmatchcase(n, pattern.removesuffix(".processor"))]
-        if not hits:
-            from ..errors import ConfigError
-
-            raise ConfigError(f"FreeCure layers: {pattern!r} matches no joint attention module; they are e.g. "
-                              f"{every[-3:]}")
-        chosen += [n for n in hits if n not in chosen]
-    return chosen
+    return match_layers(every, [layers] if isinstance(layers, str) else layers,
+                        f"joint attention module; they are e.g. {every[-3:]}")
 
 
 # ------------------------------------------------------------------------------------------------------- state
