@@ -170,6 +170,7 @@ class TrainingConfig(Section):
     snr_gamma: float | None = Field(None, gt=0, description="min-SNR weighting; 5.0 is the paper's value")
     flow_matching: FlowMatchingConfig = FlowMatchingConfig()
     guidance_scale: float | None = Field(None, gt=0, description="guidance-distilled models (FLUX.1-dev): the guidance value trained with; null: 3.5 as diffusers' FLUX script (refused for models without a guidance input)")
+    learn_tokens_in_t5: bool = Field(False, description="SD3/FLUX: learned tokens (initializer_token) also get a T5 row, as --enable_t5_ti in diffusers' advanced FLUX script; T5 then runs with gradients every step")
     max_sequence_length: int | None = Field(None, ge=1, description="T5's token window (SD3, FLUX) in training and validation; null: the pipeline's default (FLUX 512, SD3 256)")
     cache_latents: bool = Field(False, description="encode every image (and its flip) once; needs center_crop")
     cache_text_embeddings: bool = Field(False, description="encode every prompt once; not with train_text_encoder")
@@ -229,6 +230,9 @@ class TrainConfig(Section):
             raise ValueError(f"model.quantize {self.model.quantize!r} freezes a quantized denoiser, which only a LoRA can "
                              "train on: set method.adapter: lora (method.name dreambooth or styleforge), or "
                              "model.quantize: none")
+        if t.learn_tokens_in_t5 and not any(c.initializer_token for c in self.concepts):
+            raise ValueError("training.learn_tokens_in_t5 is set but no concept has an initializer_token (nothing learns "
+                             "a token)")
         if t.offload_text_encoders and not t.cache_text_embeddings:
             raise ValueError("training.offload_text_encoders needs training.cache_text_embeddings: true (without the "
                              "cache every step runs the text encoders)")

@@ -49,10 +49,10 @@ def flow_config(concept_dir, out_dir, model="builtin:tiny-flux", **sections) -> 
     return cfg
 
 
-def generate(pipe) -> np.ndarray:
+def generate(pipe, prompt: str = PROMPT) -> np.ndarray:
     pipe.set_progress_bar_config(disable=True)
     g = torch.Generator().manual_seed(0)
-    return pipe(PROMPT, num_inference_steps=3, height=32, width=32, generator=g, output_type="np").images
+    return pipe(prompt, num_inference_steps=3, height=32, width=32, generator=g, output_type="np").images
 
 
 # ------------------------------------------------------------------------------------------- conditioning
@@ -323,16 +323,18 @@ def test_sdxl_lora_on_a_flux_base_is_a_clear_error(saved_bases, concept_dir, tmp
         load_personalized(tmp_path / "out")
 
 
-def test_flux_full_finetune_single_file_round_trip(saved_bases, concept_dir, tmp_path):
-    """export.single_file writes the transformer in FLUX's original layout; model.pretrained reads it back with
+@pytest.mark.parametrize("model, key", [("tiny-flux", "double_blocks.0.img_attn.qkv.weight"),
+                                        ("tiny-sd3", "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight")])
+def test_full_finetune_single_file_round_trip(model, key, saved_bases, concept_dir, tmp_path):
+    """export.single_file writes the transformer in the original layout; model.pretrained reads it back with
     model.config_dir, giving the tuned model's image."""
-    cfg = flow_config(concept_dir, tmp_path / "out", str(saved_bases / "tiny-flux"), method={"name": "dreambooth"},
+    cfg = flow_config(concept_dir, tmp_path / "out", str(saved_bases / model), method={"name": "dreambooth"},
                       export={"single_file": True})
     tuned = generate(run_training(cfg).components.pipeline())
     single = tmp_path / "out" / "model.safetensors"
-    assert "double_blocks.0.img_attn.qkv.weight" in load_file(str(single))
-    components = load_components(ModelConfig(pretrained=str(single), config_dir=str(saved_bases / "tiny-flux")))
-    assert components.family.name == "flux"
+    assert key in load_file(str(single))
+    components = load_components(ModelConfig(pretrained=str(single), config_dir=str(saved_bases / model)))
+    assert components.family.name == model.split("-")[1]
     np.testing.assert_allclose(generate(components.pipeline()), tuned, atol=1e-5)
     with pytest.raises(ModelLoadError, match="config_dir"):
         load_components(ModelConfig(pretrained=str(single)))
@@ -367,3 +369,25 @@ def test_quantized_base_needs_lora(concept_dir, tmp_path):
     cfg["model"]["quantize"] = "nf4"
     with pytest.raises(Exception, match="only a LoRA can"):
         run_training(cfg)
+
+
+def test_learned_tokens_in_t5_reload_through_diffusers_loader(saved_bases, concept_dir, tmp_path):
+    """training.learn_tokens_in_t5: the identifier gets a CLIP and a T5 row (saved as clip_l / t5, as diffusers'
+    advanced FLUX script); the T5 row trains, and diffusers' textual-inversion loader (FluxPipeline's, with each
+    encoder and tokenizer) reproduces the tuned image."""
+    cfg = flow_config(concept_dir, tmp_path / "out", str(saved_bases / "tiny-flux"),
+                      method={"name": "dreambooth", "adapter": "lora", "train_unet": False},
+                      training={"learn_tokens_in_t5": True, "learning_rate": 5e-2})
+    cfg["concepts"][0].update(identifier="<new1>", initializer_token="dog")
+    trainer = run_training(cfg)
+    t5 = trainer.components.text_encoder_2.get_input_embeddings()
+    dog = trainer.components.tokenizer_2("dog", add_special_tokens=False).input_ids[0]
+    assert t5.first_id == len(trainer.components.tokenizer_2) - 1 and not torch.equal(t5.new[0], t5.table.weight[dog])
+    record = json.loads((tmp_path / "out" / "personalization.json").read_text())
+    embeds = load_file(str(tmp_path / "out" / record["artifact"]["tokens"][0]["path"]))
+    assert set(embeds) == {"clip_l", "t5"}
+    prompt = "a photo of <new1> dog"
+    tuned = generate(trainer.components.pipeline(), prompt)
+    loaded = load_personalized(tmp_path / "out")
+    assert len(loaded.tokenizer_2) == t5.num_embeddings == loaded.text_encoder_2.get_input_embeddings().num_embeddings
+    np.testing.assert_allclose(generate(loaded, prompt), tuned, atol=1e-5)

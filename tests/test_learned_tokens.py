@@ -14,7 +14,9 @@ from conftest import base_config, run_training
 from t2i_personal import load_personalized
 from t2i_personal.config import ConceptConfig, load_config
 from t2i_personal.errors import ConfigError
-from t2i_personal.methods.tokens import SDXL_KEYS, LearnedTokens, NewTokenEmbedding
+from t2i_personal.methods.tokens import LearnedTokens, NewTokenEmbedding
+
+SDXL_KEYS = ("clip_l", "clip_g")  # diffusers' SDXL embedding files
 from t2i_personal.models.loading import load_components
 
 TOKEN = "<new1>"

@@ -86,6 +86,8 @@ class ModelFamily:
     # text encoders that text-encoder training, learned tokens and SPL act on (the CLIPs; T5 stays frozen)
     tunable_text_encoders: tuple[str, ...] = ("text_encoder",)
     default_guidance_scale = 7.5  # validation images' guidance when validation.guidance_scale is not set
+    # learned-token files with several encoders: each encoder's key (diffusers' SDXL / advanced FLUX scripts)
+    token_file_keys = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
     lora_target_modules = {"denoiser": ["to_q", "to_k", "to_v", "to_out.0"],
                            "text_encoder": ["q_proj", "k_proj", "v_proj", "out_proj"]}
     freecure: FreeCureDefaults | None = None  # None: FreeCure has no released settings for this family
@@ -177,9 +179,10 @@ class ModelFamily:
     def check_training(self, training) -> None:
         """Refuse training options that do not apply to this family (before anything is written)."""
         if training.max_sequence_length is not None or training.guidance_scale is not None or \
-                training.flow_matching != type(training.flow_matching)():
-            raise ConfigError(f"training.max_sequence_length, guidance_scale and flow_matching apply to the "
-                              f"flow-matching families (sd3, flux); this is an {self.name} model: remove them")
+                training.learn_tokens_in_t5 or training.flow_matching != type(training.flow_matching)():
+            raise ConfigError(f"training.max_sequence_length, guidance_scale, learn_tokens_in_t5 and flow_matching "
+                              f"apply to the flow-matching families (sd3, flux); this is an {self.name} model: "
+                              "remove them")
 
     def training_guidance(self, denoiser, training) -> float | None:
         """The guidance value a guidance-distilled denoiser is trained with (None: it has no guidance input)."""

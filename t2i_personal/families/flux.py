@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from diffusers import FluxPipeline
 
-from ..errors import ConfigError, ModelLoadError
+from ..errors import ConfigError
 from .base import Conditioning, FreeCureDefaults
 from .transformer import TransformerFamily, device_of, unwrapped
 
@@ -36,6 +36,7 @@ class Flux(TransformerFamily):
     text_encoder_names = ("text_encoder", "text_encoder_2")  # CLIP-L, T5-XXL
     tunable_text_encoders = ("text_encoder",)
     t5_name = "text_encoder_2"
+    token_file_keys = {"text_encoder": "clip_l", "text_encoder_2": "t5"}
     default_max_sequence_length = 512
     default_guidance_scale = DEFAULT_GUIDANCE
     freecure = FreeCureDefaults(omega=1.0, attention="joint")  # freecure/joint_fasa.py (DEFAULT_JOINT_OMEGA)
@@ -54,25 +55,15 @@ class Flux(TransformerFamily):
     def claims_single_file(self, keys: set[str]) -> bool:
         return any(k.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for k in keys)
 
-    def from_single_file(self, path, cfg, dtype):
-        """A transformer in FLUX's original single-file layout (``flux1-dev.safetensors``, what ComfyUI users
-        download) plus VAE, text encoders and scheduler from ``model.config_dir``, a diffusers FLUX folder."""
+    def load_transformer_file(self, path, config_dir, dtype):
         from ..models.flux_single_file import load_flux_transformer_single_file
 
-        if not cfg.config_dir:
-            raise ModelLoadError(f"{path} holds a FLUX transformer only: set model.config_dir to the diffusers folder of "
-                                 "the same FLUX.1 variant (its VAE, text encoders and tokenizers are used)")
-        try:
-            transformer = load_flux_transformer_single_file(path, cfg.config_dir, dtype)
-            return FluxPipeline.from_pretrained(cfg.config_dir, transformer=transformer, torch_dtype=dtype)
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"could not load {path} with model.config_dir {cfg.config_dir}: {exc}") from exc
+        return load_flux_transformer_single_file(path, config_dir, dtype)
 
-    def save_single_file(self, components, path, dtype, metadata) -> None:
-        """The transformer alone in FLUX's original layout (``models/flux_single_file.py``), as FLUX.1 ships."""
+    def save_transformer_file(self, transformer, path, dtype, metadata) -> None:
         from ..models.flux_single_file import save_flux_transformer_single_file
 
-        save_flux_transformer_single_file(components.transformer, path, dtype, metadata)
+        save_flux_transformer_single_file(transformer, path, dtype, metadata)
 
     def kohya_lora_state(self, peft_state: dict, alpha: float) -> dict:
         """FLUX's original block names with fused qkv / linear1 (``models/kohya_flux.py``), what ComfyUI and kohya

@@ -24,6 +24,7 @@ class StableDiffusion3(TransformerFamily):
     text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")  # CLIP-L, CLIP-G, T5-XXL
     tunable_text_encoders = ("text_encoder", "text_encoder_2")
     t5_name = "text_encoder_3"
+    token_file_keys = {"text_encoder": "clip_l", "text_encoder_2": "clip_g", "text_encoder_3": "t5"}
     default_max_sequence_length = 256
     default_guidance_scale = 7.0
     freecure = FreeCureDefaults(omega=1.0, attention="joint")  # freecure/joint_fasa.py (DEFAULT_JOINT_OMEGA)
@@ -39,6 +40,16 @@ class StableDiffusion3(TransformerFamily):
 
     def claims_single_file(self, keys: set[str]) -> bool:
         return any(".joint_blocks." in k or k.startswith("joint_blocks.") for k in keys)
+
+    def load_transformer_file(self, path, config_dir, dtype):
+        from ..models.sd3_single_file import load_sd3_transformer_single_file
+
+        return load_sd3_transformer_single_file(path, config_dir, dtype)
+
+    def save_transformer_file(self, transformer, path, dtype, metadata) -> None:
+        from ..models.sd3_single_file import save_sd3_transformer_single_file
+
+        save_sd3_transformer_single_file(transformer, path, dtype, metadata)
 
     def latent_patch_of(self, denoiser) -> int:
         return unwrapped(denoiser).config.patch_size

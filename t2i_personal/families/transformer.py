@@ -96,10 +96,34 @@ class TransformerFamily(ModelFamily):
         return {name: module for name, module in unwrapped(denoiser).named_modules()
                 if name.endswith(("attn.add_k_proj", "attn.add_v_proj"))}
 
+    # ------------------------------------------------------------------ single files (original layout)
+
+    def load_transformer_file(self, path, config_dir, dtype):
+        """The transformer of an original-layout file (``models/*_single_file.py``)."""
+        raise NotImplementedError
+
+    def save_transformer_file(self, transformer, path, dtype, metadata) -> None:
+        raise NotImplementedError
+
+    def from_single_file(self, path, cfg, dtype):
+        """The transformer from an original-layout file (FLUX.1 ships transformer-only files; a full SD3 checkpoint
+        also holds the rest, which is read from ``model.config_dir`` all the same) and every other component
+        from ``model.config_dir``, a diffusers folder of the same variant."""
+        from ..errors import ModelLoadError
+
+        if not cfg.config_dir:
+            raise ModelLoadError(f"{path} is a {self.name} single file: set model.config_dir to the diffusers folder of "
+                                 "the same model variant (its VAE, text encoders and tokenizers are used)")
+        try:
+            transformer = self.load_transformer_file(path, cfg.config_dir, dtype)
+            return self.pipeline_class.from_pretrained(cfg.config_dir, transformer=transformer, torch_dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"could not load {path} with model.config_dir {cfg.config_dir}: {exc}") from exc
+
     def save_single_file(self, components, path, dtype, metadata) -> None:
-        raise ConfigError(f"export.single_file: writing a {self.name} transformer in the original single-file layout "
-                          "is not supported yet; the exported diffusers folder loads in diffusers, ComfyUI and "
-                          "A1111 (Forge) through their diffusers loaders. Set export.single_file: false")
+        """The transformer alone in the original layout (what ComfyUI / Forge load beside the shipped VAE and
+        text encoders)."""
+        self.save_transformer_file(components.transformer, path, dtype, metadata)
 
     # ------------------------------------------------------------------ tiny models
 
@@ -118,6 +142,8 @@ class TransformerFamily(ModelFamily):
             if name == self.t5_name:
                 built[tokenizer] = build_t5_tokenizer()
                 config.setdefault("vocab_size", len(built[tokenizer]))
+                if config["vocab_size"] < len(built[tokenizer]):
+                    raise ValueError(f"{name}: vocab_size {config['vocab_size']} < the T5 tokenizer's {len(built[tokenizer])}")
                 config_cls = transformers.T5Config
             else:
                 built[tokenizer] = tokenizer_from_spec(spec, f"{tokenizer}_pad_token")

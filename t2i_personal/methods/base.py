@@ -122,7 +122,7 @@ class Method:
         if self.tokens:
             for row in self.tokens.parameters(components):
                 row.requires_grad_(True)
-            self.trained += [n for n in components.tunable_text_encoder_names if n not in self.trained]
+            self.trained += [n for n in components.token_text_encoder_names if n not in self.trained]
 
     def configure(self, components: Components) -> None:
         """Make trainable what the method itself trains and set ``self.trained``."""

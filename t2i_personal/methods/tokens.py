@@ -11,8 +11,9 @@ Custom Diffusion scripts instead train the whole table and zero (or restore) the
 result is the same, at the cost of optimizer state for ~49k rows.
 
 Saved in the form diffusers' ``pipe.load_textual_inversion`` reads: one ``{token: vector}`` file per token for
-SD 1.x/2.x, and ``{"clip_l": ..., "clip_g": ...}`` for SDXL's two encoders (load each with its ``text_encoder`` /
-``tokenizer``, as diffusers documents for SDXL embeddings).
+one encoder (SD 1.x/2.x, FLUX's CLIP), and ``{"clip_l": ..., "clip_g": ..., "t5": ...}`` for several (SDXL, SD3;
+FLUX with ``training.learn_tokens_in_t5``, as diffusers' advanced FLUX script saves CLIP + T5 embeddings): load each
+with its ``text_encoder`` / ``tokenizer``, as diffusers documents for SDXL embeddings.
 """
 
 from __future__ import annotations
@@ -29,20 +30,24 @@ from safetensors.torch import load_file, save
 from ..atomic import write_bytes_atomic
 from ..errors import ConfigError, ModelLoadError
 
-SDXL_KEYS = ("clip_l", "clip_g")
 
 
 class NewTokenEmbedding(torch.nn.Module):
-    """A frozen token table plus trainable rows appended after it (ids ``>= len(table)`` read the new rows)."""
+    """A frozen token table plus trainable rows after its vocabulary: ids ``>= first_id`` read the new rows.
 
-    def __init__(self, table: torch.nn.Embedding, new_rows: torch.Tensor):
+    ``first_id`` is the tokenizer's size: the table's own length for CLIP; T5's table has padding rows past its
+    32,100 ids (32,128 rows), which the new tokens take the place of, as ``resize_token_embeddings(len(tokenizer))``
+    does in diffusers' textual-inversion loader."""
+
+    def __init__(self, table: torch.nn.Embedding, new_rows: torch.Tensor, first_id: int | None = None):
         super().__init__()
         self.table = table
+        self.first_id = table.num_embeddings if first_id is None else first_id
         self.new = torch.nn.Parameter(new_rows.detach().clone().float())
 
     @property
     def num_embeddings(self) -> int:
-        return self.table.num_embeddings + self.new.shape[0]
+        return self.first_id + self.new.shape[0]
 
     @property
     def embedding_dim(self) -> int:
@@ -50,10 +55,10 @@ class NewTokenEmbedding(torch.nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:  # for code that inspects the table (dtype, device, shape)
-        return torch.cat([self.table.weight, self.new.to(self.table.weight.dtype)])
+        return torch.cat([self.table.weight[: self.first_id], self.new.to(self.table.weight.dtype)])
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        n = self.table.num_embeddings
+        n = self.first_id
         is_new = input_ids >= n
         out = self.table(input_ids.clamp(max=n - 1))
         if not bool(is_new.any()):
@@ -62,11 +67,11 @@ class NewTokenEmbedding(torch.nn.Module):
         return torch.where(is_new[..., None], new, out)
 
     def folded(self) -> torch.nn.Embedding:
-        """A plain ``nn.Embedding`` holding all rows (what a saved pipeline contains)."""
+        """A plain ``nn.Embedding`` holding the vocabulary's rows and the new ones (what a saved pipeline contains)."""
         table = self.table.weight
         out = torch.nn.Embedding(self.num_embeddings, self.embedding_dim, device=table.device, dtype=table.dtype)
         with torch.no_grad():
-            out.weight.copy_(torch.cat([table, self.new.to(table.dtype)]))
+            out.weight.copy_(self.weight)
         return out
 
 
@@ -104,7 +109,7 @@ class LearnedTokens:
     def check(self, components) -> None:
         """Refuse, without changing the tokenizers, identifiers that cannot become new tokens and initializer words
         that are not one token (cheap: runs before class images are generated)."""
-        for tokenizer in components.tunable_tokenizers:
+        for tokenizer in components.tokenizers_of(components.token_text_encoder_names):
             for token, init in self.specs:
                 _single_token_id(tokenizer, init, token)
                 # add_tokens would accept 'sks' (the vocabulary stores 'sks</w>') and shadow the real word
@@ -115,41 +120,45 @@ class LearnedTokens:
     def add_to(self, components) -> None:
         """Add every token to every tokenizer and give each text encoder trainable rows for them."""
         self.check(components)
-        for tokenizer, encoder in zip(components.tunable_tokenizers, components.tunable_text_encoders):
+        names = components.token_text_encoder_names
+        for tokenizer, encoder in zip(components.tokenizers_of(names), [getattr(components, n) for n in names]):
             table = encoder.get_input_embeddings()
             if isinstance(table, NewTokenEmbedding):
                 raise RuntimeError("learned tokens were already added to this text encoder")
             init_ids = [_single_token_id(tokenizer, init, token) for token, init in self.specs]
+            first_id = len(tokenizer)  # T5: below its table's padding rows
+            if first_id > table.num_embeddings:
+                raise ModelLoadError(f"the tokenizer has {first_id} tokens but the text encoder's table has "
+                                     f"{table.num_embeddings} rows; the tokenizer does not belong to this encoder")
             for token, _ in self.specs:
                 if tokenizer.add_tokens(token) != 1:
                     raise ConfigError(f"identifier {token!r} is already a word of the tokenizer's vocabulary, so it cannot "
                                       "be learned as a new token; use a fresh string such as '<new1>'")
-            new_ids = tokenizer.convert_tokens_to_ids(self.tokens)
-            expected = list(range(table.num_embeddings, table.num_embeddings + len(self.specs)))
-            if new_ids != expected:
-                raise ModelLoadError(f"the tokenizer has {len(tokenizer) - len(self.specs)} tokens but the text encoder's "
-                                     f"table has {table.num_embeddings} rows; they must match to add learned tokens")
-            encoder.set_input_embeddings(NewTokenEmbedding(table, table.weight[init_ids]))
-            encoder.config.vocab_size = table.num_embeddings + len(self.specs)
+            if tokenizer.convert_tokens_to_ids(self.tokens) != list(range(first_id, first_id + len(self.specs))):
+                raise ModelLoadError("the tokenizer gave the learned tokens unexpected ids; its added tokens must follow "
+                                     "its vocabulary")
+            encoder.set_input_embeddings(NewTokenEmbedding(table, table.weight[init_ids], first_id))
+            encoder.config.vocab_size = first_id + len(self.specs)
 
     @staticmethod
     def rows(encoder) -> torch.nn.Parameter:
         return encoder.get_input_embeddings().new
 
     def parameters(self, components) -> list[torch.nn.Parameter]:
-        return [self.rows(e) for e in components.tunable_text_encoders]
+        return [self.rows(getattr(components, n)) for n in components.token_text_encoder_names]
 
     @staticmethod
     def transplant(source, target) -> None:
         """Give ``target`` (a copy of the same base text encoder) ``source``'s learned rows."""
-        rows = source.get_input_embeddings().new.detach()
+        learned = source.get_input_embeddings()
+        rows = learned.new.detach()
         table = target.get_input_embeddings()
         if isinstance(table, NewTokenEmbedding):
             with torch.no_grad():
                 table.new.copy_(rows)
             return
-        target.set_input_embeddings(NewTokenEmbedding(table, rows.to(table.weight.device)))
-        target.config.vocab_size = table.num_embeddings + rows.shape[0]
+        target.set_input_embeddings(NewTokenEmbedding(table, rows.to(table.weight.device), learned.first_id))
+        target.config.vocab_size = learned.first_id + rows.shape[0]
 
     def without_rows(self, components):
         """Components whose text encoders are shallow copies holding only the base table (for exports that must
@@ -159,7 +168,7 @@ class LearnedTokens:
         if not self:
             return components
         swapped = {}
-        for name in ("text_encoder", "text_encoder_2"):
+        for name in components.text_encoder_names:
             encoder = getattr(components, name)
             if encoder is not None and isinstance(encoder.get_input_embeddings(), NewTokenEmbedding):
                 path = next(n for n, m in encoder.named_modules() if isinstance(m, NewTokenEmbedding)).split(".")
@@ -188,8 +197,10 @@ class LearnedTokens:
         out_dir.mkdir(parents=True, exist_ok=True)
         written = []
         for i, token in enumerate(self.tokens):
-            rows = [self.rows(e)[i].detach().to("cpu", dtype).contiguous() for e in components.tunable_text_encoders]
-            state = {token: rows[0]} if len(rows) == 1 else dict(zip(SDXL_KEYS, (r[None] for r in rows)))
+            names = components.token_text_encoder_names
+            rows = [self.rows(getattr(components, n))[i].detach().to("cpu", dtype).contiguous() for n in names]
+            keys = [components.family.token_file_keys[n] for n in names]
+            state = {token: rows[0]} if len(rows) == 1 else dict(zip(keys, (r[None] for r in rows)))
             name = f"learned_embeds-{i}-{_file_safe(token)}.safetensors"
             write_bytes_atomic(out_dir / name, save(state, metadata={"format": "pt", "token": token}))
             written.append({"token": token, "path": name})
@@ -200,16 +211,19 @@ class LearnedTokens:
         """Add saved tokens to a pipeline through diffusers' own ``load_textual_inversion``."""
         from ..families import family_of_pipeline
 
-        names = family_of_pipeline(pipeline).tunable_text_encoders
+        family = family_of_pipeline(pipeline)
         for entry in entries:
             path = folder / entry["path"]
-            if len(names) == 1 and hasattr(pipeline, "load_textual_inversion"):
+            state = load_file(str(path))
+            if entry["token"] in state and hasattr(pipeline, "load_textual_inversion"):  # one encoder: the CLIP
                 pipeline.load_textual_inversion(str(path), token=entry["token"], text_encoder=pipeline.text_encoder,
                                                 tokenizer=pipeline.tokenizer)
                 continue
-            state = load_file(str(path))
-            vectors = [state[entry["token"]]] if len(names) == 1 else [state[key] for key in SDXL_KEYS]
-            for name, vector in zip(names, vectors):
+            if entry["token"] in state:
+                vectors = {"text_encoder": state[entry["token"]]}
+            else:  # several encoders, keyed as diffusers' SDXL / advanced FLUX scripts save them (clip_l, clip_g, t5)
+                vectors = {n: state[k] for n, k in family.token_file_keys.items() if k in state}
+            for name, vector in vectors.items():
                 encoder, tokenizer = getattr(pipeline, name), getattr(pipeline, name.replace("text_encoder", "tokenizer"))
                 if hasattr(pipeline, "load_textual_inversion"):
                     pipeline.load_textual_inversion(vector, token=entry["token"], text_encoder=encoder, tokenizer=tokenizer)

@@ -67,7 +67,18 @@ class Components:
 
     @property
     def tunable_tokenizers(self) -> list:
-        return [getattr(self, tokenizer_name(n)) for n in self.tunable_text_encoder_names]
+        return self.tokenizers_of(self.tunable_text_encoder_names)
+
+    def tokenizers_of(self, text_encoder_names: list[str]) -> list:
+        return [getattr(self, tokenizer_name(n)) for n in text_encoder_names]
+
+    @property
+    def token_text_encoder_names(self) -> list[str]:
+        """The text encoders that learn new tokens: the tunable CLIPs, and T5 when ``training.learn_tokens_in_t5``
+        asked for it (``extras["tokens_in_t5"]``)."""
+        t5 = getattr(self.family, "t5_name", "")
+        extra = [t5] if self.extras.get("tokens_in_t5") and t5 and getattr(self, t5) is not None else []
+        return self.tunable_text_encoder_names + extra
 
     @property
     def modules(self) -> dict[str, torch.nn.Module]:

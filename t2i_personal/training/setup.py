@@ -95,6 +95,7 @@ def prepare_run(config: TrainConfig) -> Run:
     family.check_training(t)
     if t.max_sequence_length:
         components.extras["max_sequence_length"] = t.max_sequence_length
+    components.extras["tokens_in_t5"] = t.learn_tokens_in_t5
     objective = family.objective(components, t)  # refuses options of another family's objective
     guidance = family.training_guidance(components.denoiser, t)
     method.check(components, t)  # e.g. an identifier to learn that is already a word: before class images
