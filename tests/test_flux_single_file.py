@@ -1,7 +1,16 @@
 """FLUX.1 transformer -> original BFL single file, checked against diffusers' own converter
-(``convert_flux_transformer_checkpoint_to_diffusers``, via ``FluxTransformer2DModel.from_single_file``)."""
+(``convert_flux_transformer_checkpoint_to_diffusers``, via ``FluxTransformer2DModel.from_single_file``).
+
+The checks that are the same for every transformer family's single file (weights and output bit-identical, a
+round trip through ``from_single_file`` with metadata, both kinds of ``config_dir``, unnamed parameters refused,
+missing / unreadable files and configs) are the ``assert_*`` / ``*_round_trip`` helpers below, which
+``test_sd3_single_file.py`` imports too.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from diffusers import FluxTransformer2DModel
@@ -88,12 +97,76 @@ def forward(model: FluxTransformer2DModel, guidance: bool) -> torch.Tensor:
         return model(**inputs).sample
 
 
-def assert_same_model(loaded: FluxTransformer2DModel, model: FluxTransformer2DModel, guidance: bool) -> None:
+# ------------------------------------------------------------------ shared with test_sd3_single_file.py
+
+
+def assert_same_weights_and_output(loaded: torch.nn.Module, model: torch.nn.Module,
+                                   forward: Callable[[torch.nn.Module], torch.Tensor]) -> None:
+    """The same parameter names, bit-identical values, and a bit-identical ``forward(model)``."""
     expected, got = model.state_dict(), loaded.state_dict()
     assert got.keys() == expected.keys()
     differing = [key for key in expected if not torch.equal(got[key], expected[key])]
     assert not differing, differing
-    assert torch.equal(forward(loaded, guidance), forward(model, guidance))
+    assert torch.equal(forward(loaded), forward(model))
+
+
+def from_single_file_round_trip(save: Callable, model: torch.nn.Module, tmp_path: Path,
+                                name: str) -> tuple[set[str], torch.nn.Module]:
+    """``model`` saved as a diffusers folder and, with metadata, as the single file ``name`` (no temp file is left
+    beside it, the metadata reads back as strings), then loaded by diffusers' own ``from_single_file`` with the
+    folder's config: (the file's keys, the loaded model)."""
+    model.save_pretrained(tmp_path / "pipe" / "transformer")
+    path = save(model, tmp_path / "out" / name, metadata={"modelspec.title": "tiny", "steps": 3})
+    assert sorted(p.name for p in path.parent.iterdir()) == [name]  # no temp file left behind
+    with safe_open(str(path), framework="pt") as file:
+        keys = set(file.keys())
+        assert file.metadata()["modelspec.title"] == "tiny" and file.metadata()["steps"] == "3"
+    loaded = type(model).from_single_file(
+        str(path), config=str(tmp_path / "pipe"), subfolder="transformer", torch_dtype=torch.float32)
+    return keys, loaded
+
+
+def loader_round_trips(save: Callable, load: Callable, model: torch.nn.Module, tmp_path: Path,
+                       name: str) -> list[torch.nn.Module]:
+    """``model`` saved as a diffusers folder and as the single file ``name``, loaded back by our ``load`` with the
+    pipeline folder (float32) and with the transformer folder itself (no dtype) as ``config_dir``."""
+    model.save_pretrained(tmp_path / "pipe" / "transformer")
+    path = save(model, tmp_path / name)
+    return [load(path, tmp_path / "pipe", torch.float32), load(path, tmp_path / "pipe" / "transformer")]
+
+
+def assert_unknown_parameter_refused(model: torch.nn.Module, to_original: Callable, save: Callable,
+                                    original_slot: Callable, tmp_path: Path) -> None:
+    """A parameter the layout has no name for raises, naming it, before anything is written; an unmerged LoRA's
+    says to merge it."""
+    model.transformer_blocks[0].attn.register_parameter("extra_gate", torch.nn.Parameter(torch.zeros(3)))
+    with pytest.raises(ValueError, match=r"transformer_blocks\.0\.attn\.extra_gate"):
+        to_original(model)
+    with pytest.raises(ValueError, match="extra_gate"):
+        save(model, tmp_path / "model.safetensors")
+    assert not list(tmp_path.iterdir())  # nothing written
+
+    with pytest.raises(ValueError, match="merge LoRA"):
+        original_slot("transformer_blocks.0.attn.to_q.lora_A.default.weight")
+
+
+def assert_unreadable_inputs_named(load: Callable, path: Path, config_dir: Path, tmp_path: Path) -> None:
+    """A missing file, a ``config_dir`` without a config (``tmp_path``) and a git-lfs pointer each raise naming
+    the file (and for the config, ``model.config_dir``); ``path`` is a good file, ``config_dir`` a good config."""
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        load(tmp_path / "missing.safetensors", config_dir)
+    with pytest.raises(OSError, match="config.json.*model.config_dir"):
+        load(path, tmp_path)
+    (tmp_path / "broken.safetensors").write_bytes(b"version https://git-lfs.github.com/spec/v1\n")
+    with pytest.raises(OSError, match="broken.safetensors"):
+        load(tmp_path / "broken.safetensors", config_dir)
+
+
+# ------------------------------------------------------------------ FLUX
+
+
+def assert_same_model(loaded: FluxTransformer2DModel, model: FluxTransformer2DModel, guidance: bool) -> None:
+    assert_same_weights_and_output(loaded, model, lambda m: forward(m, guidance))
 
 
 def test_keys_and_shapes_are_the_original_layout():
@@ -136,16 +209,8 @@ def test_full_size_keys_match_flux1_and_diffusers_converter(guidance, variant, n
 @pytest.mark.parametrize("guidance", [True, False], ids=["dev-like", "schnell-like"])
 def test_diffusers_from_single_file_round_trip_is_bit_exact(tmp_path, guidance, diffusers_converter_at_any_width):
     model = tiny_flux(guidance)
-    model.save_pretrained(tmp_path / "pipe" / "transformer")
-    path = save_flux_transformer_single_file(model, tmp_path / "out" / "flux.safetensors",
-                                             metadata={"modelspec.title": "tiny", "steps": 3})
-    assert sorted(p.name for p in path.parent.iterdir()) == ["flux.safetensors"]  # no temp file left behind
-    with safe_open(str(path), framework="pt") as file:
-        assert set(file.keys()) == original_keys(2, 2, guidance)
-        assert file.metadata()["modelspec.title"] == "tiny" and file.metadata()["steps"] == "3"
-
-    loaded = FluxTransformer2DModel.from_single_file(
-        str(path), config=str(tmp_path / "pipe"), subfolder="transformer", torch_dtype=torch.float32)
+    keys, loaded = from_single_file_round_trip(save_flux_transformer_single_file, model, tmp_path, "flux.safetensors")
+    assert keys == original_keys(2, 2, guidance)
     assert_same_model(loaded, model, guidance)
 
 
@@ -154,12 +219,9 @@ def test_loader_round_trip(tmp_path, monkeypatch, through, diffusers_converter_a
     if through == "diffusers converter":  # the path a 3072-wide FLUX.1 file takes
         monkeypatch.setattr(flux_single_file, "DIFFUSERS_CONVERTER_WIDTH", WIDTH)
     model = tiny_flux(guidance=True, seed=3)
-    model.save_pretrained(tmp_path / "pipe" / "transformer")
-    path = save_flux_transformer_single_file(model, tmp_path / "flux.safetensors")
-    assert_same_model(load_flux_transformer_single_file(path, tmp_path / "pipe", torch.float32), model, True)
-    # the transformer folder itself works as config_dir too
-    loaded = load_flux_transformer_single_file(path, tmp_path / "pipe" / "transformer")
-    assert_same_model(loaded, model, True)
+    for loaded in loader_round_trips(save_flux_transformer_single_file, load_flux_transformer_single_file, model,
+                                     tmp_path, "flux.safetensors"):
+        assert_same_model(loaded, model, True)
 
 
 def test_dtype_is_applied(tmp_path):
@@ -172,16 +234,8 @@ def test_dtype_is_applied(tmp_path):
 
 
 def test_unknown_parameter_is_refused(tmp_path):
-    model = tiny_flux(guidance=True)
-    model.transformer_blocks[0].attn.register_parameter("extra_gate", torch.nn.Parameter(torch.zeros(3)))
-    with pytest.raises(ValueError, match=r"transformer_blocks\.0\.attn\.extra_gate"):
-        flux_transformer_to_original(model)
-    with pytest.raises(ValueError, match="extra_gate"):
-        save_flux_transformer_single_file(model, tmp_path / "flux.safetensors")
-    assert not list(tmp_path.iterdir())  # nothing written
-
-    with pytest.raises(ValueError, match="merge LoRA"):
-        flux_single_file.original_slot("transformer_blocks.0.attn.to_q.lora_A.default.weight")
+    assert_unknown_parameter_refused(tiny_flux(guidance=True), flux_transformer_to_original,
+                                     save_flux_transformer_single_file, flux_single_file.original_slot, tmp_path)
 
 
 def test_loader_errors_name_the_file_and_the_fix(tmp_path):
@@ -192,13 +246,7 @@ def test_loader_errors_name_the_file_and_the_fix(tmp_path):
     dev_file_with_schnell_config = r"dev\.safetensors.*guidance_embeds=True.*config's model .*=False.*model\.config_dir"
     with pytest.raises(ValueError, match=dev_file_with_schnell_config):
         load_flux_transformer_single_file(path, tmp_path / "schnell")
-    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
-        load_flux_transformer_single_file(tmp_path / "missing.safetensors", tmp_path / "schnell")
-    with pytest.raises(OSError, match="config.json.*model.config_dir"):
-        load_flux_transformer_single_file(path, tmp_path)
-    (tmp_path / "broken.safetensors").write_bytes(b"version https://git-lfs.github.com/spec/v1\n")
-    with pytest.raises(OSError, match="broken.safetensors"):
-        load_flux_transformer_single_file(tmp_path / "broken.safetensors", tmp_path / "schnell")
+    assert_unreadable_inputs_named(load_flux_transformer_single_file, path, tmp_path / "schnell", tmp_path)
 
     wider = dict(TINY, num_attention_heads=4)
     FluxTransformer2DModel(**wider, guidance_embeds=True).save_pretrained(tmp_path / "wide" / "transformer")

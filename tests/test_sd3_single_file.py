@@ -13,6 +13,8 @@ from diffusers.loaders.single_file_utils import (
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from test_flux_single_file import (assert_same_weights_and_output, assert_unknown_parameter_refused,
+                                   assert_unreadable_inputs_named, from_single_file_round_trip, loader_round_trips)
 from t2i_personal.models import sd3_single_file
 from t2i_personal.models.sd3_single_file import (
     load_sd3_transformer_single_file,
@@ -85,11 +87,7 @@ def assert_same_model(loaded: SD3Transformer2DModel, model: SD3Transformer2DMode
     def architecture(config):  # json round trips make tuples lists
         return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if not k.startswith("_")}
     assert architecture(loaded.config) == architecture(model.config)
-    expected, got = model.state_dict(), loaded.state_dict()
-    assert got.keys() == expected.keys()
-    differing = [key for key in expected if not torch.equal(got[key], expected[key])]
-    assert not differing, differing
-    assert torch.equal(forward(loaded), forward(model))
+    assert_same_weights_and_output(loaded, model, forward)
 
 
 def test_keys_and_shapes_are_the_original_layout():
@@ -157,29 +155,18 @@ def test_full_size_keys_match_diffusers_detection_and_converter(config, variant,
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_diffusers_from_single_file_round_trip_is_bit_exact(tmp_path, variant):
     model = tiny_sd3(variant)
-    model.save_pretrained(tmp_path / "pipe" / "transformer")
-    path = save_sd3_transformer_single_file(model, tmp_path / "out" / "sd3.safetensors",
-                                            metadata={"modelspec.title": "tiny", "steps": 3})
-    assert sorted(p.name for p in path.parent.iterdir()) == ["sd3.safetensors"]  # no temp file left behind
-    with safe_open(str(path), framework="pt") as file:
-        keys = set(file.keys())
-        assert file.metadata()["modelspec.title"] == "tiny" and file.metadata()["steps"] == "3"
+    keys, loaded = from_single_file_round_trip(save_sd3_transformer_single_file, model, tmp_path, "sd3.safetensors")
     expected = original_keys(2, qk_norm=variant == "sd35", dual=(0,) if variant == "sd35" else ())
     assert keys == {PREFIX + key for key in expected}
-
-    loaded = SD3Transformer2DModel.from_single_file(
-        str(path), config=str(tmp_path / "pipe"), subfolder="transformer", torch_dtype=torch.float32)
     assert_same_model(loaded, model)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_loader_round_trip(tmp_path, variant):
     model = tiny_sd3(variant, seed=3)
-    model.save_pretrained(tmp_path / "pipe" / "transformer")
-    path = save_sd3_transformer_single_file(model, tmp_path / "sd3.safetensors")
-    assert_same_model(load_sd3_transformer_single_file(path, tmp_path / "pipe", torch.float32), model)
-    # the transformer folder itself works as config_dir too
-    assert_same_model(load_sd3_transformer_single_file(path, tmp_path / "pipe" / "transformer"), model)
+    for loaded in loader_round_trips(save_sd3_transformer_single_file, load_sd3_transformer_single_file, model,
+                                     tmp_path, "sd3.safetensors"):
+        assert_same_model(loaded, model)
 
 
 def test_loader_reads_full_checkpoints_and_unprefixed_files(tmp_path):
@@ -211,16 +198,8 @@ def test_dtype_is_applied(tmp_path):
 
 
 def test_unknown_parameter_is_refused(tmp_path):
-    model = tiny_sd3("sd3")
-    model.transformer_blocks[0].attn.register_parameter("extra_gate", torch.nn.Parameter(torch.zeros(3)))
-    with pytest.raises(ValueError, match=r"transformer_blocks\.0\.attn\.extra_gate"):
-        sd3_transformer_to_original(model)
-    with pytest.raises(ValueError, match="extra_gate"):
-        save_sd3_transformer_single_file(model, tmp_path / "sd3.safetensors")
-    assert not list(tmp_path.iterdir())  # nothing written
-
-    with pytest.raises(ValueError, match="merge LoRA"):
-        sd3_single_file.original_slot("transformer_blocks.0.attn.to_q.lora_A.default.weight")
+    assert_unknown_parameter_refused(tiny_sd3("sd3"), sd3_transformer_to_original, save_sd3_transformer_single_file,
+                                     sd3_single_file.original_slot, tmp_path)
     with pytest.raises(ValueError, match=r"transformer_blocks\.0\.attn\.norm_q\.bias"):  # a layer_norm qk norm
         sd3_transformer_to_original(tiny_sd3("sd3", qk_norm="layer_norm"))
     with pytest.raises(ValueError, match="pos_embed_max_size"):
@@ -237,13 +216,7 @@ def test_loader_errors_name_the_file_and_the_fix(tmp_path):
                                  r"model\.config_dir")
     with pytest.raises(ValueError, match=sd35_file_with_sd3_config):
         load_sd3_transformer_single_file(path, tmp_path / "sd3")
-    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
-        load_sd3_transformer_single_file(tmp_path / "missing.safetensors", tmp_path / "sd3")
-    with pytest.raises(OSError, match="config.json.*model.config_dir"):
-        load_sd3_transformer_single_file(path, tmp_path)
-    (tmp_path / "broken.safetensors").write_bytes(b"version https://git-lfs.github.com/spec/v1\n")
-    with pytest.raises(OSError, match="broken.safetensors"):
-        load_sd3_transformer_single_file(tmp_path / "broken.safetensors", tmp_path / "sd3")
+    assert_unreadable_inputs_named(load_sd3_transformer_single_file, path, tmp_path / "sd3", tmp_path)
     save_file({"first_stage_model.decoder.conv_in.weight": torch.zeros(2)}, str(tmp_path / "vae.safetensors"))
     with pytest.raises(ValueError, match=r"vae\.safetensors is not an original-layout SD3"):
         load_sd3_transformer_single_file(tmp_path / "vae.safetensors", tmp_path / "sd3")
