@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from conftest import base_config, run_training
 from t2i_personal import load_personalized
+from t2i_personal.inference.pipeline import default_guidance
 from t2i_personal.config import ModelConfig, TrainingConfig
 from t2i_personal.errors import ConfigError, ModelLoadError
 from t2i_personal.families import family_of_pipeline_class, family_of_single_file
@@ -391,3 +392,27 @@ def test_learned_tokens_in_t5_reload_through_diffusers_loader(saved_bases, conce
     loaded = load_personalized(tmp_path / "out")
     assert len(loaded.tokenizer_2) == t5.num_embeddings == loaded.text_encoder_2.get_input_embeddings().num_embeddings
     np.testing.assert_allclose(generate(loaded, prompt), tuned, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+
+def test_evaluator_scores_flux_and_sd3_results_at_their_own_guidance(concept_dir, tmp_path):
+    """eval/evaluate.py's engine on FLUX and SD3 results: images, metrics, and the guidance each trained with (FLUX's
+    embedded 3.5) unless one is given."""
+    from t2i_personal.evaluation import EvalConfig, GenerationOptions, MetricOptions, evaluate
+
+    results = []
+    for model in FLOW_MODELS:
+        out = tmp_path / model
+        run_training(flow_config(concept_dir, out, f"builtin:{model}", method={"name": "dreambooth", "adapter": "lora"}))
+        results.append(str(out))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of {V} {C} on the beach\n")
+    summary = evaluate(EvalConfig(
+        models=results, prompts=str(prompts), images_per_prompt=1, seed=0, metrics="clip_t,clip_i", out=str(tmp_path / "eval"),
+        generation=GenerationOptions(steps=2, height=32, width=32, device="cpu"),
+        metric_options=MetricOptions(clip_model="builtin:toy-clip", batch_size=4), progress=False))
+    assert set(summary["models"]) == set(FLOW_MODELS)
+    assert all(math.isfinite(summary["models"][m]["overall"]["clip_t"]["mean"]) for m in FLOW_MODELS)
+    assert default_guidance(load_personalized(results[0])) == 3.5 and default_guidance(load_personalized(results[1])) == 7.0
