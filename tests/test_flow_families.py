@@ -136,6 +136,16 @@ def test_recognition():
     assert family_of_single_file({"model.diffusion_model.input_blocks.0.0.weight"}).name == "sd"
 
 
+def test_resolution_must_fit_the_packing(comps):
+    """FLUX packs 2×2 latent cells and SD3 patches them: sides must be a multiple of VAE factor × patch (16 on the
+    real models, 8 on the tiny ones with their 4× VAE)."""
+    flux, sd3, sd = comps("tiny-flux"), comps("tiny-sd3"), comps("tiny-sd")
+    assert flux.family.pixel_multiple(flux) == sd3.family.pixel_multiple(sd3) == 8 and sd.family.pixel_multiple(sd) == 4
+    flux.family.check_resolution(flux, 40)
+    with pytest.raises(ConfigError, match="multiple of 8.*try 48"):
+        flux.family.check_resolution(flux, 44)
+
+
 def test_peek_family_reads_configs_only(saved_bases):
     assert peek_family("builtin:tiny-flux") == "flux" and peek_family("builtin:toy") == "sd"
     assert peek_family(str(saved_bases / "tiny-sd3")) == "sd3"

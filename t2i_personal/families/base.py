@@ -176,6 +176,17 @@ class ModelFamily:
         """``output_type="latent"`` latents of this family's pipeline as [B, C, h, w] (FLUX returns them packed)."""
         return latents
 
+    def pixel_multiple(self, components) -> int:
+        """Image sides must be a multiple of this (the VAE's downsampling, times any latent patching)."""
+        return components.vae_scale_factor
+
+    def check_resolution(self, components, resolution: int) -> None:
+        multiple = self.pixel_multiple(components)
+        if resolution % multiple:
+            nearest = max(multiple, round(resolution / multiple) * multiple)
+            raise ConfigError(f"data.resolution {resolution} does not fit this {self.name} model: image sides must be a "
+                              f"multiple of {multiple} (its VAE's downsampling times its latent patch); try {nearest}")
+
     def check_training(self, training) -> None:
         """Refuse training options that do not apply to this family (before anything is written)."""
         if training.max_sequence_length is not None or training.guidance_scale is not None or \

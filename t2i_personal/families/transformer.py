@@ -74,6 +74,9 @@ class TransformerFamily(ModelFamily):
     def latent_patch_of(self, denoiser) -> int:
         return self.latent_patch
 
+    def pixel_multiple(self, components) -> int:
+        return components.vae_scale_factor * self.latent_patch_of(components.denoiser)
+
     def check_training(self, training) -> None:
         if training.attention == "xformers":
             raise ConfigError(f"training.attention 'xformers': {self.name}'s joint-attention processors use PyTorch's "

@@ -93,6 +93,7 @@ def prepare_run(config: TrainConfig) -> Run:
     components = load_components(cfg.model, dtype=torch.float32)  # master weights; mixed precision casts later
     family = components.family
     family.check_training(t)
+    family.check_resolution(components, d.resolution)
     if t.max_sequence_length:
         components.extras["max_sequence_length"] = t.max_sequence_length
     components.extras["tokens_in_t5"] = t.learn_tokens_in_t5
