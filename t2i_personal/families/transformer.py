@@ -5,7 +5,8 @@ text encoders beside a T5 encoder, a 16-channel-style VAE with a shift factor, a
 Text: the CLIP tokenizers read 77 tokens and their pipelines cut longer prompts (CLIP only gives the pooled
 vector and, for SD3, the first 77 sequence rows); T5 reads ``max_sequence_length`` tokens (``training.
 max_sequence_length``; pipeline defaults FLUX 512, SD3 256), and a prompt longer than that is an error here,
-where the pipelines would cut it. T5 never trains: text-encoder LoRA, learned tokens and SPL act on the CLIPs.
+where the pipelines would cut it. T5's weights never train: text-encoder LoRA and SPL act on the CLIPs, learned
+tokens too unless ``training.learn_tokens_in_t5`` gives them a T5 row as well.
 """
 
 from __future__ import annotations
@@ -13,12 +14,9 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-from .base import ModelFamily
+from .base import ModelFamily, tokenizer_name
 from .flow_matching import FlowMatchingObjective
-
-
-def device_of(module: torch.nn.Module) -> torch.device:
-    return next(module.parameters()).device
+from .sd import device_of  # noqa: F401 -- re-exported for flux.py / sd3.py
 
 
 def unwrapped(module: torch.nn.Module) -> torch.nn.Module:
@@ -43,7 +41,7 @@ class TransformerFamily(ModelFamily):
         from ..models.tokenizer import check_prompt_length
 
         t5_length = self.max_sequence_length(components)
-        t5 = getattr(components, self.t5_name.replace("text_encoder", "tokenizer"), None)
+        t5 = getattr(components, tokenizer_name(self.t5_name), None)
         ids = []
         for name, tokenizer in zip(components.text_encoder_names, components.tokenizers):
             is_t5 = name == self.t5_name
@@ -57,7 +55,7 @@ class TransformerFamily(ModelFamily):
 
     def prompt_windows(self, pipe) -> list[tuple[object, int]]:
         """T5's window (the pipeline cuts CLIP's at 77 by design: it only gives the pooled vector and the first rows)."""
-        t5 = getattr(pipe, self.t5_name.replace("text_encoder", "tokenizer"), None)
+        t5 = getattr(pipe, tokenizer_name(self.t5_name), None)
         if t5 is None:
             return super().prompt_windows(pipe)
         record = getattr(pipe, "_t2i_personal_record", None) or {}
@@ -141,7 +139,7 @@ class TransformerFamily(ModelFamily):
         for i, name in enumerate(self.text_encoder_names):
             config = dict(spec[name])
             cls = getattr(transformers, config.pop("_class_name"))
-            tokenizer = name.replace("text_encoder", "tokenizer")
+            tokenizer = tokenizer_name(name)
             if name == self.t5_name:
                 built[tokenizer] = build_t5_tokenizer()
                 config.setdefault("vocab_size", len(built[tokenizer]))

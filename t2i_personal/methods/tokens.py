@@ -210,6 +210,7 @@ class LearnedTokens:
     def load(pipeline, folder: Path, entries: list[dict]) -> None:
         """Add saved tokens to a pipeline through diffusers' own ``load_textual_inversion``."""
         from ..families import family_of_pipeline
+        from ..families.base import tokenizer_name
 
         family = family_of_pipeline(pipeline)
         for entry in entries:
@@ -224,7 +225,7 @@ class LearnedTokens:
             else:  # several encoders, keyed as diffusers' SDXL / advanced FLUX scripts save them (clip_l, clip_g, t5)
                 vectors = {n: state[k] for n, k in family.token_file_keys.items() if k in state}
             for name, vector in vectors.items():
-                encoder, tokenizer = getattr(pipeline, name), getattr(pipeline, name.replace("text_encoder", "tokenizer"))
+                encoder, tokenizer = getattr(pipeline, name), getattr(pipeline, tokenizer_name(name))
                 if hasattr(pipeline, "load_textual_inversion"):
                     pipeline.load_textual_inversion(vector, token=entry["token"], text_encoder=encoder, tokenizer=tokenizer)
                 else:  # SD3's pipeline has no textual-inversion loader: the same steps by hand
