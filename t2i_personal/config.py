@@ -161,6 +161,7 @@ class TrainingConfig(Section):
     adam_weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay")
     adam_epsilon: float = Field(1e-8, gt=0)
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping (null: off)")
+    max_nonfinite_steps: int = Field(3, ge=0, description="a step whose loss or gradients are NaN/inf is skipped (weights untouched); after this many skipped steps the run stops with an error (0: at the first)")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="trainable weights stay float32; frozen ones are cast")
     gradient_checkpointing: bool = Field(False, description="recompute activations: less memory, ~30% slower")
     attention: Literal["auto", "sdpa", "xformers"] = Field("auto", description="auto: xformers when installed on CUDA, else SDPA")

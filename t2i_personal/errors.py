@@ -15,3 +15,7 @@ class ConfigError(UserError, ValueError):
 
 class ModelLoadError(UserError, OSError):
     """A base model could not be found, reached or safely loaded."""
+
+
+class TrainingDiverged(UserError, RuntimeError):
+    """The loss or its gradients stayed NaN/inf: the settings (precision, learning rate) must change."""

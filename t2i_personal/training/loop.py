@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from contextlib import ExitStack
 
@@ -80,12 +81,49 @@ def optimizer_step(run: Run, global_step: int, batches) -> dict[str, float]:
             accelerator.backward(sum(terms.values()) / accum)
         for k, v in terms.items():
             logs[k] = logs.get(k, 0.0) + v.detach().item() / accum
-    if t.max_grad_norm is not None:
-        clip_gradients(accelerator, run.trainable, t.max_grad_norm)
+    grad_norm = clip_gradients(accelerator, run.trainable, t.max_grad_norm)
+    if not finite_step(run, logs, grad_norm):
+        run.optimizer.zero_grad(set_to_none=True)
+        skip_nonfinite_step(run, global_step + 1, logs)
+        return {**logs, "loss": sum(logs.values()), "lr": run.lr_scheduler.get_last_lr()[0], "skipped": 1.0}
     run.optimizer.step()
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return {**logs, "loss": sum(logs.values()), "lr": run.lr_scheduler.get_last_lr()[0]}
+
+
+def finite_step(run: Run, logs: dict[str, float], grad_norm: torch.Tensor | None) -> bool:
+    """Whether every loss term and the gradient norm are finite, on every process. Under fp16 an inf gradient is
+    the loss scaler's business (it skips the step and lowers the scale), so only the loss counts there."""
+    finite = all(math.isfinite(v) for v in logs.values())
+    if grad_norm is not None and run.config.training.mixed_precision != "fp16":
+        finite = finite and bool(torch.isfinite(grad_norm).all())
+    accelerator = run.accelerator
+    if accelerator.num_processes > 1:  # every rank must skip the same steps
+        bad = torch.tensor(0.0 if finite else 1.0, device=accelerator.device)
+        finite = not bool(accelerator.reduce(bad, "max").item())
+    return finite
+
+
+def skip_nonfinite_step(run: Run, step: int, logs: dict[str, float]) -> None:
+    """Count a skipped step; past ``training.max_nonfinite_steps`` stop with what to try."""
+    from ..errors import TrainingDiverged
+
+    t = run.config.training
+    run.nonfinite_steps += 1
+    terms = ", ".join(f"{k} {v:.4g}" for k, v in logs.items())
+    logger.warning("step %d skipped: the loss or its gradients are not finite (%s); %d skipped so far", step, terms,
+                   run.nonfinite_steps)
+    if run.nonfinite_steps > t.max_nonfinite_steps:
+        from . import checkpoint as ckpt
+
+        latest = (ckpt.list_checkpoints(run.output_dir) or [None])[-1]
+        raise TrainingDiverged(
+            f"training stopped at step {step}: the loss or its gradients were NaN/inf ({terms}) on "
+            f"{run.nonfinite_steps} steps (training.max_nonfinite_steps = {t.max_nonfinite_steps}); the weights were "
+            f"never updated with them, and the latest checkpoint ({latest or 'none yet'}) holds the last good ones. "
+            f"Try mixed_precision: bf16 instead of fp16, a lower learning rate (now {t.learning_rate:g}), or "
+            "max_grad_norm: 1.0; then resume with training.resume=latest.")
 
 
 def micro_step(run: Run, batch) -> dict[str, torch.Tensor]:
@@ -167,12 +205,18 @@ def after_step(run: Run, trainer, global_step: int, stop_at: int, log_file) -> b
     return stopping
 
 
-def clip_gradients(accelerator, params, max_norm: float) -> None:
+def clip_gradients(accelerator, params, max_norm: float | None) -> torch.Tensor | None:
+    """Clip to ``max_norm`` (None: only measure); the total gradient norm before clipping (None where DeepSpeed /
+    FSDP own the clipping and no limit is set)."""
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
         accelerator.unscale_gradients()
+        grads = [p.grad for p in params if p.grad is not None]
+        if max_norm is None:
+            return torch.nn.utils.get_total_norm(grads, foreach=True) if grads else None
         # foreach=True also on CPU, where torch's default falls back to one norm per tensor
-        torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-    else:  # DeepSpeed / FSDP own the clipping
-        accelerator.clip_grad_norm_(params, max_norm)
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    if max_norm is None:  # DeepSpeed / FSDP own the clipping
+        return None
+    return accelerator.clip_grad_norm_(params, max_norm)

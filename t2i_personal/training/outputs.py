@@ -96,7 +96,15 @@ class Float32Base:
 
 
 def write_artifact(run, folder: Path, step: int) -> dict:
-    """The inference artifact of the current weights into ``folder``; its description for the record."""
+    """The inference artifact of the current weights into ``folder``; its description for the record. Weights that
+    are not finite are never exported."""
+    from ..errors import TrainingDiverged
+
+    broken = [k for k, v in run.method.trainable_state_dict(run.components).items() if not bool(torch.isfinite(v).all())]
+    if broken:
+        raise TrainingDiverged(f"step {step}: {len(broken)} trained tensors hold NaN/inf (e.g. {broken[0]}); nothing was "
+                               "exported. Try mixed_precision: bf16 instead of fp16 or a lower learning rate, and resume "
+                               "from an earlier checkpoint.")
     return run.method.save(run.method.export_components(run.components, run.float32_base), folder, run.config.export)
 
 
@@ -119,6 +127,7 @@ def save_checkpoint(run, step: int, with_artifact: bool = True) -> None:
                               make_record(run.config, artifact, run.components.family.name, step,
                                           run.resolved_settings))
         write_json_atomic(tmp / "trainer_state.json", {"global_step": step, "num_processes": accelerator.num_processes,
+                                                       "nonfinite_steps": run.nonfinite_steps,
                                                        "config": run.config.model_dump(mode="json")})
         publish_dir(tmp, final)
         ckpt.prune_checkpoints(output_dir, run.config.training.checkpoints_total_limit)

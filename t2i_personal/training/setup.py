@@ -65,6 +65,7 @@ class Run:
     float32_base: object = None  # float32 base modules for exports (outputs.Float32Base)
     lock: object = None  # the run folder's lock, held while training
     guidance: float | None = None  # the embedded guidance a guidance-distilled denoiser trains with (FLUX.1-dev)
+    nonfinite_steps: int = 0  # optimizer steps skipped so far because the loss or gradients were NaN/inf
 
     @property
     def resolved_settings(self) -> dict:

@@ -93,7 +93,8 @@ def resume(run: Run) -> int:
         run.method.load_trainable_state_dict(run.components, load_file(str(run.resume_from / "trainable.safetensors")))
     except Exception as exc:  # noqa: BLE001 -- a truncated optimizer state, a mismatched tensor, ...
         raise ckpt.damaged_checkpoint(run.resume_from, exc) from exc
-    step = ckpt.read_checkpoint_state(run.resume_from)["global_step"]
+    state = ckpt.read_checkpoint_state(run.resume_from)
+    step, run.nonfinite_steps = state["global_step"], state.get("nonfinite_steps", 0)
     logger.info("resumed from %s at step %d", run.resume_from, step)
     return step
 
