@@ -161,6 +161,10 @@ class TrainingConfig(Section):
     adam_weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay")
     adam_epsilon: float = Field(1e-8, gt=0)
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping (null: off)")
+    ema: bool = Field(False, description="keep an exponential moving average of the trainable weights; validation images and exports use it")
+    ema_decay: float = Field(0.999, gt=0, lt=1, description="EMA decay (warmed up as diffusers' EMAModel: at most (1+n)/(10+n) after n updates)")
+    ema_update_every: int = Field(1, ge=1, description="update the EMA every N optimizer steps")
+    ema_device: Literal["same", "cpu"] = Field("same", description="where the EMA lives: beside the weights, or on the CPU (saves GPU memory for full fine-tunes)")
     max_nonfinite_steps: int = Field(3, ge=0, description="a step whose loss or gradients are NaN/inf is skipped (weights untouched); after this many skipped steps the run stops with an error (0: at the first)")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="trainable weights stay float32; frozen ones are cast")
     gradient_checkpointing: bool = Field(False, description="recompute activations: less memory, ~30% slower")
@@ -234,6 +238,10 @@ class TrainConfig(Section):
         if t.learn_tokens_in_t5 and not any(c.initializer_token for c in self.concepts):
             raise ValueError("training.learn_tokens_in_t5 is set but no concept has an initializer_token (nothing learns "
                              "a token)")
+        if not t.ema and any(k in t.model_fields_set and getattr(t, k) != TrainingConfig.model_fields[k].default
+                             for k in ("ema_decay", "ema_update_every", "ema_device")):
+            raise ValueError("training.ema_decay / ema_update_every / ema_device are set but training.ema is false: "
+                             "set training.ema: true or remove them")
         if t.offload_text_encoders and not t.cache_text_embeddings:
             raise ValueError("training.offload_text_encoders needs training.cache_text_embeddings: true (without the "
                              "cache every step runs the text encoders)")

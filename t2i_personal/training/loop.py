@@ -89,6 +89,8 @@ def optimizer_step(run: Run, global_step: int, batches) -> dict[str, float]:
     run.optimizer.step()
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.update(global_step + 1)
     return {**logs, "loss": sum(logs.values()), "lr": run.lr_scheduler.get_last_lr()[0]}
 
 
@@ -191,8 +193,9 @@ def after_step(run: Run, trainer, global_step: int, stop_at: int, log_file) -> b
         outputs.save_checkpoint(run, global_step, with_artifact=False)
         return True
     if run.validation_prompts and global_step % run.config.validation.every_n_steps == 0:
-        grid = outputs.validate(run.config, run.components, run.validation_prompts, accelerator, run.weight_dtype,
-                                global_step)
+        with run.averaged():
+            grid = outputs.validate(run.config, run.components, run.validation_prompts, accelerator, run.weight_dtype,
+                                    global_step)
         if log_file is not None:
             log_file.write(json.dumps({"step": global_step, "validation": str(grid)}) + "\n")
     stopping = trainer.stop_requested.is_set()

@@ -20,6 +20,8 @@ from ..record import CHECKPOINT_RESULT, RECORD_NAME, make_record
 from . import checkpoint as ckpt
 from . import run_folder
 
+EMA_FILE = "ema.safetensors"
+
 
 def open_progress_log(output_dir: Path, global_step: int):
     """``logs/progress.jsonl``, opened for appending: one JSON line per step (loss terms, lr, seconds) and per
@@ -105,7 +107,8 @@ def write_artifact(run, folder: Path, step: int) -> dict:
         raise TrainingDiverged(f"step {step}: {len(broken)} trained tensors hold NaN/inf (e.g. {broken[0]}); nothing was "
                                "exported. Try mixed_precision: bf16 instead of fp16 or a lower learning rate, and resume "
                                "from an earlier checkpoint.")
-    return run.method.save(run.method.export_components(run.components, run.float32_base), folder, run.config.export)
+    with run.averaged():
+        return run.method.save(run.method.export_components(run.components, run.float32_base), folder, run.config.export)
 
 
 def save_checkpoint(run, step: int, with_artifact: bool = True) -> None:
@@ -121,6 +124,8 @@ def save_checkpoint(run, step: int, with_artifact: bool = True) -> None:
     if accelerator.is_main_process:
         state = {k: v.detach().to("cpu").contiguous() for k, v in run.method.trainable_state_dict(run.components).items()}
         save_file(state, str(tmp / "trainable.safetensors"))
+        if run.ema is not None:
+            save_file(run.ema.state_dict(), str(tmp / EMA_FILE))
         if with_artifact and run.config.export.inference_artifact_in_checkpoints:
             artifact = write_artifact(run, tmp / CHECKPOINT_RESULT, step)
             write_json_atomic(tmp / CHECKPOINT_RESULT / RECORD_NAME,

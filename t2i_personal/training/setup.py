@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import random
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from ..models.loading import load_components
 from ..models.quantize import check_quantization_available, quantize_frozen
 from . import checkpoint as ckpt
 from . import run_folder
+from .ema import TrainableEMA
 from .outputs import Float32Base
 
 logger = logging.getLogger(__name__)
@@ -66,6 +68,11 @@ class Run:
     lock: object = None  # the run folder's lock, held while training
     guidance: float | None = None  # the embedded guidance a guidance-distilled denoiser trains with (FLUX.1-dev)
     nonfinite_steps: int = 0  # optimizer steps skipped so far because the loss or gradients were NaN/inf
+    ema: TrainableEMA | None = None  # training.ema: the averaged trainable weights
+
+    def averaged(self):
+        """The EMA weights in the model for the duration (validation, exports), when training.ema is on."""
+        return self.ema.applied() if self.ema is not None else nullcontext()
 
     @property
     def resolved_settings(self) -> dict:
@@ -156,10 +163,11 @@ def prepare_run(config: TrainConfig) -> Run:
     # Checkpoints hold the trainable tensors only (trainable.safetensors), not accelerate's full model copies.
     accelerator.register_save_state_pre_hook(lambda models, weights, out: weights.clear())
     accelerator.register_load_state_pre_hook(lambda models, inp: models.clear())
+    trainable = [p for g in groups for p in g["params"]]
+    ema = TrainableEMA(trainable, t.ema_decay, t.ema_update_every, t.ema_device) if t.ema else None
     return Run(cfg, output_dir, components, method, wrapped, objective, prompt_ids,
                latent_cache, text_cache, accelerator, vae_dtype, weight_dtype, dataset, optimizer, lr_scheduler,
-               [p for g in groups for p in g["params"]], validation_prompts, resume_from, Float32Base(cfg), lock,
-               guidance)
+               trainable, validation_prompts, resume_from, Float32Base(cfg), lock, guidance, ema=ema)
 
 
 def _accelerator(cfg: TrainConfig, output_dir: Path, method: Method) -> Accelerator:

@@ -19,7 +19,7 @@ from ..config import TrainConfig
 from . import checkpoint as ckpt
 from . import run_folder
 from .loop import train_steps
-from .outputs import export_final, validate
+from .outputs import EMA_FILE, export_final, validate
 from .setup import Run, prepare_run
 
 logger = logging.getLogger(__name__)
@@ -73,8 +73,9 @@ class Trainer:
                 logger.info("stopped after step %d; resume with training.resume=latest", global_step)
             else:
                 if run.validation_prompts:
-                    validate(self.config, run.components, run.validation_prompts, accelerator, run.weight_dtype,
-                             global_step)
+                    with run.averaged():
+                        validate(self.config, run.components, run.validation_prompts, accelerator, run.weight_dtype,
+                                 global_step)
                 if accelerator.is_main_process:
                     export_final(run, global_step)
             accelerator.wait_for_everyone()
@@ -91,6 +92,8 @@ def resume(run: Run) -> int:
     try:
         run.accelerator.load_state(str(run.resume_from))
         run.method.load_trainable_state_dict(run.components, load_file(str(run.resume_from / "trainable.safetensors")))
+        if run.ema is not None:
+            run.ema.load_state_dict(load_file(str(run.resume_from / EMA_FILE)))
     except Exception as exc:  # noqa: BLE001 -- a truncated optimizer state, a mismatched tensor, ...
         raise ckpt.damaged_checkpoint(run.resume_from, exc) from exc
     state = ckpt.read_checkpoint_state(run.resume_from)
