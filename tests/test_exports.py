@@ -123,3 +123,41 @@ def test_load_personalized_refuses_an_unfinished_folder(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     with pytest.raises(ModelLoadError, match="personalization.json"):
         load_personalized(tmp_path)
+
+
+@pytest.mark.parametrize("model", ["tiny-sd", "tiny-sdxl"])
+@pytest.mark.parametrize("train_te", [False, True])
+def test_dora_exports_match_in_memory_model_in_plain_diffusers(model, train_te, saved_bases, concept_dir, tmp_path,
+                                                               one_torch_thread):
+    """method.lora.use_dora: the diffusers file (lora_magnitude_vector) reproduces the tuned image in plain
+    diffusers (one thread on both sides, as the subprocess runs: DoRA's weight norms make the image sensitive to the
+    summation order). The kohya file carries LyCORIS' ``dora_scale`` (out, 1), which ComfyUI / A1111 read and
+    diffusers' kohya loader drops: checked against peft's merged weights with LyCORIS' formula
+    W' = dora_scale · (W + s·up·down) / ‖W + s·up·down‖_row."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    cfg = base_config(concept_dir, out, model={"pretrained": str(saved_bases / model)},
+                      method={"name": "dreambooth", "adapter": "lora", "train_text_encoder": train_te,
+                              "lora": {"rank": 4, "alpha": 8, "use_dora": True}},
+                      training={"learning_rate": 5e-3, "max_train_steps": 4})
+    trainer = run_training(cfg)
+    in_memory = generate(trainer.components.pipeline())
+    assert any("lora_magnitude_vector" in k for k in load_file(str(out / "pytorch_lora_weights.safetensors")))
+    before, diffusers_lora = plain_diffusers(tmp_path, saved_bases / model, out, "pytorch_lora_weights.safetensors")
+    assert np.abs(diffusers_lora - before).max() > 1e-3
+    np.testing.assert_allclose(diffusers_lora, in_memory, atol=2e-5)
+    np.testing.assert_allclose(generate(load_personalized(out)), in_memory, atol=2e-5)
+
+    kohya = load_file(str(out / "pytorch_lora_weights_kohya.safetensors"))
+    adapted = {"lora_unet_" + n.replace(".", "_"): m for n, m in trainer.components.unet.named_modules()
+               if hasattr(m, "lora_magnitude_vector")}
+    prefix = next(k[: -len(".dora_scale")] for k in kohya if k.endswith(".dora_scale") and k.startswith("lora_unet_"))
+    module = adapted[prefix]
+    base = module.base_layer.weight.detach()
+    scale = float(kohya[f"{prefix}.alpha"]) / kohya[f"{prefix}.lora_down.weight"].shape[0]
+    combined = base + scale * kohya[f"{prefix}.lora_up.weight"] @ kohya[f"{prefix}.lora_down.weight"]
+    assert kohya[f"{prefix}.dora_scale"].shape == (base.shape[0], 1)
+    rebuilt = kohya[f"{prefix}.dora_scale"] * combined / combined.norm(dim=1, keepdim=True)
+    module.merge()
+    torch.testing.assert_close(rebuilt, module.base_layer.weight.detach(), atol=1e-5, rtol=1e-5)

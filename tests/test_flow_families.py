@@ -426,3 +426,18 @@ def test_evaluator_scores_flux_and_sd3_results_at_their_own_guidance(concept_dir
     assert set(summary["models"]) == set(FLOW_MODELS)
     assert all(math.isfinite(summary["models"][m]["overall"]["clip_t"]["mean"]) for m in FLOW_MODELS)
     assert default_guidance(load_personalized(results[0])) == 3.5 and default_guidance(load_personalized(results[1])) == 7.0
+
+
+def test_flux_dora_reloads_through_diffusers(saved_bases, concept_dir, tmp_path):
+    """method.lora.use_dora on FLUX: the diffusers file carries the magnitudes (transformer and CLIP) and reproduces
+    the tuned image; no kohya file (diffusers' kohya-FLUX converter, the oracle here, has no DoRA scale)."""
+    cfg = flow_config(concept_dir, tmp_path / "out", str(saved_bases / "tiny-flux"),
+                      method={"name": "dreambooth", "adapter": "lora", "train_text_encoder": True,
+                              "lora": {"rank": 4, "alpha": 8, "use_dora": True}})
+    cfg["training"]["learning_rate"] = 5e-2
+    tuned = generate(run_training(cfg).components.pipeline())
+    lora = load_file(str(tmp_path / "out" / "pytorch_lora_weights.safetensors"))
+    assert any(k.startswith("transformer.") and "lora_magnitude_vector" in k for k in lora)
+    assert any(k.startswith("text_encoder.") and "lora_magnitude_vector" in k for k in lora)
+    assert not (tmp_path / "out" / "pytorch_lora_weights_kohya.safetensors").exists()
+    np.testing.assert_allclose(generate(load_personalized(tmp_path / "out")), tuned, atol=1e-5)

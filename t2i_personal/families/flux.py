@@ -9,6 +9,8 @@ transformer has a guidance embedding (dev), none otherwise (schnell).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from diffusers import FluxPipeline
 
@@ -16,6 +18,7 @@ from ..errors import ConfigError
 from .base import Conditioning, FreeCureDefaults
 from .transformer import TransformerFamily, device_of, unwrapped
 
+logger = logging.getLogger(__name__)
 DEFAULT_GUIDANCE = 3.5  # diffusers' train_dreambooth_lora_flux.py --guidance_scale
 
 
@@ -70,6 +73,10 @@ class Flux(TransformerFamily):
         read and diffusers converts on ``load_lora_weights``."""
         from ..models.kohya_flux import flux_lora_to_kohya
 
+        if any("lora_magnitude_vector" in k for k in peft_state):  # no DoRA key in diffusers' kohya-FLUX converter
+            logger.warning("DoRA on FLUX: no kohya file is written (diffusers' kohya-FLUX converter, the test oracle "
+                           "here, has no DoRA scale); the diffusers file carries the DoRA magnitudes")
+            return None
         return flux_lora_to_kohya(peft_state, alpha)
 
     def training_guidance(self, denoiser, training) -> float | None:

@@ -14,6 +14,12 @@ def device_of(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
+def dora_scale_key(kohya_key: str) -> str:
+    """diffusers' kohya converter (0.42) leaves DoRA magnitudes as ``lora_unet_x.to_q.lora_magnitude_vector``;
+    LyCORIS / kohya / ComfyUI / A1111 read ``lora_unet_x_to_q.dora_scale`` (diffusers' own kohya loader drops it)."""
+    return kohya_key[: -len(".lora_magnitude_vector")].replace(".", "_") + ".dora_scale"
+
+
 class UNetFamily(ModelFamily):
     """What SD and SDXL share: a ``UNet2DConditionModel`` (``attn1`` self-, ``attn2`` cross-attention) trained
     with DDPM."""
@@ -36,9 +42,14 @@ class UNetFamily(ModelFamily):
         """``lora_unet_*``, ``lora_te_*`` (SD) or ``lora_te1_*``/``lora_te2_*`` (SDXL) keys via diffusers' converter."""
         from diffusers.utils import convert_state_dict_to_kohya
 
-        # diffusers writes alpha = rank (scale 1); store the alpha we trained with so other UIs scale right
-        return {self.kohya_lora_key(k): torch.tensor(alpha) if k.endswith(".alpha") else v
-                for k, v in convert_state_dict_to_kohya(peft_state).items()}
+        out = {}
+        for key, value in convert_state_dict_to_kohya(peft_state).items():
+            if key.endswith(".alpha"):  # diffusers writes alpha = rank (scale 1); other UIs must scale as we trained
+                value = torch.tensor(alpha)
+            elif key.endswith(".lora_magnitude_vector"):  # LyCORIS' DoRA: one norm per output row, shape (out, 1)
+                key, value = dora_scale_key(key), value.reshape(-1, 1)
+            out[self.kohya_lora_key(key)] = value
+        return out
 
     def kohya_lora_key(self, key: str) -> str:
         return key

@@ -41,6 +41,7 @@ class LoraConfig(Section):
     rank: int = Field(4, ge=1, description="LoRA rank r")
     alpha: float | None = Field(None, gt=0, description="defaults to rank (scale 1.0)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA branch")
+    use_dora: bool = Field(False, description="DoRA (Liu et al., 2024): a trained magnitude per output beside the LoRA direction (peft); the diffusers and kohya files carry it")
     unet_target_modules: list[str] | None = Field(None, description="denoiser (UNet) module names that get LoRA; null: the model family's default (SD/SDXL: to_q, to_k, to_v, to_out.0)")
     text_encoder_target_modules: list[str] | None = Field(None, description="text-encoder module names that get LoRA; null: the model family's default (CLIP: q_proj, k_proj, v_proj, out_proj)")
 
@@ -142,7 +143,7 @@ class DreamBooth(Method):
         targets = list(getattr(lora, targets_key) or family_default)
         try:
             module.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.effective_alpha, lora_dropout=lora.dropout,
-                                          init_lora_weights="gaussian", target_modules=targets))
+                                          init_lora_weights="gaussian", target_modules=targets, use_dora=lora.use_dora))
         except ValueError as exc:  # peft: no module matched
             raise ConfigError(f"method.lora.{targets_key} = {targets} matches no module of the "
                               f"{type(module).__name__}: {exc}") from exc
@@ -240,6 +241,8 @@ class DreamBooth(Method):
         for name in self.own:
             module = getattr(components, name)
             state = components.family.lora_state_for_saving(get_peft_model_state_dict(module))
+            if name.startswith("text_encoder"):  # transformers' adapter loader reads DoRA magnitudes as ``….weight``
+                state = {k + ".weight" if k.endswith(".lora_magnitude_vector") else k: v for k, v in state.items()}
             layers[f"{name}_lora_layers"] = {k: v.to(dtype) for k, v in state.items()}
             metadata[f"{name}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
         components.pipeline_class.save_lora_weights(out_dir, weight_name=LORA_WEIGHTS, safe_serialization=True, **layers, **metadata)
