@@ -96,6 +96,7 @@ class DataConfig(Section):
     resolution: int = Field(512, ge=8, description="square training size in pixels (multiple of 8)")
     center_crop: bool = Field(True, description="center crop after resizing (false: random crop)")
     random_flip: bool = Field(False, description="horizontal flip with probability 0.5")
+    caption_dropout: float = Field(0.0, ge=0.0, le=1.0, description="probability of training an instance image that has a caption file with the bare instance prompt instead")
     rescale_augmentation: bool = Field(False, description="Custom Diffusion's random rescale onto a blank canvas with a loss mask and 'far away'/'zoomed in' prompt prefixes (instance images only)")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     max_image_pixels: int = Field(64_000_000, ge=1, description="larger images are refused (decompression bombs)")

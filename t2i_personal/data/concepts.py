@@ -26,6 +26,7 @@ class Example:
     prompt: str
     concept: int
     is_prior: bool
+    bare_prompt: str | None = None  # an instance with a caption file: its concept's instance prompt (caption dropout)
 
 
 def load_instance_examples(concepts, max_pixels: int) -> list[Example]:
@@ -35,7 +36,8 @@ def load_instance_examples(concepts, max_pixels: int) -> list[Example]:
             for path, image in load_image_folder(folder, what=f"instance images of concept '{concept.identifier}'",
                                                  max_pixels=max_pixels):
                 prompt = prompt_for_image(path, concept.instance_prompt, concept.identifier, concept.class_noun)
-                examples.append(Example(image, path, prompt, ci, False))
+                bare = render_prompt(concept.instance_prompt, concept.identifier, concept.class_noun)
+                examples.append(Example(image, path, prompt, ci, False, bare if bare != prompt else None))
     return examples
 
 
@@ -61,9 +63,10 @@ class ConceptDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, instances: list[Example], priors: list[list[Example]] | None, transform: ImageTransform,
-                 prompt_index: dict[str, int], seed: int, with_pixels: bool = True):
+                 prompt_index: dict[str, int], seed: int, with_pixels: bool = True, caption_dropout: float = 0.0):
         self.instances, self.priors = instances, priors
         self.transform, self.prompt_index, self.seed, self.with_pixels = transform, prompt_index, seed, with_pixels
+        self.caption_dropout = caption_dropout
         self.prior_transform = transform.without_rescale() if transform.rescale else transform
         concepts = sorted({e.concept for e in instances})
         self.by_concept = [[i for i, e in enumerate(instances) if e.concept == c] for c in concepts]
@@ -97,7 +100,11 @@ class ConceptDataset(torch.utils.data.Dataset):
         ex = self.example(key)
         transform = self.prior_transform if ex.is_prior else self.transform
         out = transform(ex.image, rng) if self.with_pixels else transform.plan(ex.image.size, rng)
-        prompt = ex.prompt if out.prompt_prefix is None else out.prompt_prefix + ex.prompt
+        prompt = ex.prompt
+        # drawn only when asked for, so runs without caption dropout keep their random streams
+        if self.caption_dropout and not ex.is_prior and rng.random() < self.caption_dropout and ex.bare_prompt:
+            prompt = ex.bare_prompt
+        prompt = prompt if out.prompt_prefix is None else out.prompt_prefix + prompt
         if prompt not in self.prompt_index:
             raise KeyError(f"prompt {prompt!r} is not in the dataset's prompt index (with the rescale augmentation the "
                            "index must hold rescale_prompt_variants of the instance prompts)")

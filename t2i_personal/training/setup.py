@@ -113,9 +113,12 @@ def prepare_run(config: TrainConfig) -> Run:
         components.scheduler = type(components.scheduler).from_config(components.scheduler.config,
                                                                       prediction_type=t.prediction_type)
     method.add_tokens(components)  # learned identifiers must be in the vocabulary before prompts are tokenized
-    prompts = {e.prompt for e in instances} | {e.prompt for group in (priors or []) for e in group}
+    instance_prompts = {e.prompt for e in instances}
+    if d.caption_dropout:  # captioned instances sometimes train with the bare instance prompt
+        instance_prompts |= {e.bare_prompt for e in instances if e.bare_prompt}
+    prompts = instance_prompts | {e.prompt for group in (priors or []) for e in group}
     if d.rescale_augmentation:  # instance prompts may get a "far away" / "zoomed in" prefix
-        prompts |= set(rescale_prompt_variants({e.prompt for e in instances}))
+        prompts |= set(rescale_prompt_variants(instance_prompts))
     prompts = sorted(prompts)
     prompt_ids = components.tokenize(prompts)  # raises on prompts longer than the encoder's window
     validation_prompts = [render_for_concepts(p, cfg.concepts) for p in cfg.validation.prompts]
@@ -138,7 +141,7 @@ def prepare_run(config: TrainConfig) -> Run:
     transform = ImageTransform(d.resolution, d.center_crop, d.random_flip, rescale=d.rescale_augmentation,
                                vae_scale_factor=components.vae_scale_factor)
     dataset = ConceptDataset(instances, priors, transform, {p: i for i, p in enumerate(prompts)}, t.seed,
-                             with_pixels=not t.cache_latents)
+                             with_pixels=not t.cache_latents, caption_dropout=d.caption_dropout)
     latent_cache = cache_latents(components, dataset, accelerator, vae_dtype, d.random_flip) if t.cache_latents else None
     with torch.no_grad():
         text_cache = components.encode(prompt_ids) if t.cache_text_embeddings else None
