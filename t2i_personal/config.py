@@ -96,6 +96,8 @@ class DataConfig(Section):
     resolution: int = Field(512, ge=8, description="square training size in pixels (multiple of 8)")
     center_crop: bool = Field(True, description="center crop after resizing (false: random crop)")
     random_flip: bool = Field(False, description="horizontal flip with probability 0.5")
+    masks: Literal["none", "files", "alpha"] = Field("none", description="masked loss on instance images: files (img.mask.png beside img.png, white = subject) or alpha (the image's alpha channel); prior samples are never masked")
+    mask_background_weight: float = Field(0.0, ge=0.0, le=1.0, description="with data.masks: the loss weight outside the subject (0: subject only)")
     caption_dropout: float = Field(0.0, ge=0.0, le=1.0, description="probability of training an instance image that has a caption file with the bare instance prompt instead")
     rescale_augmentation: bool = Field(False, description="Custom Diffusion's random rescale onto a blank canvas with a loss mask and 'far away'/'zoomed in' prompt prefixes (instance images only)")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
@@ -243,6 +245,12 @@ class TrainConfig(Section):
                              for k in ("ema_decay", "ema_update_every", "ema_device")):
             raise ValueError("training.ema_decay / ema_update_every / ema_device are set but training.ema is false: "
                              "set training.ema: true or remove them")
+        if d.masks != "none" and d.rescale_augmentation:
+            raise ValueError("data.masks cannot be combined with data.rescale_augmentation (it has its own loss mask); "
+                             "turn one of them off")
+        if d.masks == "none" and "mask_background_weight" in d.model_fields_set and d.mask_background_weight != 0.0:
+            raise ValueError("data.mask_background_weight is set but data.masks is 'none': set data.masks: files or "
+                             "alpha")
         if t.offload_text_encoders and not t.cache_text_embeddings:
             raise ValueError("training.offload_text_encoders needs training.cache_text_embeddings: true (without the "
                              "cache every step runs the text encoders)")

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from .captions import prompt_for_image, render_prompt
-from .images import load_image_folder
+from .images import load_image_alpha, load_image_folder, load_image_rgb, mask_file_for
 from .transforms import RESCALE_PREFIXES, ImageTransform
 
 
@@ -27,9 +27,12 @@ class Example:
     concept: int
     is_prior: bool
     bare_prompt: str | None = None  # an instance with a caption file: its concept's instance prompt (caption dropout)
+    subject_mask: Image.Image | None = None  # data.masks: "L", white = subject, the image's size
 
 
-def load_instance_examples(concepts, max_pixels: int) -> list[Example]:
+def load_instance_examples(concepts, max_pixels: int, masks: str = "none") -> list[Example]:
+    """Every instance image with its prompt (caption file or the concept's prompt) and, with ``masks`` ("files":
+    ``img.mask.png`` beside ``img.png``; "alpha": the image's alpha channel), its subject mask."""
     examples = []
     for ci, concept in enumerate(concepts):
         for folder in concept.instance_dirs:
@@ -37,8 +40,30 @@ def load_instance_examples(concepts, max_pixels: int) -> list[Example]:
                                                  max_pixels=max_pixels):
                 prompt = prompt_for_image(path, concept.instance_prompt, concept.identifier, concept.class_noun)
                 bare = render_prompt(concept.instance_prompt, concept.identifier, concept.class_noun)
-                examples.append(Example(image, path, prompt, ci, False, bare if bare != prompt else None))
+                mask = None if masks == "none" else subject_mask(path, image.size, masks, max_pixels)
+                examples.append(Example(image, path, prompt, ci, False, bare if bare != prompt else None, mask))
     return examples
+
+
+def subject_mask(image_path: Path, size: tuple[int, int], source: str, max_pixels: int) -> Image.Image:
+    from ..errors import ConfigError
+
+    if source == "alpha":
+        mask = load_image_alpha(image_path, max_pixels=max_pixels)
+        if mask is None:
+            raise ConfigError(f"data.masks is 'alpha' but {image_path} has no alpha channel: save it as a PNG with "
+                              f"transparency around the subject, or use data.masks: files with "
+                              f"{mask_file_for(image_path).name}")
+    else:
+        path = mask_file_for(image_path)
+        if not path.is_file():
+            raise ConfigError(f"data.masks is 'files' but {image_path} has no mask {path.name} beside it (white = "
+                              "subject, black = background, the image's size); add it or set data.masks: none")
+        mask = load_image_rgb(path, max_pixels=max_pixels).convert("L")
+    if mask.size != size:
+        raise ConfigError(f"the subject mask of {image_path} is {mask.size[0]}x{mask.size[1]} but the image is "
+                          f"{size[0]}x{size[1]}: masks must have their image's size")
+    return mask
 
 
 def class_prompt(concept) -> str:
@@ -63,10 +88,12 @@ class ConceptDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, instances: list[Example], priors: list[list[Example]] | None, transform: ImageTransform,
-                 prompt_index: dict[str, int], seed: int, with_pixels: bool = True, caption_dropout: float = 0.0):
+                 prompt_index: dict[str, int], seed: int, with_pixels: bool = True, caption_dropout: float = 0.0,
+                 mask_background_weight: float = 0.0):
         self.instances, self.priors = instances, priors
         self.transform, self.prompt_index, self.seed, self.with_pixels = transform, prompt_index, seed, with_pixels
-        self.caption_dropout = caption_dropout
+        self.caption_dropout, self.mask_background_weight = caption_dropout, mask_background_weight
+        self.masked = any(e.subject_mask is not None for e in instances)  # every sample then carries a loss mask
         self.prior_transform = transform.without_rescale() if transform.rescale else transform
         concepts = sorted({e.concept for e in instances})
         self.by_concept = [[i for i, e in enumerate(instances) if e.concept == c] for c in concepts]
@@ -109,8 +136,10 @@ class ConceptDataset(torch.utils.data.Dataset):
             raise KeyError(f"prompt {prompt!r} is not in the dataset's prompt index (with the rescale augmentation the "
                            "index must hold rescale_prompt_variants of the instance prompts)")
         mask = out.mask
-        if mask is None and self.transform.rescale:
-            mask = self.transform.full_mask()  # prior samples: not rescaled, the whole latent counts
+        if ex.subject_mask is not None:
+            mask = transform.subject_mask(ex.subject_mask, out, self.mask_background_weight)
+        elif mask is None and (self.transform.rescale or self.masked):
+            mask = self.transform.full_mask()  # prior samples: not rescaled or masked, the whole latent counts
         return {"key": key, "prompt": self.prompt_index[prompt], "is_prior": ex.is_prior,
                 "pixels": out.pixels, "flipped": out.flipped,
                 "original_size": out.original_size, "crop_top_left": out.crop_top_left, "mask": mask}

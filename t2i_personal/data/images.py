@@ -66,6 +66,23 @@ def load_image_rgb(path: PathLike, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Ima
     Raises :class:`ImageLoadError` (naming the file) for missing, corrupt, truncated or
     oversized (``width * height > max_pixels``) images.
     """
+    return load_image(path, max_pixels=max_pixels, convert=_to_rgb8)
+
+
+def load_image_alpha(path: PathLike, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image | None:
+    """The alpha channel of ``path`` as an 8-bit "L" image (EXIF orientation applied, checks as
+    :func:`load_image_rgb`); ``None`` when the image has no transparency."""
+
+    def alpha(im: Image.Image) -> Image.Image | None:
+        if "A" not in im.getbands() and not (im.mode == "P" and "transparency" in im.info):
+            return None
+        return im.convert("RGBA").getchannel("A")
+
+    return load_image(path, max_pixels=max_pixels, convert=alpha)
+
+
+def load_image(path: PathLike, *, max_pixels: int, convert):
+    """Open, check and decode ``path``, apply its EXIF orientation and return ``convert(image)``."""
     path = Path(path)
     if not path.exists():
         raise ImageLoadError(f"Image file {path} does not exist; check the path.")
@@ -85,7 +102,7 @@ def load_image_rgb(path: PathLike, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Ima
                 # load() inside the try so truncated/corrupt pixel data surfaces here.
                 im.load()
                 image = _apply_exif_orientation(im, path)
-                rgb = _to_rgb8(image)
+                rgb = convert(image)
     except ImageLoadError:
         raise
     except Image.DecompressionBombError as exc:
@@ -102,7 +119,7 @@ def load_image_rgb(path: PathLike, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Ima
             "re-export it or remove it from the folder."
         ) from exc
 
-    if rgb.size[0] * rgb.size[1] > max_pixels:  # defensive: decoders may change size
+    if rgb is not None and rgb.size[0] * rgb.size[1] > max_pixels:  # defensive: decoders may change size
         raise ImageLoadError(_too_large_message(path, rgb.size[0], rgb.size[1], max_pixels))
     return rgb
 
@@ -182,8 +199,17 @@ def _grey_to_rgb(arr: np.ndarray) -> Image.Image:
 # ---------------------------------------------------------------------------
 
 
+MASK_SUFFIX = ".mask.png"
+
+
+def mask_file_for(image_path: PathLike) -> Path:
+    """Where an image's subject mask lives: ``dog1.jpg`` -> ``dog1.mask.png`` (white = subject)."""
+    image_path = Path(image_path)
+    return image_path.with_name(image_path.stem + MASK_SUFFIX)
+
+
 def list_image_files(folder: PathLike) -> list[Path]:
-    """Sorted image files directly in ``folder`` (no recursion, no hidden files)."""
+    """Sorted image files directly in ``folder`` (no recursion, no hidden files, no ``*.mask.png`` subject masks)."""
     folder = Path(folder)
     if not folder.exists():
         raise ImageLoadError(
@@ -203,6 +229,7 @@ def list_image_files(folder: PathLike) -> list[Path]:
         p
         for p in entries
         if not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        and not p.name.lower().endswith(MASK_SUFFIX)  # img.mask.png is img.png's subject mask (data.masks)
     ]
     return sorted(files)
 

@@ -183,6 +183,20 @@ class ImageTransform:
         return TransformedImage(pixels=pixels.contiguous(), original_size=plan.original_size,
                                 crop_top_left=plan.crop_top_left, flipped=plan.flipped, resized_size=plan.resized_size)
 
+    def subject_mask(self, mask: Image.Image, plan: TransformedImage, background_weight: float) -> torch.Tensor:
+        """A per-image subject mask ("L", white = subject) through the same resize, crop and flip as its image,
+        averaged down to latent resolution: (1, h, w) loss weights, 1 on the subject and ``background_weight``
+        elsewhere (``data.masks``)."""
+        res, (top, left) = self.resolution, plan.crop_top_left
+        if plan.resized_size != mask.size:
+            mask = mask.resize(plan.resized_size, Image.Resampling.BILINEAR)
+        values = torch.from_numpy(np.asarray(mask.crop((left, top, left + res, top + res)), dtype=np.float32) / 255.0)
+        if plan.flipped:
+            values = values.flip(-1)
+        side = res // self.vae_scale_factor
+        values = torch.nn.functional.adaptive_avg_pool2d(values[None, None], side)[0]
+        return values + background_weight * (1.0 - values)
+
     def _apply_rescale(self, image: Image.Image, plan: TransformedImage) -> TransformedImage:
         res, side, (top, left) = self.resolution, plan.rescale_size, plan.crop_top_left
         if plan.resized_size != image.size:

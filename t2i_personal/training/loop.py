@@ -176,7 +176,8 @@ def encode_latents(run: Run, batch) -> torch.Tensor:
 
 
 def loss_mask(batch, latents: torch.Tensor, device) -> torch.Tensor | None:
-    """``data.rescale_augmentation``'s [B, 1, h, w] mask at latent resolution (None without it)."""
+    """The [B, 1, h, w] loss weights at latent resolution of ``data.rescale_augmentation`` or ``data.masks`` (None
+    without either)."""
     mask = batch.get("mask")
     if mask is None:
         return None

@@ -97,7 +97,7 @@ def prepare_run(config: TrainConfig) -> Run:
         ckpt.check_resume_config(resume_from, cfg, accelerator.num_processes)
     check_optional_dependencies(t)
     check_quantization_available(cfg.model.quantize)
-    instances = load_instance_examples(cfg.concepts, d.max_image_pixels)  # bad images fail before any output
+    instances = load_instance_examples(cfg.concepts, d.max_image_pixels, d.masks)  # bad images fail before any output
     components = load_components(cfg.model, dtype=torch.float32)  # master weights; mixed precision casts later
     family = components.family
     family.check_training(t)
@@ -141,7 +141,8 @@ def prepare_run(config: TrainConfig) -> Run:
     transform = ImageTransform(d.resolution, d.center_crop, d.random_flip, rescale=d.rescale_augmentation,
                                vae_scale_factor=components.vae_scale_factor)
     dataset = ConceptDataset(instances, priors, transform, {p: i for i, p in enumerate(prompts)}, t.seed,
-                             with_pixels=not t.cache_latents, caption_dropout=d.caption_dropout)
+                             with_pixels=not t.cache_latents, caption_dropout=d.caption_dropout,
+                             mask_background_weight=d.mask_background_weight)
     latent_cache = cache_latents(components, dataset, accelerator, vae_dtype, d.random_flip) if t.cache_latents else None
     with torch.no_grad():
         text_cache = components.encode(prompt_ids) if t.cache_text_embeddings else None
