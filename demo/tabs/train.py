@@ -150,7 +150,7 @@ def _settings():
     with gr.Accordion("advanced (blank = the preset's value)", open=False):
         advanced = [  # in ADVANCED's order
             gr.Dropdown(["preset", *METHODS], value="preset", label="method"),
-            gr.Dropdown(["preset", "lora", "full"], value="preset", label="adapter"),
+            gr.Dropdown(["preset", "lora", "loha", "lokr", "full"], value="preset", label="adapter"),
             gr.Textbox("", label="training steps", placeholder="preset", elem_id="train-steps"),
             gr.Textbox("", label="learning rate", placeholder="preset"),
             gr.Dropdown(["preset", "none", "class_images", "auxiliary"], value="preset", label="prior preservation"),

@@ -30,6 +30,7 @@ from ..errors import ConfigError
 from ..sections import MethodSection, Section
 from .classdiffusion import SPLConfig
 from ..models.components import Components
+from . import lycoris
 from .base import LearningRates, Method, TrainStep, weighted_mse
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -59,7 +60,7 @@ class DreamBoothConfig(MethodSection):
     other_methods_keys = {"custom_diffusion_params": "crossattn_kv"}
 
     name: Literal["dreambooth"] = Field("dreambooth", description="the personalization method: dreambooth, custom_diffusion or styleforge")
-    adapter: Literal["full", "lora"] = Field("full", description="train the weights themselves or a LoRA (peft) on them")
+    adapter: Literal["full", "lora", "loha", "lokr"] = Field("full", description="train the weights themselves, or an adapter on them through peft: lora, loha or lokr (LyCORIS; rank and alpha from method.lora)")
     train_unet: bool = Field(True, description="train the UNet")
     train_text_encoder: bool = Field(False, description="also train the text encoder(s) (both for SDXL)")
     lora: LoraConfig = LoraConfig()
@@ -80,6 +81,8 @@ class DreamBoothConfig(MethodSection):
     def _consistent(self) -> Any:
         if self.adapter == "full" and self._changed("lora"):
             raise ValueError("method.lora is set but method.adapter is 'full': set method.adapter: lora or remove method.lora")
+        if self.adapter in ("loha", "lokr") and (self.lora.dropout or self.lora.use_dora):
+            raise ValueError(f"method.lora.dropout and use_dora apply to adapter lora, not {self.adapter}: remove them")
         if self.prior == "none" and self._changed("prior_loss_weight"):
             raise ValueError("method.prior_loss_weight is set but method.prior is 'none': choose class_images or base_prediction")
         return self
@@ -141,9 +144,13 @@ class DreamBooth(Method):
 
         lora = self.config.lora
         targets = list(getattr(lora, targets_key) or family_default)
+        if self.config.adapter in lycoris.KINDS:
+            config = lycoris.adapter_config(self.config.adapter, lora.rank, lora.effective_alpha, targets)
+        else:
+            config = LoraConfig(r=lora.rank, lora_alpha=lora.effective_alpha, lora_dropout=lora.dropout,
+                                init_lora_weights="gaussian", target_modules=targets, use_dora=lora.use_dora)
         try:
-            module.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.effective_alpha, lora_dropout=lora.dropout,
-                                          init_lora_weights="gaussian", target_modules=targets, use_dora=lora.use_dora))
+            module.add_adapter(config)
         except ValueError as exc:  # peft: no module matched
             raise ConfigError(f"method.lora.{targets_key} = {targets} matches no module of the "
                               f"{type(module).__name__}: {exc}") from exc
@@ -215,6 +222,8 @@ class DreamBooth(Method):
             return {"type": "tokens"}
         if self.config.adapter == "full":
             return self._save_pipeline(components, out_dir, dtype, export.single_file)
+        if self.config.adapter in lycoris.KINDS:
+            return lycoris.save(components, self.own, out_dir, dtype, export.kohya_lora, self.config.adapter)
         return self._save_lora(components, out_dir, dtype, export.kohya_lora)
 
     def _save_pipeline(self, components: Components, out_dir: Path, dtype: torch.dtype, single_file: bool) -> dict:
@@ -272,4 +281,6 @@ class DreamBooth(Method):
         artifact = record["artifact"]
         if artifact["type"] == "lora":
             pipeline.load_lora_weights(str(folder), weight_name=artifact["path"])
+        elif artifact["type"] in lycoris.KINDS:
+            lycoris.load_into(pipeline, folder, artifact)
         return pipeline
