@@ -96,6 +96,8 @@ def test_an_all_subject_mask_is_no_mask_and_an_empty_one_trains_nothing(concept_
     plain = masked_run(concept_dir, tmp_path / "plain", None)
     whole = masked_run(concept_dir, tmp_path / "whole", 255)
     assert plain.keys() == whole.keys() and all(torch.allclose(plain[k], whole[k], atol=1e-7) for k in plain)
+    sheet = Image.open(tmp_path / "whole" / "validation" / "masks.png")  # each image beside its mask, once
+    assert sheet.size == (2 * 32, 3 * 32)
     empty = masked_run(concept_dir, tmp_path / "empty", 0)
     ups = [v for k, v in empty.items() if "lora.up" in k or "lora_B" in k]
     assert ups and all(not v.any() for v in ups)  # zero loss everywhere: LoRA's B stays at its zero init

@@ -73,6 +73,25 @@ def validate(config: TrainConfig, components: Components, prompts: list[str], ac
     return path
 
 
+def save_mask_sheet(config: TrainConfig, instances, accelerator) -> Path | None:
+    """``validation/masks.png``: each masked instance image beside its subject mask laid over it (shown once, at
+    the start of a run with ``data.masks``, so a wrong mask is seen before hours of training)."""
+    import numpy as np
+    from PIL import Image
+
+    masked = [e for e in instances if e.subject_mask is not None]
+    if not masked or not accelerator.is_main_process:
+        return None
+    side = config.data.resolution
+    tiles = []
+    for example in masked:
+        image = example.image.convert("RGB").resize((side, side), Image.Resampling.BILINEAR)
+        mask = np.asarray(example.subject_mask.resize((side, side), Image.Resampling.BILINEAR), dtype=np.float32)[..., None]
+        tinted = np.asarray(image, dtype=np.float32) * (0.35 + 0.65 * mask / 255.0)  # background darkened
+        tiles += [image, Image.fromarray(tinted.astype(np.uint8))]
+    return save_image_atomic(make_image_grid(tiles, columns=2), Path(config.training.output_dir) / "validation" / "masks.png")
+
+
 def _send_to_trackers(accelerator, images, captions, step: int) -> None:
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":

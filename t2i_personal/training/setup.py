@@ -36,7 +36,7 @@ from ..models.quantize import check_quantization_available, quantize_frozen
 from . import checkpoint as ckpt
 from . import run_folder
 from .ema import TrainableEMA
-from .outputs import Float32Base
+from .outputs import Float32Base, save_mask_sheet
 
 logger = logging.getLogger(__name__)
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -135,6 +135,8 @@ def prepare_run(config: TrainConfig) -> Run:
         lock = run_folder.claim(output_dir)
         run_folder.remove_leftovers(output_dir)
         write_text_atomic(output_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        if resume_from is None:
+            save_mask_sheet(cfg, instances, accelerator)
     weight_dtype = DTYPES[t.mixed_precision]
     place(cfg, components, method, accelerator, weight_dtype)
     vae_dtype = next(components.vae.parameters()).dtype
