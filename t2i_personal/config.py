@@ -96,6 +96,8 @@ class DataConfig(Section):
     resolution: int = Field(512, ge=8, description="square training size in pixels (multiple of 8)")
     center_crop: bool = Field(True, description="center crop after resizing (false: random crop)")
     random_flip: bool = Field(False, description="horizontal flip with probability 0.5")
+    buckets: bool = Field(False, description="aspect-ratio buckets: each image is cut to the nearest of a set of sizes with about resolution^2 pixels (aspect 1:2 to 2:1) instead of a square; a micro-batch holds one bucket")
+    bucket_step: int | None = Field(None, ge=8, description="bucket sides step by this many pixels; null: about resolution/16 on the model's pixel grid")
     masks: Literal["none", "files", "alpha"] = Field("none", description="masked loss on instance images: files (img.mask.png beside img.png, white = subject) or alpha (the image's alpha channel); prior samples are never masked")
     mask_background_weight: float = Field(0.0, ge=0.0, le=1.0, description="with data.masks: the loss weight outside the subject (0: subject only)")
     caption_dropout: float = Field(0.0, ge=0.0, le=1.0, description="probability of training an instance image that has a caption file with the bare instance prompt instead")
@@ -245,6 +247,11 @@ class TrainConfig(Section):
                              for k in ("ema_decay", "ema_update_every", "ema_device")):
             raise ValueError("training.ema_decay / ema_update_every / ema_device are set but training.ema is false: "
                              "set training.ema: true or remove them")
+        if d.buckets and d.rescale_augmentation:
+            raise ValueError("data.buckets cannot be combined with data.rescale_augmentation (it rescales onto a square "
+                             "canvas); turn one of them off")
+        if d.bucket_step is not None and not d.buckets:
+            raise ValueError("data.bucket_step is set but data.buckets is false: set data.buckets: true or remove it")
         if d.masks != "none" and d.rescale_augmentation:
             raise ValueError("data.masks cannot be combined with data.rescale_augmentation (it has its own loss mask); "
                              "turn one of them off")

@@ -16,6 +16,7 @@ from PIL import Image
 
 from .captions import prompt_for_image, render_prompt
 from .images import load_image_alpha, load_image_folder, load_image_rgb, mask_file_for
+from .buckets import nearest_bucket
 from .transforms import RESCALE_PREFIXES, ImageTransform
 
 
@@ -89,7 +90,7 @@ class ConceptDataset(torch.utils.data.Dataset):
 
     def __init__(self, instances: list[Example], priors: list[list[Example]] | None, transform: ImageTransform,
                  prompt_index: dict[str, int], seed: int, with_pixels: bool = True, caption_dropout: float = 0.0,
-                 mask_background_weight: float = 0.0):
+                 mask_background_weight: float = 0.0, buckets: list[tuple[int, int]] | None = None):
         self.instances, self.priors = instances, priors
         self.transform, self.prompt_index, self.seed, self.with_pixels = transform, prompt_index, seed, with_pixels
         self.caption_dropout, self.mask_background_weight = caption_dropout, mask_background_weight
@@ -99,6 +100,27 @@ class ConceptDataset(torch.utils.data.Dataset):
         self.by_concept = [[i for i, e in enumerate(instances) if e.concept == c] for c in concepts]
         largest = max(max(len(g) for g in self.by_concept), max((len(p) for p in priors), default=0) if priors else 0)
         self.length = len(self.by_concept) * largest
+        # data.buckets: the (width, height) each instance is cut to (its prior samples too); None: the square
+        self.sizes = [nearest_bucket(e.image.size, buckets) for e in instances] if buckets else None
+
+    def instance_position(self, index: int) -> int:
+        members = self.by_concept[index % len(self.by_concept)]
+        return members[(index // len(self.by_concept)) % len(members)]
+
+    def item_sizes(self) -> list[tuple[int, int]]:
+        """Per dataset index, the (width, height) its samples are cut to (what the bucket sampler groups by)."""
+        side = self.transform.resolution
+        return [self.sizes[self.instance_position(i)] if self.sizes else (side, side) for i in range(self.length)]
+
+    def example_targets(self, key: tuple[bool, int]) -> list[tuple[int, int] | None]:
+        """Every size an example is cut to (a prior image: each bucket of its concept's instances)."""
+        if self.sizes is None:
+            return [None]
+        is_prior, pos = key
+        if not is_prior:
+            return [self.sizes[pos]]
+        concept = self.example(key).concept
+        return sorted({self.sizes[i] for i, e in enumerate(self.instances) if e.concept == concept})
 
     def __len__(self) -> int:
         return self.length
@@ -123,10 +145,10 @@ class ConceptDataset(torch.utils.data.Dataset):
             pos -= len(group)
         raise IndexError(key)
 
-    def _sample(self, key, rng: random.Random) -> dict:
+    def _sample(self, key, rng: random.Random, target: tuple[int, int] | None = None) -> dict:
         ex = self.example(key)
         transform = self.prior_transform if ex.is_prior else self.transform
-        out = transform(ex.image, rng) if self.with_pixels else transform.plan(ex.image.size, rng)
+        out = transform(ex.image, rng, target) if self.with_pixels else transform.plan(ex.image.size, rng, target)
         prompt = ex.prompt
         # drawn only when asked for, so runs without caption dropout keep their random streams
         if self.caption_dropout and not ex.is_prior and rng.random() < self.caption_dropout and ex.bare_prompt:
@@ -137,32 +159,34 @@ class ConceptDataset(torch.utils.data.Dataset):
                            "index must hold rescale_prompt_variants of the instance prompts)")
         mask = out.mask
         if ex.subject_mask is not None:
-            mask = transform.subject_mask(ex.subject_mask, out, self.mask_background_weight)
+            mask = transform.subject_mask(ex.subject_mask, out, self.mask_background_weight, target)
         elif mask is None and (self.transform.rescale or self.masked):
-            mask = self.transform.full_mask()  # prior samples: not rescaled or masked, the whole latent counts
+            mask = self.transform.full_mask(target)  # prior samples: not rescaled or masked, the whole latent counts
+        side = self.transform.resolution
+        width, height = target or (side, side)
         return {"key": key, "prompt": self.prompt_index[prompt], "is_prior": ex.is_prior,
-                "pixels": out.pixels, "flipped": out.flipped,
+                "pixels": out.pixels, "flipped": out.flipped, "target": (width, height),
                 "original_size": out.original_size, "crop_top_left": out.crop_top_left, "mask": mask}
 
     def __getitem__(self, item: tuple[int, int]) -> list[dict]:
         index, epoch = item
         rng = random.Random(f"{self.seed}/{epoch}/{index}")
-        members = self.by_concept[index % len(self.by_concept)]
         slot = index // len(self.by_concept)
-        inst_pos = members[slot % len(members)]
-        samples = [self._sample((False, inst_pos), rng)]
+        inst_pos = self.instance_position(index)
+        target = self.sizes[inst_pos] if self.sizes else None
+        samples = [self._sample((False, inst_pos), rng, target)]
         if self.priors:
             concept = self.instances[inst_pos].concept
             offset = sum(len(g) for g in self.priors[:concept])
             group = self.priors[concept]
-            samples.append(self._sample((True, offset + slot % len(group)), rng))
+            samples.append(self._sample((True, offset + slot % len(group)), rng, target))
         return samples
 
 
 def collate(items: list[list[dict]]) -> dict:
     """Instances first, then their prior samples (as diffusers' DreamBooth concatenates them)."""
     flat = [s for item in items for s in item if not s["is_prior"]] + [s for item in items for s in item if s["is_prior"]]
-    batch = {k: [s[k] for s in flat] for k in ("key", "prompt", "flipped", "original_size", "crop_top_left")}
+    batch = {k: [s[k] for s in flat] for k in ("key", "prompt", "flipped", "original_size", "crop_top_left", "target")}
     batch["is_prior"] = torch.tensor([s["is_prior"] for s in flat])
     batch["pixels"] = torch.stack([s["pixels"] for s in flat]) if flat[0]["pixels"] is not None else None
     # loss masks (1, h, w) at latent resolution with the rescale augmentation, else None

@@ -102,35 +102,39 @@ class ImageTransform:
         """The same transform with the rescale augmentation off (what prior samples get)."""
         return ImageTransform(self.resolution, self.center_crop, self.random_flip)
 
-    def full_mask(self) -> torch.Tensor:
-        """An all-ones loss mask at latent resolution, (1, h, w) (for samples that are not rescaled)."""
+    def full_mask(self, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """An all-ones loss mask at latent resolution, (1, h, w) (for samples that are not rescaled); ``size`` is
+        the (width, height) the image is cut to (default the square ``resolution``)."""
         if not self.vae_scale_factor:
             raise ValueError("full_mask needs vae_scale_factor")
-        side = self.resolution // self.vae_scale_factor
-        return torch.ones(1, side, side)
+        width, height = size or (self.resolution, self.resolution)
+        return torch.ones(1, height // self.vae_scale_factor, width // self.vae_scale_factor)
 
-    def plan(self, size: tuple[int, int], rng: random.Random) -> TransformedImage:
-        """The geometry (resized size, crop, flip) for an image of ``size`` = (width, height), without pixels.
+    def plan(self, size: tuple[int, int], rng: random.Random, target: tuple[int, int] | None = None) -> TransformedImage:
+        """The geometry (resized size, crop, flip) for an image of ``size`` = (width, height), without pixels, cut to
+        ``target`` = (width, height) (default the ``resolution`` square; an aspect-ratio bucket otherwise).
 
         Draws from ``rng`` exactly as ``__call__`` does, so cached-latent training sees the same flips."""
         if self.rescale:
             return self._plan_rescale(size, rng)
         width, height = size
-        new_w, new_h, top, left = self._cover(size, self.resolution, rng)
+        new_w, new_h, top, left = self._cover(size, target or (self.resolution, self.resolution), rng)
         flipped = bool(self.random_flip and rng.random() < 0.5)
         return TransformedImage(pixels=None, original_size=(height, width), crop_top_left=(top, left),
                                 flipped=flipped, resized_size=(new_w, new_h))
 
-    def _cover(self, size: tuple[int, int], side: int, rng: random.Random) -> tuple[int, int, int, int]:
-        """(new_w, new_h, top, left): resized so the shorter side is ``side``, and where the ``side`` square is cut."""
+    def _cover(self, size: tuple[int, int], target, rng: random.Random) -> tuple[int, int, int, int]:
+        """(new_w, new_h, top, left): resized to just cover ``target`` ((width, height), or a square's side), and
+        where the ``target`` rectangle is cut."""
+        target_w, target_h = (target, target) if isinstance(target, int) else target
         width, height = size
-        scale = side / min(width, height)
-        new_w, new_h = max(side, round(width * scale)), max(side, round(height * scale))
+        scale = max(target_w / width, target_h / height)
+        new_w, new_h = max(target_w, round(width * scale)), max(target_h, round(height * scale))
         if self.center_crop:
             # Same rounding as the diffusers training scripts, so crop coords match.
-            return new_w, new_h, int(round((new_h - side) / 2.0)), int(round((new_w - side) / 2.0))
+            return new_w, new_h, int(round((new_h - target_h) / 2.0)), int(round((new_w - target_w) / 2.0))
         # Always draw both so rng consumption does not depend on the aspect ratio.
-        return new_w, new_h, rng.randint(0, new_h - side), rng.randint(0, new_w - side)
+        return new_w, new_h, rng.randint(0, new_h - target_h), rng.randint(0, new_w - target_w)
 
     def _plan_rescale(self, size: tuple[int, int], rng: random.Random) -> TransformedImage:
         res, f = self.resolution, self.vae_scale_factor
@@ -166,35 +170,36 @@ class ImageTransform:
                                 resized_size=(new_w, new_h), mask=mask, prompt_prefix=prefix, rescale_size=side,
                                 rescale_offset=(top, left))
 
-    def __call__(self, image: Image.Image, rng: random.Random) -> TransformedImage:
+    def __call__(self, image: Image.Image, rng: random.Random, target: tuple[int, int] | None = None) -> TransformedImage:
         if image.mode != "RGB":
             image = image.convert("RGB")
-        plan = self.plan(image.size, rng)
+        plan = self.plan(image.size, rng, target)
         if self.rescale:
             return self._apply_rescale(image, plan)
-        res, (top, left) = self.resolution, plan.crop_top_left
+        (width, height), (top, left) = target or (self.resolution, self.resolution), plan.crop_top_left
         if plan.resized_size != image.size:
             # PIL's bilinear filter widens its support when downscaling (antialiased).
             image = image.resize(plan.resized_size, Image.Resampling.BILINEAR)
-        image = image.crop((left, top, left + res, top + res))
+        image = image.crop((left, top, left + width, top + height))
         pixels = _to_pixels(image)
         if plan.flipped:
             pixels = pixels.flip(-1)
         return TransformedImage(pixels=pixels.contiguous(), original_size=plan.original_size,
                                 crop_top_left=plan.crop_top_left, flipped=plan.flipped, resized_size=plan.resized_size)
 
-    def subject_mask(self, mask: Image.Image, plan: TransformedImage, background_weight: float) -> torch.Tensor:
+    def subject_mask(self, mask: Image.Image, plan: TransformedImage, background_weight: float,
+                     target: tuple[int, int] | None = None) -> torch.Tensor:
         """A per-image subject mask ("L", white = subject) through the same resize, crop and flip as its image,
         averaged down to latent resolution: (1, h, w) loss weights, 1 on the subject and ``background_weight``
         elsewhere (``data.masks``)."""
-        res, (top, left) = self.resolution, plan.crop_top_left
+        (width, height), (top, left) = target or (self.resolution, self.resolution), plan.crop_top_left
         if plan.resized_size != mask.size:
             mask = mask.resize(plan.resized_size, Image.Resampling.BILINEAR)
-        values = torch.from_numpy(np.asarray(mask.crop((left, top, left + res, top + res)), dtype=np.float32) / 255.0)
+        values = torch.from_numpy(np.asarray(mask.crop((left, top, left + width, top + height)), dtype=np.float32) / 255.0)
         if plan.flipped:
             values = values.flip(-1)
-        side = res // self.vae_scale_factor
-        values = torch.nn.functional.adaptive_avg_pool2d(values[None, None], side)[0]
+        f = self.vae_scale_factor
+        values = torch.nn.functional.adaptive_avg_pool2d(values[None, None], (height // f, width // f))[0]
         return values + background_weight * (1.0 - values)
 
     def _apply_rescale(self, image: Image.Image, plan: TransformedImage) -> TransformedImage:

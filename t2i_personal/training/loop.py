@@ -17,6 +17,7 @@ from contextlib import ExitStack
 import torch
 from tqdm.auto import tqdm
 
+from ..data.buckets import BucketBatchSampler
 from ..data.concepts import StreamBatchSampler, collate
 from ..methods import TrainStep
 from . import outputs
@@ -33,8 +34,12 @@ def train_steps(run: Run, trainer, global_step: int) -> int:
     """Optimizer steps until max_train_steps (or stop_after_step, or a stop request); returns the last step."""
     t, accelerator = run.config.training, run.accelerator
     accum = t.gradient_accumulation_steps
-    sampler = StreamBatchSampler(len(run.dataset), t.train_batch_size, t.seed, start=global_step * accum,
-                                 num_processes=accelerator.num_processes, rank=accelerator.process_index)
+    if run.dataset.sizes is not None:  # data.buckets: every micro-batch holds one bucket
+        sampler = BucketBatchSampler(run.dataset.item_sizes(), t.train_batch_size, t.seed, start=global_step * accum,
+                                     num_processes=accelerator.num_processes, rank=accelerator.process_index)
+    else:
+        sampler = StreamBatchSampler(len(run.dataset), t.train_batch_size, t.seed, start=global_step * accum,
+                                     num_processes=accelerator.num_processes, rank=accelerator.process_index)
     batches = iter(torch.utils.data.DataLoader(run.dataset, batch_sampler=sampler, collate_fn=collate,
                                                num_workers=run.config.data.num_workers,
                                                persistent_workers=run.config.data.num_workers > 0))
@@ -146,8 +151,8 @@ def micro_step(run: Run, batch) -> dict[str, torch.Tensor]:
             distinct, rows = torch.unique(index, return_inverse=True)
             with torch.no_grad():
                 cond = components.encode([ids[distinct] for ids in run.prompt_ids], encoders).select(rows)
-    res = run.config.data.resolution
-    cond = family.add_image_conditioning(cond, batch["original_size"], batch["crop_top_left"], (res, res))
+    width, height = batch["target"][0]  # one size per micro-batch: the square, or its bucket
+    cond = family.add_image_conditioning(cond, batch["original_size"], batch["crop_top_left"], (height, width))
     if run.guidance is not None:
         cond = cond.replace(guidance=torch.full((latents.shape[0],), run.guidance, device=device))
 
@@ -166,7 +171,8 @@ def micro_step(run: Run, batch) -> dict[str, torch.Tensor]:
 def encode_latents(run: Run, batch) -> torch.Tensor:
     """A fresh sample of each image's VAE posterior (from the cache of means and stds when latents are cached)."""
     if run.latent_cache is not None:
-        means, stds = zip(*(run.latent_cache[(k, f)] for k, f in zip(batch["key"], batch["flipped"])))
+        means, stds = zip(*(run.latent_cache[(k, f, tuple(size))]
+                            for k, f, size in zip(batch["key"], batch["flipped"], batch["target"])))
         mean, std = torch.stack(means), torch.stack(stds)
         sample = mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
     else:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from ..atomic import write_text_atomic
 from ..config import TrainConfig
 from ..data.captions import render_for_concepts
+from ..data.buckets import bucket_sizes
 from ..data.concepts import ConceptDataset, Example, class_prompt, load_instance_examples, rescale_prompt_variants
 from ..data.images import load_image_folder
 from ..data.priors import default_class_dir, ensure_class_images
@@ -102,6 +103,9 @@ def prepare_run(config: TrainConfig) -> Run:
     family = components.family
     family.check_training(t)
     family.check_resolution(components, d.resolution)
+    if d.buckets and d.bucket_step and d.bucket_step % family.pixel_multiple(components):
+        raise ConfigError(f"data.bucket_step {d.bucket_step} is not a multiple of {family.pixel_multiple(components)}, "
+                          f"which image sides must be for this {family.name} model")
     if t.max_sequence_length:
         components.extras["max_sequence_length"] = t.max_sequence_length
     components.extras["tokens_in_t5"] = t.learn_tokens_in_t5
@@ -142,9 +146,11 @@ def prepare_run(config: TrainConfig) -> Run:
     vae_dtype = next(components.vae.parameters()).dtype
     transform = ImageTransform(d.resolution, d.center_crop, d.random_flip, rescale=d.rescale_augmentation,
                                vae_scale_factor=components.vae_scale_factor)
+    buckets = bucket_sizes(d.resolution, d.bucket_step or default_bucket_step(d.resolution, family, components)) \
+        if d.buckets else None
     dataset = ConceptDataset(instances, priors, transform, {p: i for i, p in enumerate(prompts)}, t.seed,
                              with_pixels=not t.cache_latents, caption_dropout=d.caption_dropout,
-                             mask_background_weight=d.mask_background_weight)
+                             mask_background_weight=d.mask_background_weight, buckets=buckets)
     latent_cache = cache_latents(components, dataset, accelerator, vae_dtype, d.random_flip) if t.cache_latents else None
     with torch.no_grad():
         text_cache = components.encode(prompt_ids) if t.cache_text_embeddings else None
@@ -229,6 +235,12 @@ class PriorImages:
         return [Example(img, path, prompt, ci, True) for path, img in loaded[: concept.num_class_images]]
 
 
+def default_bucket_step(resolution: int, family, components) -> int:
+    """Bucket sides step by about resolution / 16 (64 px at 1024), on the family's pixel grid."""
+    multiple = family.pixel_multiple(components)
+    return max(multiple, (resolution // 16) // multiple * multiple)
+
+
 def place(cfg: TrainConfig, components: Components, method: Method, accelerator, weight_dtype) -> None:
     """Trainable tensors in float32 (mixed precision autocasts), frozen ones cast to ``weight_dtype``."""
     device, t = accelerator.device, cfg.training
@@ -309,10 +321,13 @@ def make_optimizer(t, param_groups: list[dict]):
 def cache_latents(components, dataset: ConceptDataset, accelerator, vae_dtype, random_flip: bool) -> dict:
     """(mean, std) of the VAE posterior per (example, flipped); sampling stays per step as without caching."""
     cache, flips = {}, (False, True) if random_flip else (False,)
+    side = dataset.transform.resolution
     for key in tqdm(dataset.example_keys(), desc="caching latents", disable=not accelerator.is_local_main_process):
-        pixels = dataset.transform(dataset.example(key).image, random.Random(0)).pixels  # center crop: deterministic
-        for flipped in flips:
-            px = pixels.flip(-1) if flipped else pixels
-            dist = components.vae.encode(px[None].to(accelerator.device, vae_dtype)).latent_dist
-            cache[(key, flipped)] = (dist.mean[0], dist.std[0])
+        for target in dataset.example_targets(key):  # a prior image: once per bucket of its concept
+            # center crop: deterministic
+            pixels = dataset.transform(dataset.example(key).image, random.Random(0), target).pixels
+            for flipped in flips:
+                px = pixels.flip(-1) if flipped else pixels
+                dist = components.vae.encode(px[None].to(accelerator.device, vae_dtype)).latent_dist
+                cache[(key, flipped, target or (side, side))] = (dist.mean[0], dist.std[0])
     return cache
