@@ -16,16 +16,13 @@ toy world's oracle's readings (class, colour, pattern, scene, accessories) in th
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from .atomic import write_text_atomic
 from .data.captions import caption_path_for
-from .data.images import load_image_folder
+from .data.side_files import batches_to_write, load_transformers_model, side_file_parser
 from .errors import UserError
 
 DEFAULT_MODEL = "Salesforce/blip-image-captioning-base"
@@ -49,15 +46,8 @@ class BlipCaptioner:
     def __init__(self, source: str, device: str = "cpu", max_new_tokens: int = 30):
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
-        from .weights import offline_error
-
-        try:
-            self.processor = BlipProcessor.from_pretrained(source)
-            self.model = BlipForConditionalGeneration.from_pretrained(source, use_safetensors=True).to(device).eval()
-        except OSError as exc:
-            raise offline_error("captioning model", source, exc,
-                                f"Download it where there is internet (huggingface-cli download {source}) or pass "
-                                "--model with a local folder.") from exc
+        self.processor, self.model = load_transformers_model(BlipForConditionalGeneration, BlipProcessor, source,
+                                                             device, "captioning model")
         self.device, self.max_new_tokens = device, max_new_tokens
 
     def __call__(self, images) -> list[str]:
@@ -101,11 +91,9 @@ def load_captioner(model: str = DEFAULT_MODEL, device: str = "cpu"):
 def caption_folder(folder: str | Path, class_noun: str, captioner, *, overwrite: bool = False, batch_size: int = 8,
                    progress: bool = True) -> list[Path]:
     """Write a caption file for every image of ``folder`` that has none (all with ``overwrite``); returns them."""
-    todo = [(path, image) for path, image in load_image_folder(folder, what="images to caption")
-            if overwrite or not caption_path_for(path).exists()]
     written = []
-    for start in tqdm(range(0, len(todo), batch_size), desc="captioning", unit="batch", disable=not progress):
-        chunk = todo[start:start + batch_size]
+    for chunk in batches_to_write(folder, caption_path_for, what="caption", overwrite=overwrite,
+                                  batch_size=batch_size, progress=progress):
         for (path, _), caption in zip(chunk, captioner([image for _, image in chunk])):
             target = caption_path_for(path)
             write_text_atomic(target, with_identifier(caption, class_noun) + "\n")
@@ -114,14 +102,10 @@ def caption_folder(folder: str | Path, class_noun: str, captioner, *, overwrite:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m t2i_personal.caption", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folder", help="a folder of instance images")
-    parser.add_argument("--class-noun", required=True, help="what the subject is (its first mention becomes {V} {C})")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"BLIP hub id or local folder, or {TOY_ORACLE}")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing caption files")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser = side_file_parser("python -m t2i_personal.caption", __doc__,
+                              class_noun_help="what the subject is (its first mention becomes {V} {C})",
+                              model=DEFAULT_MODEL, model_help=f"BLIP hub id or local folder, or {TOY_ORACLE}",
+                              files="caption files")
     args = parser.parse_args(argv)
     try:
         written = caption_folder(args.folder, args.class_noun, load_captioner(args.model, args.device),

@@ -14,15 +14,13 @@ default, as OneTrainer's CLIPSeg masking) into white subject / black background,
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
-
-from .data.images import load_image_folder, mask_file_for, save_image_atomic
+from .data.images import mask_file_for, save_image_atomic
+from .data.side_files import batches_to_write, load_transformers_model, side_file_parser
 from .errors import UserError
 
 DEFAULT_MODEL = "CIDAS/clipseg-rd64-refined"
@@ -32,15 +30,8 @@ class ClipSegMasker:
     def __init__(self, source: str = DEFAULT_MODEL, device: str = "cpu"):
         from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
-        from .weights import offline_error
-
-        try:
-            self.processor = CLIPSegProcessor.from_pretrained(source)
-            self.model = CLIPSegForImageSegmentation.from_pretrained(source, use_safetensors=True).to(device).eval()
-        except OSError as exc:
-            raise offline_error("segmentation model", source, exc,
-                                f"Download it where there is internet (huggingface-cli download {source}) or pass "
-                                "--model with a local folder.") from exc
+        self.processor, self.model = load_transformers_model(CLIPSegForImageSegmentation, CLIPSegProcessor, source,
+                                                             device, "segmentation model")
         self.device = device
 
     def __call__(self, images: list[Image.Image], text: str) -> list[np.ndarray]:
@@ -64,11 +55,9 @@ class ClipSegMasker:
 def mask_folder(folder: str | Path, class_noun: str, masker, *, threshold: float | None = 0.3,
                 overwrite: bool = False, batch_size: int = 8, progress: bool = True) -> list[Path]:
     """Write ``img.mask.png`` for every image of ``folder`` without one (all with ``overwrite``); returns them."""
-    todo = [(path, image) for path, image in load_image_folder(folder, what="images to mask")
-            if overwrite or not mask_file_for(path).exists()]
     written = []
-    for start in tqdm(range(0, len(todo), batch_size), desc="masking", unit="batch", disable=not progress):
-        chunk = todo[start:start + batch_size]
+    for chunk in batches_to_write(folder, mask_file_for, what="mask", overwrite=overwrite, batch_size=batch_size,
+                                  progress=progress):
         for (path, _), probability in zip(chunk, masker([image for _, image in chunk], class_noun)):
             values = probability >= threshold if threshold is not None else probability
             mask = Image.fromarray(np.round(values.astype(np.float32) * 255).astype(np.uint8), mode="L")
@@ -77,19 +66,15 @@ def mask_folder(folder: str | Path, class_noun: str, masker, *, threshold: float
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m t2i_personal.mask", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folder", help="a folder of instance images")
-    parser.add_argument("--class-noun", required=True, help="what to segment, e.g. dog")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="CLIPSeg hub id or local folder")
+    parser = side_file_parser("python -m t2i_personal.mask", __doc__, class_noun_help="what to segment, e.g. dog",
+                              model=DEFAULT_MODEL, model_help="CLIPSeg hub id or local folder", files="masks")
     parser.add_argument("--threshold", type=float, default=0.3, help="subject where the probability reaches this")
     parser.add_argument("--soft", action="store_true", help="keep the probabilities as grey levels instead")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing masks")
-    parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     try:
         written = mask_folder(args.folder, args.class_noun, ClipSegMasker(args.model, args.device),
-                              threshold=None if args.soft else args.threshold, overwrite=args.overwrite)
+                              threshold=None if args.soft else args.threshold, overwrite=args.overwrite,
+                              batch_size=args.batch_size)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

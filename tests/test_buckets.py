@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
-from conftest import base_config, run_training
+from conftest import assert_resume_is_exact, base_config, run_training
 from t2i_personal.data.buckets import BucketBatchSampler, bucket_sizes, nearest_bucket
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -75,14 +74,7 @@ def test_resume_with_buckets_is_bit_exact(cache, mixed_folder, tmp_path):
                            training={"max_train_steps": 4, "checkpointing_steps": 2, "train_batch_size": 1,
                                      "cache_latents": cache, **training})
 
-    run_training(config(tmp_path / "a"))
-    stopped = config(tmp_path / "b", stop_after_step=2)
-    run_training(stopped)
-    stopped["training"].update(stop_after_step=None, resume="latest")
-    run_training(stopped)
-    a = load_file(str(tmp_path / "a" / "pytorch_lora_weights.safetensors"))
-    b = load_file(str(tmp_path / "b" / "pytorch_lora_weights.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_is_exact(config, tmp_path)
 
 
 def test_buckets_on_flux(mixed_folder, tmp_path):

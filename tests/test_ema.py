@@ -8,7 +8,7 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from conftest import base_config, run_training
+from conftest import assert_resume_is_exact, base_config, run_training
 from t2i_personal.config import TrainConfig
 from t2i_personal.training.ema import TrainableEMA
 
@@ -41,17 +41,11 @@ def ema_config(concept_dir, out, **training):
 
 @pytest.mark.parametrize("device", ["same", "cpu"])
 def test_exports_hold_the_average_and_resume_is_exact(device, concept_dir, tmp_path):
-    run_training(ema_config(concept_dir, tmp_path / "a", ema_device=device))
-    stopped = ema_config(concept_dir, tmp_path / "b", ema_device=device, stop_after_step=2)
-    run_training(stopped)
-    stopped["training"].update(stop_after_step=None, resume="latest")
-    run_training(stopped)
-    a = load_file(str(tmp_path / "a" / "pytorch_lora_weights.safetensors"))
-    b = load_file(str(tmp_path / "b" / "pytorch_lora_weights.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_is_exact(lambda out, **t: ema_config(concept_dir, out, ema_device=device, **t), tmp_path)
     # the export is the average, not the last trained weights (which the final checkpoint holds)
-    raw = load_file(str(tmp_path / "a" / "checkpoints" / "checkpoint-000004" / "trainable.safetensors"))
-    ema = load_file(str(tmp_path / "a" / "checkpoints" / "checkpoint-000004" / "ema.safetensors"))
+    a = load_file(str(tmp_path / "straight" / "pytorch_lora_weights.safetensors"))
+    raw = load_file(str(tmp_path / "straight" / "checkpoints" / "checkpoint-000004" / "trainable.safetensors"))
+    ema = load_file(str(tmp_path / "straight" / "checkpoints" / "checkpoint-000004" / "ema.safetensors"))
     assert int(ema["ema.updates"]) == 4
     averaged = [v for k, v in ema.items() if k != "ema.updates"]
     trained = list(raw.values())

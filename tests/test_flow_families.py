@@ -20,7 +20,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from safetensors.torch import load_file
 
-from conftest import base_config, run_training
+from conftest import assert_resume_is_exact, base_config, run_training
 from t2i_personal import load_personalized
 from t2i_personal.inference.pipeline import default_guidance
 from t2i_personal.config import ModelConfig, TrainingConfig
@@ -236,24 +236,18 @@ def test_custom_diffusion_crossattn_is_refused_on_joint_attention(concept_dir, t
     assert not (tmp_path / "out").exists()
 
 
-def assert_resume_is_exact(concept_dir, tmp_path, method: dict, quantize: str = "none") -> None:
-    """Four steps straight, and two + resume + two, give bit-identical LoRA files."""
-    runs = []
-    for name, stop in (("straight", None), ("stopped", 2)):
-        cfg = flow_config(concept_dir, tmp_path / name, method=method)
+def assert_flux_resume_is_exact(concept_dir, tmp_path, method: dict, quantize: str = "none") -> None:
+    def config(out, **training):
+        cfg = flow_config(concept_dir, out, method=method)
         cfg["model"]["quantize"] = quantize
-        cfg["training"].update(max_train_steps=4, checkpointing_steps=2, stop_after_step=stop)
-        run_training(cfg)
-        if stop:
-            cfg["training"].update(stop_after_step=None, resume="latest")
-            run_training(cfg)
-        runs.append(load_file(str(tmp_path / name / "pytorch_lora_weights.safetensors")))
-    a, b = runs
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        cfg["training"].update(max_train_steps=4, checkpointing_steps=2, **training)
+        return cfg
+
+    assert_resume_is_exact(config, tmp_path)
 
 
 def test_resume_is_exact(concept_dir, tmp_path):
-    assert_resume_is_exact(concept_dir, tmp_path, {"name": "dreambooth", "adapter": "lora", "train_text_encoder": True})
+    assert_flux_resume_is_exact(concept_dir, tmp_path, {"name": "dreambooth", "adapter": "lora", "train_text_encoder": True})
 
 
 # ------------------------------------------------------------------------------------------- exports
@@ -372,7 +366,7 @@ def test_lora_on_a_quantized_base(kind, layer, concept_dir, tmp_path):
 
 
 def test_quantized_base_resumes_exactly(concept_dir, tmp_path):
-    assert_resume_is_exact(concept_dir, tmp_path, {"name": "dreambooth", "adapter": "lora"}, quantize="nf4")
+    assert_flux_resume_is_exact(concept_dir, tmp_path, {"name": "dreambooth", "adapter": "lora"}, quantize="nf4")
 
 
 def test_quantized_base_needs_lora(concept_dir, tmp_path):

@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from .sampling import EndlessBatchSampler
+
 
 def bucket_sizes(resolution: int, step: int, max_aspect: float = 2.0) -> list[tuple[int, int]]:
     """(width, height) buckets, sorted by aspect ratio."""
@@ -38,7 +40,7 @@ def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tup
     return min(buckets, key=lambda wh: (abs(math.log(wh[0] / wh[1]) - aspect), -wh[0] * wh[1]))
 
 
-class BucketBatchSampler(torch.utils.data.Sampler):
+class BucketBatchSampler(EndlessBatchSampler):
     """Endless single-bucket micro-batches of ``(index, epoch)`` items, from any micro-batch on (see the module)."""
 
     def __init__(self, sizes: list[tuple[int, int]], batch_size: int, seed: int, start: int = 0, num_processes: int = 1,
@@ -66,12 +68,3 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         position = micro_step * self.num_processes + self.rank
         epoch = position // self.per_epoch
         return [(index, epoch) for index in self._epoch(epoch)[position % self.per_epoch]]
-
-    def __iter__(self):
-        m = self.start
-        while True:
-            yield self.batch(m)
-            m += 1
-
-    def __len__(self) -> int:  # endless; DataLoader only needs it for progress estimates
-        return 2**62

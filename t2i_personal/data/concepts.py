@@ -17,6 +17,7 @@ from PIL import Image
 from .captions import prompt_for_image, render_prompt
 from .images import load_image_alpha, load_image_folder, load_image_rgb, mask_file_for
 from .buckets import nearest_bucket
+from .sampling import EndlessBatchSampler
 from .transforms import RESCALE_PREFIXES, ImageTransform
 
 
@@ -194,7 +195,7 @@ def collate(items: list[list[dict]]) -> dict:
     return batch
 
 
-class StreamBatchSampler(torch.utils.data.Sampler):
+class StreamBatchSampler(EndlessBatchSampler):
     """Micro-batches from an endless stream of per-epoch permutations, starting at any micro-batch.
 
     Global micro-batch ``m`` covers stream positions ``[m*B*P, (m+1)*B*P)``; process ``r`` of ``P`` takes its
@@ -217,12 +218,3 @@ class StreamBatchSampler(torch.utils.data.Sampler):
     def batch(self, micro_step: int) -> list[tuple[int, int]]:
         first = (micro_step * self.num_processes + self.rank) * self.batch_size
         return [(self._perm(p // self.length)[p % self.length], p // self.length) for p in range(first, first + self.batch_size)]
-
-    def __iter__(self):
-        m = self.start
-        while True:
-            yield self.batch(m)
-            m += 1
-
-    def __len__(self) -> int:  # endless; DataLoader only needs it for progress estimates
-        return 2**62
