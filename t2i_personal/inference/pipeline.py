@@ -99,5 +99,7 @@ def default_guidance(pipe) -> float:
         return record["resolved"]["guidance_scale"]
     try:
         return family_of_pipeline(pipe).default_guidance_scale
-    except ModelLoadError:  # a pipeline-like object of no family
-        return 7.5
+    except ModelLoadError:  # a pipeline-like object of no family: the base default
+        from ..families.base import ModelFamily
+
+        return ModelFamily.default_guidance_scale
