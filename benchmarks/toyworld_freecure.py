@@ -2,6 +2,8 @@
 
     accelerate launch train/train.py --config configs/quickstart_face.yaml      # once, ~3 minutes on 2 cores
     python benchmarks/toyworld_freecure.py [--model outputs/quickstart-face] [--seeds 8] [--out outputs/freecure]
+    python benchmarks/toyworld_freecure.py --base builtin:toy-flux  # trains quickstart_face on the FLUX toy model
+                                                                    # first (outputs/quickstart-face-flux)
 
 For each hair colour of the toy world and each seed, "a photo of sks person with short <colour> hair" is generated
 three ways from the same seed: the plain personalized model, its foundation (LoRA off, "a photo of person with
@@ -32,6 +34,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from toyworld_methods import BASES  # noqa: E402  -- what each toy base changes in a preset
 
 SUBJECT_HAIR = (135, 60, 200)  # the personal face's purple bob (_draw_face in t2i_personal/toyworld/drawing.py)
 
@@ -48,13 +52,25 @@ def part_colour(parser, image, label: str, palette: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="outputs/quickstart-face")
+    p.add_argument("--base", default="builtin:toy", choices=list(BASES))
+    p.add_argument("--model", default=None, help="a trained result (default: outputs/quickstart-face[-flux], "
+                                                 "trained first with --base when missing)")
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=5.0)
-    p.add_argument("--omega", type=float, default=None, help="FASA weight (default: 0.5, the SD-1.x default)")
-    p.add_argument("--out", default="outputs/freecure")
+    p.add_argument("--omega", type=float, default=None, help="FASA weight (default: the family's, SD-1.x 0.5)")
+    p.add_argument("--out", default=None, help="default: outputs/freecure[-flux]")
     args = p.parse_args(argv)
+    suffix = "-flux" if args.base != "builtin:toy" else ""
+    args.out = args.out or f"outputs/freecure{suffix}"
+    if args.model is None:
+        args.model = f"outputs/quickstart-face{suffix}"
+        if not (Path(args.model) / "personalization.json").exists():
+            from t2i_personal.config import load_config
+            from t2i_personal.training.trainer import train
+
+            train(load_config(ROOT / "configs" / "quickstart_face.yaml", BASES[args.base] + [
+                f"training.output_dir={args.model}", "training.report_to=none"]))
 
     from t2i_personal import load_personalized
     from t2i_personal.data.images import make_image_grid, save_image_atomic

@@ -1,6 +1,7 @@
 """Personalization methods compared on the toy world, read by the oracle (CPU, no downloads).
 
     python benchmarks/toyworld_methods.py [--out outputs/methods] [--runs dreambooth-lora lora-token-spl ...]
+    python benchmarks/toyworld_methods.py --base builtin:toy-flux      # the same runs on the FLUX toy model
 
 Each run trains one preset on the personal teal dog (or reuses a finished output folder), then generates
 "a photo of {V} dog <where>" for the 8 scenes x 4 seeds and "a photo of a dog <where>" (no identifier) for the
@@ -11,6 +12,10 @@ same scenes. Printed per run:
 - drift: the plain class prompt shows the personal dog (the class has collapsed onto the subject);
 plus each figure's ratio to the first run. Grids of every run go to ``--out``, and ``methods.png`` shows seed 0 of
 every scene for every run (the README's picture).
+
+``--base builtin:toy-flux`` trains each preset on the toy world's FLUX model with what the family changes
+(:data:`BASES`: flow matching with FLUX's logit-normal timesteps and resolution shift, its embedded guidance 3.5,
+no min-SNR) and everything else the same; generation reads it at embedded guidance 5 (the CFG scale of the SD runs).
 """
 
 from __future__ import annotations
@@ -34,23 +39,31 @@ RUNS = {  # name -> (preset, overrides)
     "classdiffusion-0.1": ("configs/quickstart_classdiffusion.yaml", ["method.spl.weight=0.1"]),
 }
 SEEDS = 4
+# base model -> overrides every preset gets on it (the toy presets are written for builtin:toy)
+BASES = {
+    "builtin:toy": [],
+    "builtin:toy-flux": ["model.pretrained=builtin:toy-flux", "training.snr_gamma=",
+                         "training.flow_matching.timestep_sampling=logit_normal",
+                         "training.flow_matching.shift=resolution", "data.class_generation_guidance=3.5"],
+}
 
 
-def train_or_reuse(name: str, out_root: Path) -> Path:
+def train_or_reuse(name: str, out_root: Path, base: str = "builtin:toy") -> Path:
     from t2i_personal.config import load_config
     from t2i_personal.training.trainer import train
 
     path, overrides = RUNS[name]
     out = out_root / name
     if not (out / "personalization.json").exists():
-        cfg = load_config(path, overrides + [f"training.output_dir={out}", "training.report_to=none",
-                                             "validation.prompts=[]"])
+        cfg = load_config(path, BASES[base] + overrides + [f"training.output_dir={out}", "training.report_to=none",
+                                                           "validation.prompts=[]"])
         train(cfg)
     return out
 
 
 @torch.no_grad()
 def evaluate(out: Path) -> tuple[dict, np.ndarray]:
+    from t2i_personal.families import call_defaults
     from t2i_personal.inference.pipeline import load_personalized
     from t2i_personal.toyworld import world
     from t2i_personal.toyworld.oracle import Oracle
@@ -67,7 +80,7 @@ def evaluate(out: Path) -> tuple[dict, np.ndarray]:
     for prompts in (personal, plain):
         gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
         batch = pipe(prompts, num_inference_steps=25, guidance_scale=5.0, generator=gens, height=64, width=64,
-                     output_type="np").images
+                     output_type="np", **call_defaults(pipe)).images
         images.append(np.clip(np.rint(batch * 255), 0, 255).astype(np.uint8))
     oracle = Oracle.from_pretrained()
     read_personal, read_plain = oracle.read(images[0]), oracle.read(images[1])
@@ -82,15 +95,17 @@ def evaluate(out: Path) -> tuple[dict, np.ndarray]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("outputs/methods"))
+    parser.add_argument("--out", type=Path, default=None, help="default: outputs/methods (outputs/methods-flux)")
     parser.add_argument("--runs", nargs="+", default=list(RUNS)[:5], choices=list(RUNS))
+    parser.add_argument("--base", default="builtin:toy", choices=list(BASES))
     args = parser.parse_args()
+    args.out = args.out or Path("outputs/methods" + ("-flux" if args.base != "builtin:toy" else ""))
     from t2i_personal.toyworld.reports import image_grid, labelled_rows
 
     results, seed0 = {}, {}
     for name in args.runs:
         started = time.perf_counter()
-        out = train_or_reuse(name, args.out)
+        out = train_or_reuse(name, args.out, args.base)
         metrics, images = evaluate(out)
         metrics["seconds"] = time.perf_counter() - started
         results[name] = metrics

@@ -1,8 +1,10 @@
 """StyleForge on the toy world: does "zwx style" paint the personal outline-poster style, and only when asked?
 
     python benchmarks/toyworld_style.py [--model outputs/quickstart-styleforge] [--out outputs/style] [key=value ...]
+    python benchmarks/toyworld_style.py --base builtin:toy-flux     # on the FLUX toy model (outputs/*-flux)
 
-Trains ``configs/quickstart_styleforge.yaml`` first when ``--model`` has no finished result. The style statistic is
+Trains ``configs/quickstart_styleforge.yaml`` first when ``--model`` has no finished result (on ``--base``, with
+``toyworld_methods.py``'s overrides for that base). The style statistic is
 **palette adherence**: the fraction of pixels whose three channels all lie within 30 of the outline-poster
 palette's levels (20, 130, 245) or on its outline colour; the StyleRef images score 1, ordinary world images
 far less, and the StyleRef images passed through the toy VAE show the most any generator on it can reach. Printed for the StyleRef images, the base model, the tuned model with "a photo of zwx style, <content>"
@@ -15,10 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from toyworld_methods import BASES  # noqa: E402  -- what each toy base changes in a preset
 
 LEVELS = np.array([20, 130, 245])
 OUTLINE = np.array([15, 10, 30])
@@ -52,19 +58,25 @@ def reconstruct(vae, images: np.ndarray) -> np.ndarray:
 @torch.no_grad()
 def sample(pipe, prompts: list[str]) -> np.ndarray:
     pipe.set_progress_bar_config(disable=True)
+    from t2i_personal.families import call_defaults
+
     gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
     out = pipe(prompts, num_inference_steps=25, guidance_scale=5.0, generator=gens, height=64, width=64,
-               output_type="np").images
+               output_type="np", **call_defaults(pipe)).images
     return np.clip(np.rint(out * 255), 0, 255).astype(np.uint8)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=Path("outputs/quickstart-styleforge"))
-    parser.add_argument("--out", type=Path, default=Path("outputs/style"))
+    parser.add_argument("--base", default="builtin:toy", choices=list(BASES))
+    parser.add_argument("--model", type=Path, default=None, help="default: outputs/quickstart-styleforge[-flux]")
+    parser.add_argument("--out", type=Path, default=None, help="default: outputs/style[-flux]")
     parser.add_argument("--n", type=int, default=36)
     parser.add_argument("overrides", nargs="*", help="config overrides for the training run, e.g. training.learning_rate=5e-4")
     args = parser.parse_args()
+    suffix = "-flux" if args.base != "builtin:toy" else ""
+    args.model = args.model or Path(f"outputs/quickstart-styleforge{suffix}")
+    args.out = args.out or Path(f"outputs/style{suffix}")
 
     from t2i_personal.config import load_config
     from t2i_personal.data.images import load_image_folder
@@ -77,12 +89,12 @@ def main() -> None:
     from t2i_personal.training.trainer import train
 
     if not (args.model / "personalization.json").exists():
-        train(load_config("configs/quickstart_styleforge.yaml", args.overrides + [
+        train(load_config("configs/quickstart_styleforge.yaml", BASES[args.base] + args.overrides + [
             f"training.output_dir={args.model}", "training.report_to=none"]))
     token = json.loads((args.model / "personalization.json").read_text())["concepts"][0]["identifier"]
     scenes, texts = contents(args.n)
     refs = np.stack([np.asarray(img) for folder in style_dirs().values() for _, img in load_image_folder(folder)])
-    base_components = load_components("builtin:toy")
+    base_components = load_components(args.base)
     base = sample(base_components.pipeline(), [f"a photo of {t}" for t in texts])
     tuned = load_personalized(args.model)
     styled = sample(tuned, [style_prompt(t, token) for t in texts])

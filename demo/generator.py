@@ -56,6 +56,7 @@ class Generator:
                   omega) -> dict:
         import torch
 
+        from t2i_personal.families import call_defaults
         from t2i_personal.inference.pipeline import personalization_record
 
         pipe = self.pipeline(result)
@@ -67,7 +68,7 @@ class Generator:
         size = (personalization_record(pipe) or {}).get("config", {}).get("data", {}).get("resolution")
         if not freecure:
             image = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
-                         generator=torch.Generator().manual_seed(seed)).images[0]
+                         generator=torch.Generator().manual_seed(seed), **call_defaults(pipe)).images[0]
             return {"personalized": image}
         cure = self.freecure(result, attributes, mask_source, omega)
         out = cure(prompt, seed=seed, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,

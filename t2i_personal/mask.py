@@ -5,11 +5,17 @@ image for you to look at and fix before training:
     python -m t2i_personal.mask data/my-dog --class-noun dog --threshold 0.5 --overwrite
     python -m t2i_personal.mask data/my-dog --class-noun dog --soft
 
-A text-prompted segmentation model through transformers (CLIPSeg, Lüddecke & Ecker 2022; default
-``CIDAS/clipseg-rd64-refined``, or any hub id / local folder of a ``CLIPSegForImageSegmentation``) scores every
-pixel for the class noun; the sigmoid of its logits, resized to the image, is cut at ``--threshold`` (0.3 by
-default, as OneTrainer's CLIPSeg masking) into white subject / black background, or kept as soft weights with
-``--soft``. Existing masks are kept unless ``--overwrite``.
+A segmentation model through transformers scores every pixel for the class noun:
+
+* a text-prompted one (CLIPSeg, Lüddecke & Ecker 2022; default ``CIDAS/clipseg-rd64-refined``, or any hub id /
+  local folder of a ``CLIPSegForImageSegmentation``): the sigmoid of its logits for the class noun;
+* a semantic-segmentation one (any ``AutoModelForSemanticSegmentation`` whose labels include the class noun, e.g.
+  a SegFormer; ``builtin:toy-segmenter`` for toy-world photos): the softmax probability of that label, from logits
+  upsampled to the image as ``post_process_semantic_segmentation`` does.
+
+The probability, resized to the image, is cut at ``--threshold`` (0.3 by default, as OneTrainer's CLIPSeg masking)
+into white subject / black background, or kept as soft weights with ``--soft``. Existing masks are kept unless
+``--overwrite``.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from .data.side_files import batches_to_write, load_transformers_model, side_fil
 from .errors import UserError
 
 DEFAULT_MODEL = "CIDAS/clipseg-rd64-refined"
+TOY_SEGMENTER = "builtin:toy-segmenter"
 
 
 class ClipSegMasker:
@@ -52,6 +59,54 @@ class ClipSegMasker:
         return tuple(inputs["pixel_values"].shape[-2:])
 
 
+class LabelMasker:
+    """A semantic-segmentation model: the class noun must be one of its labels (case-insensitive)."""
+
+    def __init__(self, source: str = TOY_SEGMENTER, device: str = "cpu"):
+        from .freecure.masks import load_semantic_segmentation
+        from .toyworld.segmenter import DEFAULT_PATH
+
+        self.model, self.processor = load_semantic_segmentation(source, what="segmentation model",
+                                                                builtins={TOY_SEGMENTER: DEFAULT_PATH}, device=device)
+        self.source, self.device = source, device
+
+    def label_id(self, class_noun: str) -> int:
+        label2id = {name.lower(): int(i) for name, i in self.model.config.label2id.items()}
+        if class_noun.lower() not in label2id:
+            raise UserError(f"the segmentation model {self.source} has no label {class_noun!r}; its labels: "
+                            f"{', '.join(sorted(label2id))}. Pass one of them as --class-noun, or use a text-prompted "
+                            f"model (--model {DEFAULT_MODEL}).")
+        return label2id[class_noun.lower()]
+
+    def __call__(self, images: list[Image.Image], class_noun: str) -> list[np.ndarray]:
+        import torch
+
+        label = self.label_id(class_noun)
+        inputs = self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt").to(self.device)
+        with torch.no_grad():
+            logits = self.model(pixel_values=inputs["pixel_values"]).logits.float()
+        return [torch.nn.functional.interpolate(lg[None], size=(im.height, im.width), mode="bilinear",
+                                                align_corners=False)[0].softmax(0)[label].cpu().numpy()
+                for lg, im in zip(logits, images)]
+
+
+def load_masker(source: str, device: str = "cpu"):
+    """The masker for ``source``: CLIPSeg checkpoints are text-prompted, anything else is read as a semantic
+    segmenter (its config's ``model_type`` decides; the hub is asked only for a hub id)."""
+    from transformers import AutoConfig
+
+    from .weights import offline_error
+
+    if source == TOY_SEGMENTER:
+        return LabelMasker(source, device)
+    try:
+        model_type = AutoConfig.from_pretrained(source).model_type
+    except (OSError, ValueError) as exc:
+        raise offline_error("segmentation model", source, exc, f"Download it where there is internet "
+                            f"(huggingface-cli download {source}) or pass --model with a local folder.") from exc
+    return ClipSegMasker(source, device) if model_type == "clipseg" else LabelMasker(source, device)
+
+
 def mask_folder(folder: str | Path, class_noun: str, masker, *, threshold: float | None = 0.3,
                 overwrite: bool = False, batch_size: int = 8, progress: bool = True) -> list[Path]:
     """Write ``img.mask.png`` for every image of ``folder`` without one (all with ``overwrite``); returns them."""
@@ -67,12 +122,12 @@ def mask_folder(folder: str | Path, class_noun: str, masker, *, threshold: float
 
 def main(argv: list[str] | None = None) -> int:
     parser = side_file_parser("python -m t2i_personal.mask", __doc__, class_noun_help="what to segment, e.g. dog",
-                              model=DEFAULT_MODEL, model_help="CLIPSeg hub id or local folder", files="masks")
+                              model=DEFAULT_MODEL, model_help=f"CLIPSeg or semantic-segmentation hub id or local folder, or {TOY_SEGMENTER}", files="masks")
     parser.add_argument("--threshold", type=float, default=0.3, help="subject where the probability reaches this")
     parser.add_argument("--soft", action="store_true", help="keep the probabilities as grey levels instead")
     args = parser.parse_args(argv)
     try:
-        written = mask_folder(args.folder, args.class_noun, ClipSegMasker(args.model, args.device),
+        written = mask_folder(args.folder, args.class_noun, load_masker(args.model, args.device),
                               threshold=None if args.soft else args.threshold, overwrite=args.overwrite,
                               batch_size=args.batch_size)
     except UserError as exc:

@@ -303,6 +303,16 @@ def test_prompt_over_t5_window_is_refused(concept_dir, tmp_path):
         run_training(cfg)
 
 
+def test_generation_uses_the_t5_window_the_result_was_trained_with(concept_dir, tmp_path, comps):
+    from t2i_personal.families import call_defaults
+    from t2i_personal.inference.pipeline import load_personalized
+
+    run_training(flow_config(concept_dir, tmp_path / "out", training={"max_sequence_length": 24}))
+    assert call_defaults(load_personalized(tmp_path / "out")) == {"max_sequence_length": 24}
+    assert call_defaults(comps("tiny-flux").pipeline()) == {"max_sequence_length": 512}  # FLUX's own default
+    assert call_defaults(comps("tiny-sd").pipeline()) == {}
+
+
 @pytest.mark.parametrize("training, match", [({"snr_gamma": 5.0}, "DDPM options"),
                                              ({"prediction_type": "v_prediction"}, "DDPM options")])
 def test_ddpm_options_are_refused_on_flow_models(concept_dir, tmp_path, training, match):

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 GPU_PRESETS = ["textual_inversion", "custom_diffusion", "classdiffusion", "dreambooth_lora_spl", "styleforge_single",
                "styleforge_multi"]
-TOY_PRESETS = ["quickstart_classdiffusion", "quickstart_styleforge", "quickstart_face"]
+TOY_PRESETS = ["quickstart_classdiffusion", "quickstart_styleforge", "quickstart_face", "quickstart_flux"]
 CPU = ["training.max_train_steps=2", "training.mixed_precision=no", "training.report_to=none",
        "training.progress_bar=false", "validation.prompts=[]", "training.checkpointing_steps=1000",
        "data.class_generation_steps=2", "data.class_generation_batch_size=2"]
@@ -57,7 +57,7 @@ def test_method_preset_trains_on_the_tiny_model(preset, concept_dir, tmp_path):
 @pytest.mark.parametrize("preset", TOY_PRESETS)
 def test_toy_world_preset_trains_on_its_shipped_data(preset, tmp_path):
     cfg, trainer, out = _train(preset, CPU + [f"training.output_dir={tmp_path / 'out'}"])
-    assert cfg.model.pretrained == "builtin:toy" and cfg.data.resolution == 64
+    assert cfg.model.pretrained.startswith("builtin:toy") and cfg.data.resolution == 64
     assert (out / "personalization.json").is_file() and trainer.last_logs["loss"] > 0
     if preset == "quickstart_face":  # FreeCure's README example: the toy face parser is chosen for a toy result
         from t2i_personal.freecure import FreeCure
@@ -67,3 +67,7 @@ def test_toy_world_preset_trains_on_its_shipped_data(preset, tmp_path):
         result = FreeCure(pipe)("a photo of sks person with short blonde hair", seed=0, num_inference_steps=2)
         assert result.mask_sources == {"hair": "face_parsing"}
         assert result.foundation_prompts == ["a photo of person with short blonde hair"]
+    if preset == "quickstart_flux":  # the FLUX toy model, with its trained T5 window and embedded guidance
+        record = load_personalized(out)._t2i_personal_record
+        assert record["family"] == "flux" and record["resolved"]["max_sequence_length"] == 32
+        assert record["resolved"]["guidance_scale"] == 3.5

@@ -13,10 +13,11 @@ from t2i_personal.toyworld.pretrain import WEIGHTS_ROOT
 def test_shipped_weights_are_safetensors_within_the_size_budget():
     files = list(WEIGHTS_ROOT.rglob("*"))
     weights = [f for f in files if f.suffix == ".safetensors"]
-    assert {f.parent.name for f in weights} >= {"unet", "vae", "text_encoder", "clip", "face-parser", "oracle"}
-    assert sum(f.stat().st_size for f in weights) <= 30 * 1024 * 1024
+    assert {f.parent.name for f in weights} >= {"unet", "transformer", "vae", "text_encoder", "text_encoder_2", "clip",
+                                                "face-parser", "oracle", "segmenter"}
+    assert sum(f.stat().st_size for f in weights) <= 40 * 1024 * 1024  # both generators and the evaluation models
     assert not [f for f in files if f.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
-    for folder in ("toy-sd", "clip", "face-parser", "oracle"):  # training record and pictures next to the weights
+    for folder in ("toy-sd", "toy-flux", "clip", "face-parser", "oracle", "segmenter"):  # training record and pictures next to the weights
         assert (WEIGHTS_ROOT / folder / "training.json").is_file() and (WEIGHTS_ROOT / folder / "loss.png").is_file()
 
 

@@ -82,11 +82,38 @@ def gate_results(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("gate", ["class_accuracy", "scene_accuracy", "colour_accuracy", "accessory_presence",
-                                  "vae_psnr_db", "clip_retrieval_top1_of_10", "face_parser_mean_iou"])
+                                  "vae_psnr_db", "clip_retrieval_top1_of_10", "face_parser_mean_iou",
+                                  pytest.param("segmenter_mean_iou", marks=pytest.mark.xfail(
+                                      reason="0.735 measured after 4,000 CPU steps; more training needed (README, "
+                                             "'The toy world')", strict=False))])
 def test_quality_gate(gate_results, gate):
     from t2i_personal.toyworld.gates import THRESHOLDS
 
     assert gate_results[gate] >= THRESHOLDS[gate], gate_results
+
+
+@pytest.fixture(scope="module")
+def flux_gate_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gates-flux")
+    r = subprocess.run([PYTHON, "benchmarks/toyworld_gates.py", "--model", "builtin:toy-flux", "--out", str(out),
+                        "--n-generations", "78"], cwd=ROOT, env=python_subprocess_env(), capture_output=True,
+                       text=True, timeout=900, check=False)
+    assert (out / "gates.json").is_file(), r.stdout[-2000:] + r.stderr[-2000:]
+    return json.loads((out / "gates.json").read_text())
+
+
+FLUX_GATES_NOT_MET = {}  # gate -> the measured figure, until more pretraining meets it (README, "The toy world")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gate", [pytest.param(g, marks=pytest.mark.xfail(
+    reason=f"builtin:toy-flux measured {FLUX_GATES_NOT_MET[g]} (CPU-pretrained; more steps needed)", strict=False))
+    if g in FLUX_GATES_NOT_MET else g for g in ("class_accuracy", "scene_accuracy", "colour_accuracy",
+                                                 "accessory_presence")])
+def test_toy_flux_quality_gate(flux_gate_results, gate):
+    from t2i_personal.toyworld.gates import THRESHOLDS
+
+    assert flux_gate_results[gate] >= THRESHOLDS[gate], flux_gate_results
 
 
 def test_hue_rotation_keeps_greys_and_changes_colours():

@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
+from ..families import call_defaults
 from ..freecure.options import FreeCureOptions
 from .layout import Job
 from .sources import Source
@@ -67,6 +68,7 @@ def generate(sources: Sequence[Source], prompts: Sequence[Sequence[Any]], jobs: 
                                      allow_pickle=options.allow_pickle)
             check_prompt_tokens(pipe, prompts[s], source.name)
             guidance = default_guidance(pipe)  # unless options.guidance is given
+            defaults = call_defaults(pipe)  # e.g. the T5 window the result was trained with
             if hasattr(pipe, "set_progress_bar_config"):
                 pipe.set_progress_bar_config(disable=True)
             if source.freecure:
@@ -79,6 +81,7 @@ def generate(sources: Sequence[Source], prompts: Sequence[Sequence[Any]], jobs: 
             for job in todo:
                 generator = torch.Generator(device="cpu").manual_seed(job.seed)
                 kwargs = {"negative_prompt": options.negative_prompt} if options.negative_prompt else {}
+                kwargs.update(defaults)
                 image = pipe(prompts[s][job.prompt].text, num_inference_steps=options.steps,
                              guidance_scale=options.guidance or guidance, height=height, width=width, generator=generator,
                              **kwargs).images[0]

@@ -58,5 +58,13 @@ def family_of_pipeline(pipe) -> ModelFamily:
     raise ModelLoadError(f"{type(pipe).__name__} is not a pipeline of a supported model family")
 
 
-__all__ = ["FAMILIES", "Conditioning", "ModelFamily", "family_named", "family_of_denoiser", "family_of_pipeline", "family_of_pipeline_class",
+def call_defaults(pipe) -> dict:
+    """The call arguments a loaded pipeline's family needs (``ModelFamily.call_defaults``); none for other pipelines."""
+    try:
+        return family_of_pipeline(pipe).call_defaults(pipe)
+    except ModelLoadError:
+        return {}
+
+
+__all__ = ["FAMILIES", "Conditioning", "ModelFamily", "call_defaults", "family_named", "family_of_denoiser", "family_of_pipeline", "family_of_pipeline_class",
            "family_of_single_file"]

@@ -151,6 +151,11 @@ class ModelFamily:
         return [tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                     return_tensors="pt").input_ids for tok in components.tokenizers]
 
+    def call_defaults(self, pipe) -> dict:
+        """Call arguments a loaded pipeline of this family needs beyond diffusers' defaults (e.g. the T5 window a
+        result was trained with); every generation in the toolkit passes them unless told otherwise."""
+        return {}
+
     def prompt_windows(self, pipe) -> list[tuple[object, int]]:
         """(tokenizer, most tokens it reads) for each window of a loaded pipeline a prompt must fit in."""
         names = [tokenizer_name(n) for n in self.text_encoder_names]

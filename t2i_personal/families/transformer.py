@@ -30,8 +30,15 @@ class TransformerFamily(ModelFamily):
     default_timestep_sampling = "uniform"
     latent_patch = 1  # latent pixels per image token side (FLUX packs 2x2; SD3: the transformer's patch size)
 
+    def default_t5_window(self, t5_tokenizer) -> int:
+        """The pipeline's default window, or the T5 tokenizer's own ``model_max_length`` when that is shorter (a
+        model trained with a short window, as the toy world's FLUX, reads prompts padded to it)."""
+        own = getattr(t5_tokenizer, "model_max_length", None) or self.default_max_sequence_length
+        return min(self.default_max_sequence_length, own)
+
     def max_sequence_length(self, components) -> int:
-        return components.extras.get("max_sequence_length") or self.default_max_sequence_length
+        return components.extras.get("max_sequence_length") or self.default_t5_window(
+            getattr(components, tokenizer_name(self.t5_name), None))
 
     def pipeline_call_kwargs(self, components) -> dict:
         return {"max_sequence_length": self.max_sequence_length(components)}
@@ -58,8 +65,18 @@ class TransformerFamily(ModelFamily):
         t5 = getattr(pipe, tokenizer_name(self.t5_name), None)
         if t5 is None:
             return super().prompt_windows(pipe)
+        return [(t5, self.t5_window_of(pipe))]
+
+    def t5_window_of(self, pipe) -> int:
+        """The T5 window a loaded pipeline generates with: its result's trained one, else the default."""
         record = getattr(pipe, "_t2i_personal_record", None) or {}
-        return [(t5, record.get("resolved", {}).get("max_sequence_length") or self.default_max_sequence_length)]
+        return record.get("resolved", {}).get("max_sequence_length") or self.default_t5_window(
+            getattr(pipe, tokenizer_name(self.t5_name), None))
+
+    def call_defaults(self, pipe) -> dict:
+        if getattr(pipe, tokenizer_name(self.t5_name), None) is None:
+            return {}
+        return {"max_sequence_length": self.t5_window_of(pipe)}
 
     def objective(self, components, training) -> FlowMatchingObjective:
         fm = training.flow_matching

@@ -120,12 +120,20 @@ class FaceParser:
 
 def load_face_parser(source: str = DEFAULT_FACE_PARSER, device="cpu", allow_pickle: bool = False) -> FaceParser:
     """A semantic-segmentation model and its processor from a hub id, a local folder, or ``builtin:toy-face-parser``."""
+    from ..toyworld.face_parser import DEFAULT_PATH
+
+    model, processor = load_semantic_segmentation(source, what="face parser", builtins={TOY_FACE_PARSER: DEFAULT_PATH},
+                                                  device=device, allow_pickle=allow_pickle)
+    return FaceParser(model, processor, str(source))
+
+
+def load_semantic_segmentation(source: str, *, what: str, builtins: dict, device="cpu", allow_pickle: bool = False):
+    """(model in float32 eval mode, image processor) of any ``AutoModelForSemanticSegmentation`` from a hub id, a
+    local folder, or a name in ``builtins`` (name -> folder); safetensors unless ``allow_pickle``."""
     from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
-    if source == TOY_FACE_PARSER:
-        from ..toyworld.face_parser import DEFAULT_PATH
-
-        location, local = str(DEFAULT_PATH), True
+    if source in builtins:
+        location, local = str(builtins[source]), True
     else:
         location = os.path.expanduser(str(source))
         local = Path(location).exists()
@@ -137,9 +145,9 @@ def load_face_parser(source: str = DEFAULT_FACE_PARSER, device="cpu", allow_pick
         processor = AutoImageProcessor.from_pretrained(location, local_files_only=local)
     except (OSError, ValueError) as exc:
         if local:
-            raise ModelLoadError(f"could not load the face parser folder {location}: {exc}") from exc
-        raise offline_error("face parser", location, exc) from exc
-    return FaceParser(model.to(device=device, dtype=torch.float32).eval(), processor, str(source))
+            raise ModelLoadError(f"could not load the {what} folder {location}: {exc}") from exc
+        raise offline_error(what, location, exc) from exc
+    return model.to(device=device, dtype=torch.float32).eval(), processor
 
 
 def face_parsing_mask(parser: FaceParser, images_or_labels, attribute: str,

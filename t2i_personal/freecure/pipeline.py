@@ -338,7 +338,9 @@ class FreeCure:
         for g, s in zip(generators, states):
             g.set_state(s)
         generator = generators[0] if len(generators) == 1 else generators
-        return pipe(prompts, generator=generator, output_type="latent", **kwargs).images
+        from ..families import call_defaults
+
+        return pipe(prompts, generator=generator, output_type="latent", **{**call_defaults(pipe), **kwargs}).images
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], *, seed: int | list[int] | None = None, generator=None,

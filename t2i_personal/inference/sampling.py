@@ -12,6 +12,9 @@ def generate(pipe, prompts: list[str], *, generators, autocast_dtype: torch.dtyp
     Decoding under fp16 autocast would run even a float32 VAE in fp16, where SDXL's VAE overflows to NaN (black
     images); the UNet, whose trainable tensors stay float32 while frozen ones are cast, needs the autocast.
     """
+    from ..families import call_defaults
+
+    kwargs = {**call_defaults(pipe), **kwargs}
     device = pipe.vae.device
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         latents = pipe(prompts, output_type="latent", generator=generators, **kwargs).images

@@ -21,7 +21,10 @@ from .tiny import build_tiny, builtin_names, builtin_spec
 
 SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 # Built-in names backed by trained weights shipped in the package (the others are seeded random tiny models).
-PRETRAINED_BUILTINS = {"toy": Path(__file__).resolve().parent.parent / "toyworld" / "weights" / "toy-sd"}
+_TOY_WEIGHTS = Path(__file__).resolve().parent.parent / "toyworld" / "weights"
+PRETRAINED_BUILTINS = {"toy": _TOY_WEIGHTS / "toy-sd", "toy-flux": _TOY_WEIGHTS / "toy-flux"}
+# name -> the pretrain stage that makes it
+PRETRAIN_STAGES = {"toy": "generator", "toy-flux": "generator-flux"}
 
 
 def load_components(cfg: ModelConfig | str, dtype: torch.dtype | None = None) -> Components:
@@ -64,8 +67,11 @@ def peek_family(pretrained: str) -> str | None:
     try:
         if src.startswith("builtin:"):
             name = src[len("builtin:"):]
-            return "sd" if name in PRETRAINED_BUILTINS else family_named(builtin_spec(name)["family"]).name
-        if (Path(src).expanduser() / "model_index.json").is_file():
+            if name in PRETRAINED_BUILTINS:
+                src = str(PRETRAINED_BUILTINS[name])
+            else:
+                return family_named(builtin_spec(name)["family"]).name
+        if (Path(src).expanduser() / "model_index.json").is_file():  # a folder, or a shipped built-in's
             index = json.loads((Path(src).expanduser() / "model_index.json").read_text())
         elif HUB_ID.match(src):
             index = DiffusionPipeline.load_config(src)
@@ -81,7 +87,7 @@ def _from_shipped(name: str, cfg: ModelConfig, dtype) -> Components:
     folder = PRETRAINED_BUILTINS[name]
     if not (folder / "model_index.json").is_file():
         raise ModelLoadError(f"builtin:{name} has no weights at {folder}; the package was installed without them. "
-                             f"Recreate them with `python -m t2i_personal.toyworld.pretrain generator`.")
+                             f"Recreate them with `python -m t2i_personal.toyworld.pretrain {PRETRAIN_STAGES[name]}`.")
     comps = _from_pipeline(str(folder), cfg, dtype, local=True)
     comps.source = f"builtin:{name}"
     return comps

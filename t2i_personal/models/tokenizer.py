@@ -39,12 +39,56 @@ def _byte_to_unicode() -> dict[int, str]:
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
 
 
-def write_clip_tokenizer_files(out_dir: str | os.PathLike) -> Path:
-    """Write ``vocab.json`` and ``merges.txt`` for the standard CLIP tokenizer into ``out_dir``."""
+def _clip_merges() -> list[str]:
+    lines = gzip.open(_bpe_vocab_path()).read().decode("utf-8").split("\n")
+    return lines[1 : NUM_MERGES + 1]
+
+
+def _merges_applied(word: str, rank: dict[tuple[str, str], int]) -> list[tuple[str, str]]:
+    """The merges CLIP's BPE applies to one lower-case word, in order (the same loop as ``CLIPTokenizer.bpe``)."""
+    parts = [*word[:-1], word[-1] + "</w>"]
+    applied = []
+    while len(parts) > 1:
+        pair = min(zip(parts, parts[1:]), key=lambda p: rank.get(p, len(rank)))
+        if pair not in rank:
+            break
+        applied.append(pair)
+        merged, i = [], 0
+        while i < len(parts):
+            if i + 1 < len(parts) and (parts[i], parts[i + 1]) == pair:
+                merged.append(parts[i] + parts[i + 1])
+                i += 2
+            else:
+                merged.append(parts[i])
+                i += 1
+        parts = merged
+    return applied
+
+
+def clip_words(texts) -> set[str]:
+    """The words CLIP's pre-tokenizer makes of ASCII ``texts`` (lower case; its contractions, runs of letters,
+    single digits, runs of other marks)."""
+    import re
+
+    pattern = r"'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\sa-z0-9]+"
+    return {w for text in texts for w in re.findall(pattern, text.lower())}
+
+
+def write_clip_tokenizer_files(out_dir: str | os.PathLike, words=None) -> Path:
+    """Write ``vocab.json`` and ``merges.txt`` for the standard CLIP tokenizer into ``out_dir``.
+
+    With ``words`` (ASCII), only the merges CLIP applies to them are kept: every word is still split exactly as
+    the full CLIP tokenizer splits it, any other text still tokenizes (into smaller pieces, down to single bytes),
+    and the vocabulary shrinks from 49,408 tokens to a few hundred beyond the 512 byte symbols (the toy world's
+    text encoders are small). Ids keep CLIP's order: bytes, bytes + ``</w>``, merges, then BOS and EOS last.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    lines = gzip.open(_bpe_vocab_path()).read().decode("utf-8").split("\n")
-    merges = lines[1 : NUM_MERGES + 1]
+    merges = _clip_merges()
+    if words is not None:
+        rank = {tuple(m.split()): i for i, m in enumerate(merges)}
+        kept = {pair for word in sorted(words) for pair in _merges_applied(word, rank)}
+        merges = [m for m in merges if tuple(m.split()) in kept]
     symbols = list(_byte_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges] + [BOS, EOS]
     files = {

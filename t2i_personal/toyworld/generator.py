@@ -24,7 +24,6 @@ import copy
 import json
 import math
 import random
-import shlex
 import time
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from ..atomic import atomic_dir, write_json_atomic
 from . import world
 from .dataset import render_set
 from .reports import image_grid, save_loss_curve
+from . import schedule
 from .schedule import TrainingClock
 
 ARCHITECTURE = Path(__file__).parent / "configs" / "toy-sd.json"
@@ -95,11 +95,12 @@ def load_trained(folder: str | Path):
 
 
 def _optimise(params: list, loss_at, *, name: str, steps: int, lr: float, time_budget_s: float | None, warmup: int,
-              weight_decay: float = 0.0, after_step=None) -> dict:
+              weight_decay: float = 0.0, after_step=None, clock: TrainingClock | None = None) -> dict:
     """The loop every stage shares: AdamW on ``params``, gradient clipping at 1, the shared clock's warm-up and
-    cosine, a tqdm bar; ``loss_at(step)`` computes one batch's loss. Returns the loss history and steps run."""
+    cosine, a tqdm bar; ``loss_at(step)`` computes one batch's loss (``clock``: one the caller also reads, for a
+    loss that changes with the run's progress). Returns the loss history and steps run."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    clock = TrainingClock(steps, time_budget_s, warmup=warmup)
+    clock = clock or TrainingClock(steps, time_budget_s, warmup=warmup)
     history, step = {f"{name} loss": []}, 0
     bar = tqdm(total=steps, desc=name, mininterval=5)
     while clock.running(step):
@@ -171,14 +172,18 @@ def hue_rotated(images: torch.Tensor, fraction: float, generator: torch.Generato
     n = len(images)
     chosen = torch.rand(n, generator=generator) < fraction
     theta = torch.rand(n, generator=generator) * 2 * math.pi
+    out = torch.einsum("nij,nhwj->nhwi", hue_matrix(theta), images.cpu().float()).clamp(0, 255).round().to(torch.uint8)
+    return torch.where(chosen[:, None, None, None], out, images.cpu()).to(images.device)
+
+
+def hue_matrix(theta: torch.Tensor) -> torch.Tensor:
+    """(N, 3, 3) RGB matrices rotating the hue by ``theta`` (radians, (N,)) in YIQ space, brightness kept."""
     to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
     cos, sin = torch.cos(theta), torch.sin(theta)
-    rot = torch.zeros(n, 3, 3)
+    rot = torch.zeros(len(theta), 3, 3)
     rot[:, 0, 0] = 1
     rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
-    matrix = torch.linalg.inv(to_yiq) @ rot @ to_yiq
-    out = torch.einsum("nij,nhwj->nhwi", matrix, images.cpu().float()).clamp(0, 255).round().to(torch.uint8)
-    return torch.where(chosen[:, None, None, None], out, images.cpu()).to(images.device)
+    return torch.linalg.inv(to_yiq) @ rot @ to_yiq
 
 
 @torch.no_grad()
@@ -288,12 +293,9 @@ def sample_images(pipe, prompts: list[str], *, seed: int = 0, steps: int = 25, g
 
 def reproduce_command(settings: dict, vae_steps_run: int, unet_steps_run: int) -> str:
     """The command that repeats a run exactly: every recorded setting, the steps run, and no time budgets."""
-    fixed = {**settings, "vae_steps": vae_steps_run, "unet_steps": unet_steps_run, "vae_time_budget_s": None,
-             "unet_time_budget_s": None}
-    device, seed = fixed.pop("device"), fixed.pop("seed")
-    fixed.pop("workers", None)  # rendering is identical for any worker count
-    sets = " ".join("--set " + shlex.quote(f"{k}={v if isinstance(v, str) else json.dumps(v)}") for k, v in fixed.items())
-    return f"python -m t2i_personal.toyworld.pretrain generator --device {device.split(':')[0]} --seed {seed} {sets}"
+    return schedule.reproduce_command("generator", settings, {
+        "vae_steps": vae_steps_run, "unet_steps": unet_steps_run, "vae_time_budget_s": None,
+        "unet_time_budget_s": None})
 
 
 def _last(points: list[tuple[int, float]]) -> float | None:

@@ -1,9 +1,10 @@
-"""Train the toy world's models: ``python -m t2i_personal.toyworld.pretrain {generator,clip,face-parser,oracle,all}``.
+"""Train the toy world's models: ``python -m t2i_personal.toyworld.pretrain {generator,generator-flux,clip,face-parser,oracle,segmenter,all}``.
 
 Every run is seeded and writes its settings, loss curve and a picture next to the weights. Each stage stops at
 its step count or its time budget (``time_budget_s``), whichever comes first; the steps actually run are
 recorded in ``training.json``, so ``--set steps=N --set time_budget_s=null`` repeats a run exactly. ``all``
-trains the four models in parallel processes, which is how the shipped weights were made (GPU recipe).
+trains every model in parallel processes, which is how the first four shipped models were made (GPU recipe); the
+FLUX generator and the segmenter were trained on 2 CPU cores (their ``training.json`` says how).
 
     python -m t2i_personal.toyworld.pretrain all --device cuda --out-root /tmp/toy-weights
     python -m t2i_personal.toyworld.pretrain oracle --device cpu --set steps=500 --set time_budget_s=null
@@ -23,25 +24,30 @@ from pathlib import Path
 
 WEIGHTS_ROOT = Path(__file__).parent / "weights"
 # name -> (module, output folder). Recipes below: settings passed to the module's ``train``.
-MODELS = {"generator": ("generator", "toy-sd"), "clip": ("clip", "clip"), "face-parser": ("face_parser", "face-parser"),
-          "oracle": ("oracle", "oracle")}
-# The GPU recipe made the shipped weights (all four at once on one GPU, about 7 minutes); the generator then
+MODELS = {"generator": ("generator", "toy-sd"), "generator-flux": ("flux_generator", "toy-flux"),
+          "clip": ("clip", "clip"), "face-parser": ("face_parser", "face-parser"), "oracle": ("oracle", "oracle"),
+          "segmenter": ("segmenter", "segmenter")}
+# The GPU recipe made the first four shipped models (at once on one GPU, about 7 minutes); the generator then
 # continued from its own weights (``init_from``), each run's command in its training.json. The CPU recipe keeps each
 # model under 45 minutes on 2 cores with smaller batches; its models are weaker (see the README).
 RECIPES = {
     "gpu": {
         "generator": dict(num_images=60000, vae_steps=20000, vae_batch_size=128, vae_lr=1e-3, vae_time_budget_s=60,
                           unet_steps=60000, unet_batch_size=256, unet_lr=6e-4, unet_time_budget_s=170),
+        "generator-flux": dict(num_images=60000, steps=60000, batch_size=256, lr=6e-4, time_budget_s=600),
         "clip": dict(steps=100000, batch_size=1024, lr=2e-3, num_images=60000, time_budget_s=230),
         "face-parser": dict(steps=30000, batch_size=128, num_images=12000, time_budget_s=150),
         "oracle": dict(steps=30000, batch_size=512, lr=3e-3, num_images=80000, time_budget_s=150),
+        "segmenter": dict(steps=20000, batch_size=128, num_images=20000, time_budget_s=150),
     },
     "cpu": {
         "generator": dict(num_images=30000, vae_steps=3000, vae_batch_size=32, vae_lr=1e-3, vae_time_budget_s=600,
                           unet_steps=20000, unet_batch_size=64, unet_lr=5e-4, unet_time_budget_s=2100),
+        "generator-flux": dict(num_images=30000, steps=20000, batch_size=64, lr=5e-4, time_budget_s=3600),
         "clip": dict(steps=4000, batch_size=128, num_images=20000, time_budget_s=2400),
         "face-parser": dict(steps=3000, batch_size=32, num_images=6000, time_budget_s=2400),
         "oracle": dict(steps=4000, batch_size=64, num_images=30000, time_budget_s=2400),
+        "segmenter": dict(steps=4000, batch_size=32, num_images=8000, time_budget_s=1800),
     },
 }
 

@@ -1,8 +1,10 @@
-"""The learning-rate clock shared by the toy-world trainers."""
+"""The learning-rate clock shared by the toy-world trainers, and the command that repeats a budgeted run."""
 
 from __future__ import annotations
 
+import json
 import math
+import shlex
 import time
 
 
@@ -32,3 +34,13 @@ class TrainingClock:
     def lr_factor(self, step: int) -> float:
         warm = min(1.0, (step + 1) / self.warmup)
         return warm * (self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * self.progress(step))))
+
+
+def reproduce_command(stage: str, settings: dict, fixed: dict) -> str:
+    """``python -m t2i_personal.toyworld.pretrain <stage> ...`` with every recorded setting, ``fixed`` (the steps
+    actually run, the time budgets set to null) on top: the command that repeats the run exactly."""
+    fixed = {**settings, **fixed}
+    device, seed = fixed.pop("device"), fixed.pop("seed")
+    fixed.pop("workers", None)  # rendering is identical for any worker count
+    sets = " ".join("--set " + shlex.quote(f"{k}={v if isinstance(v, str) else json.dumps(v)}") for k, v in fixed.items())
+    return f"python -m t2i_personal.toyworld.pretrain {stage} --device {device.split(':')[0]} --seed {seed} {sets}"
