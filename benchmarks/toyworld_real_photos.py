@@ -76,7 +76,7 @@ def auto_masked_copy(photos: Path, folder: Path) -> tuple[Path, list[float]]:
     exact = sorted(p for p in photos.glob("*.png") if not p.name.endswith(".mask.png"))
     for path in exact:
         shutil.copyfile(path, folder / path.name)
-    assert mask.main([str(folder), "--class-noun", "dog", "--model", mask.TOY_SEGMENTER, "--overwrite"]) == 0
+    mask.mask_folder(folder, "dog", mask.load_masker(mask.TOY_SEGMENTER), overwrite=True)
     ious = []
     for path in exact:
         truth = np.asarray(Image.open(path.with_name(path.stem + ".mask.png"))) > 127

@@ -181,7 +181,7 @@ class TrainingConfig(Section):
     flow_matching: FlowMatchingConfig = FlowMatchingConfig()
     guidance_scale: float | None = Field(None, gt=0, description="guidance-distilled models (FLUX.1-dev): the guidance value trained with; null: 3.5 as diffusers' FLUX script (refused for models without a guidance input)")
     learn_tokens_in_t5: bool = Field(False, description="SD3/FLUX: learned tokens (initializer_token) also get a T5 row, as --enable_t5_ti in diffusers' advanced FLUX script; T5 then runs with gradients every step")
-    max_sequence_length: int | None = Field(None, ge=1, description="T5's token window (SD3, FLUX) in training and validation; null: the pipeline's default (FLUX 512, SD3 256)")
+    max_sequence_length: int | None = Field(None, ge=1, description="T5's token window (SD3, FLUX) in training and validation; null: the pipeline's default (FLUX 512, SD3 256), or the T5 tokenizer's model_max_length when shorter (builtin:toy-flux: 32)")
     cache_latents: bool = Field(False, description="encode every image (and its flip) once; needs center_crop")
     cache_text_embeddings: bool = Field(False, description="encode every prompt once; not with train_text_encoder")
     offload_text_encoders: bool = Field(False, description="with cache_text_embeddings: the text encoders leave the GPU after caching (back only for validation); FLUX's T5-XXL alone is ~9 GB in bf16")

@@ -10,8 +10,9 @@ A segmentation model through transformers scores every pixel for the class noun:
 * a text-prompted one (CLIPSeg, Lüddecke & Ecker 2022; default ``CIDAS/clipseg-rd64-refined``, or any hub id /
   local folder of a ``CLIPSegForImageSegmentation``): the sigmoid of its logits for the class noun;
 * a semantic-segmentation one (any ``AutoModelForSemanticSegmentation`` whose labels include the class noun, e.g.
-  a SegFormer; ``builtin:toy-segmenter`` for toy-world photos): the softmax probability of that label, from logits
-  upsampled to the image as ``post_process_semantic_segmentation`` does.
+  a SegFormer; ``builtin:toy-segmenter`` for toy-world photos): the softmax probability of that label, upsampled
+  to the image. The threshold cuts that probability, not the arg-max: at 0.3 a pixel can be subject while another
+  label is likelier, which errs towards keeping the subject whole.
 
 The probability, resized to the image, is cut at ``--threshold`` (0.3 by default, as OneTrainer's CLIPSeg masking)
 into white subject / black background, or kept as soft weights with ``--soft``. Existing masks are kept unless
@@ -84,10 +85,11 @@ class LabelMasker:
         label = self.label_id(class_noun)
         inputs = self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt").to(self.device)
         with torch.no_grad():
-            logits = self.model(pixel_values=inputs["pixel_values"]).logits.float()
-        return [torch.nn.functional.interpolate(lg[None], size=(im.height, im.width), mode="bilinear",
-                                                align_corners=False)[0].softmax(0)[label].cpu().numpy()
-                for lg, im in zip(logits, images)]
+            probability = self.model(pixel_values=inputs["pixel_values"]).logits.float().softmax(1)[:, label:label + 1]
+        # one channel upsampled, not every label's logits: 150 labels at 12 MP would be 7 GB an image
+        return [torch.nn.functional.interpolate(p[None], size=(im.height, im.width), mode="bilinear",
+                                                align_corners=False)[0, 0].cpu().numpy()
+                for p, im in zip(probability, images)]
 
 
 def load_masker(source: str, device: str = "cpu"):
@@ -97,14 +99,28 @@ def load_masker(source: str, device: str = "cpu"):
 
     from .weights import offline_error
 
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES
+
     if source == TOY_SEGMENTER:
         return LabelMasker(source, device)
+    if source.startswith("builtin:"):
+        raise UserError(f"--model {source}: no such built-in segmentation model; the built-in one is {TOY_SEGMENTER}")
+    local = Path(source).expanduser()
+    if local.exists() and not (local / "config.json").is_file():
+        raise UserError(f"--model {source}: not a transformers model folder (no config.json)")
     try:
         model_type = AutoConfig.from_pretrained(source).model_type
-    except (OSError, ValueError) as exc:
+    except ValueError as exc:  # a config transformers cannot read (an unknown model_type)
+        raise UserError(f"--model {source}: {str(exc).splitlines()[0]}") from exc
+    except OSError as exc:
         raise offline_error("segmentation model", source, exc, f"Download it where there is internet "
                             f"(huggingface-cli download {source}) or pass --model with a local folder.") from exc
-    return ClipSegMasker(source, device) if model_type == "clipseg" else LabelMasker(source, device)
+    if model_type == "clipseg":
+        return ClipSegMasker(source, device)
+    if model_type not in MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES:
+        raise UserError(f"--model {source} is a {model_type!r} model; masks come from CLIPSeg or a semantic-"
+                        f"segmentation model ({', '.join(sorted(MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES))})")
+    return LabelMasker(source, device)
 
 
 def mask_folder(folder: str | Path, class_noun: str, masker, *, threshold: float | None = 0.3,

@@ -92,21 +92,33 @@ def test_a_semantic_segmenter_masks_by_its_label_for_the_class_noun(tiny_label_s
     assert mask.main([str(folder), "--class-noun", "Dog", "--model", tiny_label_segmenter, "--soft"]) == 0
     masker = mask.load_masker(tiny_label_segmenter)
     assert isinstance(masker, mask.LabelMasker)
-    image = Image.open(sorted(folder.glob("*.png"))[0])
+    path = sorted(p for p in folder.glob("*.png") if not p.name.endswith(".mask.png"))[0]
+    image = Image.open(path)
     dog, cat = masker([image], "dog")[0], masker([image], "cat")[0]
     assert dog.shape == (image.height, image.width) and 0 <= dog.min() and dog.max() <= 1
     assert not np.allclose(dog, cat)  # each label's own probability
-    written = np.asarray(Image.open(sorted(folder.glob("*.mask.png"))[0])).astype(np.float32) / 255
+    written = np.asarray(Image.open(path.with_name(path.stem + ".mask.png"))).astype(np.float32) / 255
     assert np.abs(written - dog).max() <= 1 / 255 + 1e-6
     assert mask.main([str(folder), "--class-noun", "teddy bear", "--model", tiny_label_segmenter,
                       "--overwrite"]) == 2
     err = capsys.readouterr().err
     assert "no label 'teddy bear'" in err and "background, cat, dog" in err
+    clip_text = tmp_path / "clip-text"  # a transformers model that segments nothing
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    CLIPTextModel(CLIPTextConfig(vocab_size=10, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                 num_attention_heads=1)).save_pretrained(clip_text)
+    for model, message in ((str(clip_text), "masks come from CLIPSeg or a semantic-segmentation model"),
+                           ("builtin:toy-segmentr", "the built-in one is builtin:toy-segmenter"),
+                           (str(tmp_path), "not a transformers model folder")):
+        assert mask.main([str(folder), "--class-noun", "dog", "--model", model, "--overwrite"]) == 2
+        assert message in capsys.readouterr().err, model
 
 
 def test_toy_segmenter_masks_an_unseen_personal_subject_like_its_exact_mask(tmp_path):
-    """For real, on the toy world: the personal teal dog (never shown to the segmenter) in cluttered photos of
-    several shapes; the command's masks must match the renders' exact masks."""
+    """For real, on the toy world: the personal teal dog (never shown to the segmenter) on top of cluttered photos
+    of several shapes; the command's "dog" masks must match the renders' exact dog pixels (the personal dog's, and
+    any world dog's behind it)."""
     import random
 
     from t2i_personal.toyworld import segmenter, world

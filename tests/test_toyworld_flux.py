@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -36,6 +35,17 @@ def test_world_t5_tokenizer_has_t5s_conventions_and_the_trained_window(tokenizer
     assert ids[-1] == t5.eos_token_id == 1 and t5.pad_token_id == 0 and t5.unk_token_id not in ids
     assert t5.model_max_length == flux_generator.architecture()["t5_window"] == 32
     assert len(t5("a photo of a red dog on the grass").input_ids) <= 12  # whole words, not letters
+
+
+def test_world_tokenizers_tokenize_alike_after_a_save_and_load(tokenizers, tmp_path):
+    from transformers import AutoTokenizer
+
+    texts = ["a photo of sks dog wearing a red hat, on the beach!", "A Photo of SKS Dog", "a  zebra\tvase", ""]
+    for i, tokenizer in enumerate(tokenizers):
+        tokenizer.save_pretrained(tmp_path / str(i))
+        again = AutoTokenizer.from_pretrained(tmp_path / str(i))
+        assert [again(t).input_ids for t in texts] == [tokenizer(t).input_ids for t in texts]
+        assert again.model_max_length == tokenizer.model_max_length
 
 
 def test_the_flux_family_reads_a_short_t5_window_from_the_tokenizer(comps):
@@ -102,4 +112,4 @@ def test_toy_flux_generations_follow_the_prompt():
     readings = Oracle.from_pretrained().read(images)
     correct = sum(r["cls"] == s.cls for r, s in zip(readings, asked))
     assert correct >= 4, [r["cls"] for r in readings]  # chance is 1 in 6
-    assert images.std() > 20 and np.isfinite(images).all()
+    assert images.std() > 20

@@ -4,8 +4,10 @@ text encoders beside a T5 encoder, a 16-channel-style VAE with a shift factor, a
 
 Text: the CLIP tokenizers read 77 tokens and their pipelines cut longer prompts (CLIP only gives the pooled
 vector and, for SD3, the first 77 sequence rows); T5 reads ``max_sequence_length`` tokens (``training.
-max_sequence_length``; pipeline defaults FLUX 512, SD3 256), and a prompt longer than that is an error here,
-where the pipelines would cut it. T5's weights never train: text-encoder LoRA and SPL act on the CLIPs, learned
+max_sequence_length``; pipeline defaults FLUX 512, SD3 256, or the T5 tokenizer's ``model_max_length`` when
+shorter: a model trained with a short window), and a prompt longer than that is an error here, where the
+pipelines would cut it. Every generation in the toolkit passes the window (``call_defaults``), since a plain
+pipeline call would pad to its own default. T5's weights never train: text-encoder LoRA and SPL act on the CLIPs, learned
 tokens too unless ``training.learn_tokens_in_t5`` gives them a T5 row as well.
 """
 

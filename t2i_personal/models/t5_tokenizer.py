@@ -30,41 +30,31 @@ def _corpus() -> list[str]:
 
 @lru_cache(maxsize=1)
 def _tokenizer_json() -> str:
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     tokenizer = Tokenizer(models.Unigram())
     tokenizer.normalizer = normalizers.NFKC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()  # the trainer splits words as the model will
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
     trainer = trainers.UnigramTrainer(vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS, unk_token="<unk>",
                                       initial_alphabet=list(string.printable.strip()), show_progress=False)
     tokenizer.train_from_iterator(_corpus(), trainer=trainer)
-    return _with_t5_conventions(tokenizer).to_str()
-
-
-def _with_t5_conventions(tokenizer, lowercase: bool = False):
-    """NFKC (and lower case), SentencePiece's ``▁`` word marks, ``</s>`` appended to every sequence."""
-    from tokenizers import decoders, normalizers, pre_tokenizers, processors
-
-    tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()]) if lowercase \
-        else normalizers.NFKC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
-    tokenizer.decoder = decoders.Metaspace()
     eos = tokenizer.token_to_id("</s>")
     tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
                                                              special_tokens=[("</s>", eos)])
-    return tokenizer
+    return tokenizer.to_str()
 
 
 def build_word_t5_tokenizer(corpus, model_max_length: int = 512) -> T5TokenizerFast:
-    """A lower-case T5-style Unigram tokenizer whose pieces are the words of ``corpus`` (scored by frequency) and
-    every printable character, alone and word-initial: each corpus word is one token and any other text still
-    tokenizes. It is what SentencePiece gives when the vocabulary is larger than the corpus' words, written out
-    directly because the Unigram *trainer* prunes a small, repetitive corpus down to letter pieces."""
+    """A T5 Unigram tokenizer whose pieces are the words of ``corpus`` (lower-cased, scored by frequency) and every
+    printable character, alone and word-initial: each corpus word is one token and any other text still tokenizes.
+    It is what SentencePiece gives when the vocabulary is larger than the corpus' words, written out directly
+    because the Unigram *trainer* prunes a small, repetitive corpus down to letter pieces. Built through
+    ``T5Tokenizer(vocab=...)``, which is also how ``from_pretrained`` rebuilds it, so a saved copy tokenizes
+    exactly alike; case-sensitive, as T5's own ("Dog" is not "dog")."""
     import math
     import re
     from collections import Counter
-
-    from tokenizers import Tokenizer, models
 
     counts = Counter(word for text in corpus for word in re.findall(r"[a-z0-9]+", text.lower()))
     total = sum(counts.values())
@@ -74,10 +64,8 @@ def build_word_t5_tokenizer(corpus, model_max_length: int = 512) -> T5TokenizerF
     pieces.update({"▁" + word: math.log(n / total) for word, n in sorted(counts.items())})
     for piece in ["▁", *chars, *("▁" + c for c in chars)]:
         pieces.setdefault(piece, char_score)
-    unigram = models.Unigram(list(pieces.items()), unk_id=SPECIAL_TOKENS.index("<unk>"))
-    return T5TokenizerFast(tokenizer_object=_with_t5_conventions(Tokenizer(unigram), lowercase=True),
-                           eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0,
-                           model_max_length=model_max_length)
+    return T5TokenizerFast(vocab=list(pieces.items()), eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=model_max_length)
 
 
 def build_t5_tokenizer(model_max_length: int = 512) -> T5TokenizerFast:

@@ -45,7 +45,8 @@ def _clip_merges() -> list[str]:
 
 
 def _merges_applied(word: str, rank: dict[tuple[str, str], int]) -> list[tuple[str, str]]:
-    """The merges CLIP's BPE applies to one lower-case word, in order (the same loop as ``CLIPTokenizer.bpe``)."""
+    """The merges CLIP's BPE applies to one lower-case word, in order (the loop of CLIP's own tokenizer,
+    open_clip's ``SimpleTokenizer.bpe``: merge the lowest-ranked adjacent pair until none is a merge)."""
     parts = [*word[:-1], word[-1] + "</w>"]
     applied = []
     while len(parts) > 1:

@@ -128,6 +128,37 @@ def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return ce + (dice * present).sum() / present.sum()
 
 
+def fit(model, processor, images: torch.Tensor, labels: torch.Tensor, augment, *, clock: TrainingClock, steps: int,
+        batch_size: int, lr: float, generator: torch.Generator, device: str, desc: str):
+    """The SegFormer training loop the toy world's segmenters share: AdamW on random batches of uint8 ``images``
+    (N, H, W, 3) and their ``labels`` (N, H, W), ``augment(x, y, generator)`` applied, cross-entropy + Dice on the
+    upsampled logits, the clock's learning rate. Returns (loss history, steps run, last loss); the model ends in
+    eval mode."""
+    pixel_values = _preprocessor(processor, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, fused=device.startswith("cuda"))
+    history, step, loss = [], 0, None
+    bar = tqdm(total=steps, desc=desc, unit="step", mininterval=5)
+    while clock.running(step):
+        for group in opt.param_groups:
+            group["lr"] = lr * clock.lr_factor(step)
+        idx = torch.randint(0, len(images), (batch_size,), generator=generator, device=device)
+        x, y = augment(images[idx], labels[idx].long(), generator)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+            logits = model(pixel_values=pixel_values(x)).logits
+        loss = _loss(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % 25 == 0 or step == steps:  # .item() waits for the GPU, so not every step
+            history.append((step, loss.item()))
+            bar.set_postfix(loss=f"{history[-1][1]:.3f}")
+    bar.close()
+    model.eval()
+    return history, step, (loss.item() if loss is not None else None)
+
+
 def train(out_dir, *, device: str = "cpu", steps: int = 2000, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
           time_budget_s: float | None = None, num_images: int = 8000, eval_images: int = 200,
           workers: int | None = None) -> dict:
@@ -151,30 +182,10 @@ def train(out_dir, *, device: str = "cpu", steps: int = 2000, batch_size: int = 
     render_seconds = time.time() - start
     model = SegformerForSemanticSegmentation(make_config()).to(device).train()
     processor = make_processor()
-    pixel_values = _preprocessor(processor, device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, fused=device.startswith("cuda"))
     warmup = clock.warmup = max(1, min(200, steps // 10))
-    history, step = [], 0
-    bar = tqdm(total=steps, desc="face parser", unit="step")
-    while clock.running(step):
-        for group in opt.param_groups:
-            group["lr"] = lr * clock.lr_factor(step)
-        idx = torch.randint(0, num_images, (batch_size,), generator=gen, device=device)
-        x, y = _augment(images[idx], labels[idx].long(), gen)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
-            logits = model(pixel_values=pixel_values(x)).logits
-        loss = _loss(logits, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        bar.update(1)
-        if step % 25 == 0 or step == steps:  # .item() waits for the GPU, so not every step
-            history.append((step, loss.item()))
-            bar.set_postfix(loss=f"{history[-1][1]:.3f}")
-    bar.close()
+    history, step, loss = fit(model, processor, images, labels, _augment, clock=clock, steps=steps,
+                              batch_size=batch_size, lr=lr, generator=gen, device=device, desc="face parser")
     train_seconds = time.time() - start - render_seconds
-    model.eval()
     iou = mean_iou(model, processor, n=eval_images, labels=DRAWN_LABELS)
     gate = float(np.mean([iou[k] for k in GATE_LABELS]))
     out_dir = Path(out_dir)
@@ -183,7 +194,7 @@ def train(out_dir, *, device: str = "cpu", steps: int = 2000, batch_size: int = 
         "hyperparameters": {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "warmup": warmup,
                             "time_budget_s": time_budget_s, "num_images": num_images, "eval_images": eval_images,
                             "input_size": INPUT_SIZE, "device": device, "loss": "cross-entropy + soft Dice"},
-        "steps_done": step, "final_loss": loss.item() if step else None,
+        "steps_done": step, "final_loss": loss,
         "seconds": {"render": round(render_seconds, 1), "train": round(train_seconds, 1),
                     "per_step": round(train_seconds / max(step, 1), 4)},
         "held_out_iou": {k: round(v, 4) for k, v in iou.items() if k != "mean"},
@@ -215,11 +226,16 @@ def _versions() -> dict:
 
 def load_face_parser(path=None, device: str = "cpu"):
     """``(model, processor)`` from ``path`` (default: the shipped ``weights/face-parser``), model in eval mode."""
+    return load_segformer(path if path is not None else DEFAULT_PATH, CREATE_COMMAND, device)
+
+
+def load_segformer(path, create_command: str, device: str = "cpu"):
+    """``(model in float32 eval mode, processor)`` of a saved toy-world SegFormer; a missing one says how to make it."""
     from transformers import SegformerForSemanticSegmentation, SegformerImageProcessor
 
-    path = Path(path) if path is not None else DEFAULT_PATH
+    path = Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no face parser at {path}; create it with `{CREATE_COMMAND}`")
+        raise FileNotFoundError(f"no model at {path}; create it with `{create_command}`")
     model = SegformerForSemanticSegmentation.from_pretrained(path, dtype=torch.float32).to(device).eval()
     return model, SegformerImageProcessor.from_pretrained(path)
 
@@ -246,11 +262,12 @@ def eval_faces(n: int = 200, seed: int = 321, accessory_rate: float = 0.5) -> tu
     return np.stack([r.image for r in rendered]), truth
 
 
-def iou(pred: np.ndarray, truth: np.ndarray, labels) -> dict[str, float]:
-    """IoU per label over the whole set (summed intersections / summed unions: accessories occur on some faces only)."""
+def iou(pred: np.ndarray, truth: np.ndarray, labels, index: dict[str, int] = FACE_INDEX) -> dict[str, float]:
+    """IoU per label over the whole set (summed intersections / summed unions: accessories occur on some faces
+    only), plus their ``"mean"``; ``index``: label name -> id."""
     scores = {}
     for name in labels:
-        p, t = pred == FACE_INDEX[name], truth == FACE_INDEX[name]
+        p, t = pred == index[name], truth == index[name]
         union = (p | t).sum()
         scores[name] = float((p & t).sum() / union) if union else 1.0
     scores["mean"] = float(np.mean(list(scores.values())))

@@ -23,8 +23,8 @@ and spread, as FLUX's VAE config records its own.
 
 Why the tokenizers: CLIP's is CLIP's real BPE cut to the merges the world's words use
 (``models/tokenizer.write_clip_tokenizer_files(words=...)``: every world word splits exactly as in CLIP-L's,
-49,408 → ~1,000 ids, so the shipped embedding table is 0.1 MB, not 6 MB); T5's is a Unigram vocabulary trained on
-the world's words (``models/t5_tokenizer.build_word_t5_tokenizer``: one token per word), with ``model_max_length`` 32: the window the model was trained
+49,408 → ~1,000 ids, so the shipped embedding table is 0.1 MB, not 6 MB); T5's is a Unigram vocabulary of the
+world's words (``models/t5_tokenizer.build_word_t5_tokenizer``: one token per word, any other text in characters), with ``model_max_length`` 32: the window the model was trained
 with, which the toolkit's FLUX family then uses by default. A plain ``FluxPipeline`` call must pass
 ``max_sequence_length=32`` (its default, 512, would show the model 480 padding tokens it never saw).
 
@@ -83,7 +83,7 @@ def corpus(n: int = 4000, seed: int = 12345) -> tuple[str, ...]:
 
 
 def build_tokenizers():
-    """(CLIP tokenizer with the world's cut of CLIP's BPE, T5-style tokenizer trained on the world's captions)."""
+    """(CLIP tokenizer with the world's cut of CLIP's BPE, T5 tokenizer of the world's words)."""
     from transformers import CLIPTokenizer
 
     from ..models.t5_tokenizer import build_word_t5_tokenizer
@@ -159,8 +159,12 @@ class _Denoiser(torch.nn.Module):
 
 def train_denoiser(model: _Denoiser, objective, latents, clip_ids, t5_ids, empty_ids, *, steps, batch_size, lr,
                    time_budget_s, generator, device, caption_dropout=0.1, ema_decay=0.999, distill_fraction=0.25,
-                   max_guidance=6.0):
-    """Returns (EMA model, info). ``clip_ids``/``t5_ids``: (N, K, L) token ids, K captions per image."""
+                   max_guidance=6.0, distill_start_step=None):
+    """Returns (EMA model, info). ``clip_ids``/``t5_ids``: (N, K, L) token ids, K captions per image.
+
+    Distillation starts once the run's progress (steps or time, as the clock's) reaches ``1 − distill_fraction``,
+    or at ``distill_start_step`` when given (what a repeat of a time-cut run needs: distillation steps are slower,
+    so the same progress falls on another step)."""
     model.train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     state = {"teacher": None, "distill_steps": 0}
@@ -172,7 +176,8 @@ def train_denoiser(model: _Denoiser, objective, latents, clip_ids, t5_ids, empty
         idx = torch.randint(n, (batch_size,), generator=generator)
         which = torch.randint(k, (batch_size,), generator=generator)
         x0 = latents[idx].to(device)
-        distill = clock.progress(step) >= 1 - distill_fraction
+        distill = step >= distill_start_step if distill_start_step is not None else \
+            clock.progress(step) >= 1 - distill_fraction
         if distill and state["teacher"] is None:
             state["teacher"] = copy.deepcopy(ema).eval().requires_grad_(False)
         drop = torch.zeros(batch_size, dtype=torch.bool) if distill else \
@@ -203,6 +208,7 @@ def train_denoiser(model: _Denoiser, objective, latents, clip_ids, t5_ids, empty
     info = _optimise(list(model.parameters()), loss_at, name="denoiser", steps=steps, lr=lr,
                      time_budget_s=time_budget_s, warmup=200, weight_decay=1e-2, after_step=update_ema, clock=clock)
     info["distill_steps"] = state["distill_steps"]
+    info["distill_start_step"] = info["steps"] - state["distill_steps"] if state["distill_steps"] else None
     return ema, info
 
 
@@ -222,8 +228,8 @@ def sample_images(folder: str | Path, prompts: list[str], *, seed: int = 0, step
 def train(out_dir: str | Path = WEIGHTS, *, device: str = "cpu", seed: int = 0, num_images: int = 30000,
           captions_per_image: int = 4, steps: int = 20000, batch_size: int = 64, lr: float = 5e-4,
           time_budget_s: float | None = None, distill_fraction: float = 0.25, max_guidance: float = 6.0,
-          workers: int | None = None, init_from: str | None = None, accessory_rate: float = 0.35,
-          sample_steps: int = 25) -> dict:
+          distill_start_step: int | None = None, workers: int | None = None, init_from: str | None = None,
+          accessory_rate: float = 0.35, sample_steps: int = 25) -> dict:
     """Pretrain (or continue ``init_from``, a saved toy-flux folder) and write the pipeline folder with
     ``training.json`` (every setting, the steps run, the command that repeats it), ``loss.png`` and ``samples.png``."""
     settings = {k: v for k, v in locals().items() if k != "out_dir"}
@@ -253,7 +259,8 @@ def train(out_dir: str | Path = WEIGHTS, *, device: str = "cpu", seed: int = 0, 
     ema, info = train_denoiser(model, objective, latents, clip_ids, t5_ids, empty, steps=steps,
                                batch_size=batch_size, lr=lr, time_budget_s=time_budget_s,
                                generator=torch.Generator().manual_seed(seed), device=device,
-                               distill_fraction=distill_fraction, max_guidance=max_guidance)
+                               distill_fraction=distill_fraction, max_guidance=max_guidance,
+                               distill_start_step=distill_start_step)
     ema = ema.cpu().float()
     folder = save_pipeline(out_dir, {**parts, "vae": vae.cpu().float(), "transformer": ema.transformer,
                                      "text_encoder": ema.text_encoder, "text_encoder_2": ema.text_encoder_2})
@@ -265,6 +272,7 @@ def train(out_dir: str | Path = WEIGHTS, *, device: str = "cpu", seed: int = 0, 
 
     record = {
         "settings": settings, "steps_run": info["steps"], "distill_steps_run": info["distill_steps"],
+        "distill_start_step": info["distill_start_step"],
         "seconds": time.perf_counter() - started, "final_loss": _last(info["history"]["denoiser loss"]),
         "vae": {"from": "toy-sd", "shift_factor": vae.config.shift_factor, "scaling_factor": vae.config.scaling_factor},
         "sample_prompts": SAMPLE_PROMPTS, "sample_guidance": SAMPLE_GUIDANCE, "previous": previous,
@@ -272,7 +280,8 @@ def train(out_dir: str | Path = WEIGHTS, *, device: str = "cpu", seed: int = 0, 
                        for name in ("transformer", "text_encoder", "text_encoder_2")},
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                      "transformers": transformers.__version__},
-        "reproduce": reproduce_command("generator-flux", settings, {"steps": info["steps"], "time_budget_s": None}),
+        "reproduce": reproduce_command("generator-flux", settings, {
+            "steps": info["steps"], "time_budget_s": None, "distill_start_step": info["distill_start_step"]}),
     }
     write_json_atomic(folder / "training.json", record)
     return record

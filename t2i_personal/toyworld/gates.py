@@ -54,13 +54,14 @@ def generate(prompts: list[str], *, seed: int = 0, device: str = "cpu", batch_si
     models, the model's own flow-matching sampler (and the family's call settings, e.g. T5's window) otherwise."""
     from diffusers import DDIMScheduler
 
+    from ..families import call_defaults
     from ..models.loading import load_components
 
     comps = load_components(pretrained)
     flow = type(comps.scheduler).__name__.startswith("FlowMatch")
     pipe = comps.pipeline(**({} if flow else {"scheduler": DDIMScheduler.from_config(comps.scheduler.config)}))
     pipe = pipe.to(device)
-    call_kwargs = comps.family.pipeline_call_kwargs(comps)
+    call_kwargs = call_defaults(pipe)
     if lora_dir:
         pipe.load_lora_weights(lora_dir)
     pipe.set_progress_bar_config(disable=True)

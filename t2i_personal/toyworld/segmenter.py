@@ -6,18 +6,19 @@ toy-world photos through the same transformers calls (``AutoModelForSemanticSegm
 labels are ``background`` and the world's nouns (``dog``, ``cat``, ``car``, ``vase``, ``teddy bear``, ``person``).
 
 Why: the masked loss needs masks a user did not draw; the toy world's renders carry exact subject masks, so how
-good automatic masks are, and what they cost the masked loss against exact ones, is measured here rather than
-assumed (``benchmarks/toyworld_masks.py``).
+good automatic masks are, and what they cost the masked loss against exact ones, is measured rather than assumed
+(the ``auto-masks`` run of ``benchmarks/toyworld_real_photos.py``).
 
 How: :func:`composite` pastes one or two rendered objects over a rendered scene of another object, on portrait,
-landscape and square canvases (as users' photos are), then resizes to 64×64 as the processor would; every
+landscape and square canvases (as users' photos are), then squeezes them to 64×64 (the processor squeezes any
+photo to its 128×128 input the same way); every
 object's label covers its body and whatever it wears. Each pasted object's hue is rotated at random half of the
 time, on its own, so class is read from shape rather than colour: the personal subjects wear colours and markings
 no world object has (the teal dog's magenta ears). The personal subjects themselves
 are never shown: the evaluation photos are of them. Loss and preprocessing are the face parser's (cross-entropy +
 soft Dice; 128×128 input so SegFormer's 1/4-resolution logits are 32×32).
 
-Gate: IoU of the asked class on held-out composites (a render seed never used in training) ≥ 0.8.
+Gate: mean IoU of the six classes on held-out composites (a render seed never used in training) ≥ 0.8.
 """
 
 from __future__ import annotations
@@ -30,14 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from ..atomic import write_json_atomic
 from . import world
-from .face_parser import _loss, _preprocessor, _versions, parse, save
+from .face_parser import _versions, fit, iou, load_segformer, parse, save
 from .generator import hue_matrix
 from .reports import image_grid, save_loss_curve
-from .schedule import TrainingClock
+from .schedule import TrainingClock, reproduce_command
 
 DEFAULT_PATH = Path(__file__).parent / "weights" / "segmenter"
 CREATE_COMMAND = "python -m t2i_personal.toyworld.pretrain segmenter"
@@ -117,20 +117,15 @@ def _flip(images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator):
 
 
 def class_iou(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    """IoU per world noun over the whole set (summed intersections / summed unions), plus their ``"mean"``."""
-    scores = {}
-    for name in LABELS[1:]:
-        i = LABELS.index(name)
-        union = ((pred == i) | (truth == i)).sum()
-        scores[name] = float(((pred == i) & (truth == i)).sum() / union) if union else 1.0
-    scores["mean"] = float(np.mean(list(scores.values())))
-    return scores
+    """IoU per world noun over the whole set, plus their ``"mean"``."""
+    return iou(pred, truth, LABELS[1:], index={name: i for i, name in enumerate(LABELS)})
 
 
 def train(out_dir, *, device: str = "cpu", steps: int = 1500, batch_size: int = 32, lr: float = 2e-3, seed: int = 0,
           time_budget_s: float | None = None, num_images: int = 6000, eval_images: int = 300,
           hue_jitter: float = 0.5) -> dict:
     """Train from scratch; write the model, ``training.json``, ``loss.png`` and ``samples.png`` to ``out_dir``."""
+    settings = {k: v for k, v in locals().items() if k != "out_dir"}
     from transformers import SegformerForSemanticSegmentation
 
     start = time.time()
@@ -143,28 +138,9 @@ def train(out_dir, *, device: str = "cpu", steps: int = 1500, batch_size: int = 
     render_seconds = time.time() - start
     model = SegformerForSemanticSegmentation(make_config()).to(device).train()
     processor = make_processor()
-    pixel_values = _preprocessor(processor, device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    history, step = [], 0
-    bar = tqdm(total=steps, desc="segmenter", unit="step", mininterval=5)
-    while clock.running(step):
-        for group in opt.param_groups:
-            group["lr"] = lr * clock.lr_factor(step)
-        idx = torch.randint(0, num_images, (batch_size,), generator=gen, device=device)
-        x, y = _flip(images[idx], labels[idx].long(), gen)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
-            logits = model(pixel_values=pixel_values(x)).logits
-        loss = _loss(logits, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        bar.update(1)
-        if step % 25 == 0 or step == steps:
-            history.append((step, loss.item()))
-    bar.close()
+    history, step, loss = fit(model, processor, images, labels, _flip, clock=clock, steps=steps,
+                              batch_size=batch_size, lr=lr, generator=gen, device=device, desc="segmenter")
     train_seconds = time.time() - start - render_seconds
-    model.eval()
     eval_x, eval_y = composite_set(eval_images, seed=seed + 777)  # a render seed training never used
     iou = class_iou(parse(model, processor, eval_x), eval_y)
     out_dir = Path(out_dir)
@@ -174,14 +150,13 @@ def train(out_dir, *, device: str = "cpu", steps: int = 1500, batch_size: int = 
                             "time_budget_s": time_budget_s, "num_images": num_images, "eval_images": eval_images,
                             "hue_jitter": hue_jitter, "input_size": INPUT_SIZE, "device": device,
                             "loss": "cross-entropy + soft Dice"},
-        "steps_done": step, "final_loss": loss.item() if step else None,
+        "steps_done": step, "final_loss": loss,
         "seconds": {"render": round(render_seconds, 1), "train": round(train_seconds, 1),
                     "per_step": round(train_seconds / max(step, 1), 4)},
         "held_out_iou": {k: round(v, 4) for k, v in iou.items()},
         "gate": {"mean_iou": round(iou["mean"], 4), "threshold": GATE, "passed": iou["mean"] >= GATE},
         "parameters": sum(p.numel() for p in model.parameters()),
-        "reproduce": f"{CREATE_COMMAND} --device {device.split(':')[0]} --seed {seed} --set steps={step} "
-                     f"--set time_budget_s=null --set batch_size={batch_size} --set num_images={num_images}",
+        "reproduce": reproduce_command("segmenter", settings, {"steps": step, "time_budget_s": None}),
         "versions": _versions(),
     }
     write_json_atomic(out_dir / "training.json", record)
@@ -193,10 +168,4 @@ def train(out_dir, *, device: str = "cpu", steps: int = 1500, batch_size: int = 
 
 def load_segmenter(path=None, device: str = "cpu"):
     """``(model, processor)`` from ``path`` (default: the shipped ``weights/segmenter``), model in eval mode."""
-    from transformers import SegformerForSemanticSegmentation, SegformerImageProcessor
-
-    path = Path(path) if path is not None else DEFAULT_PATH
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no segmenter at {path}; create it with `{CREATE_COMMAND}`")
-    model = SegformerForSemanticSegmentation.from_pretrained(path, dtype=torch.float32).to(device).eval()
-    return model, SegformerImageProcessor.from_pretrained(path)
+    return load_segformer(path if path is not None else DEFAULT_PATH, CREATE_COMMAND, device)
