@@ -102,7 +102,8 @@ def flux_gate_results(tmp_path_factory):
     return json.loads((out / "gates.json").read_text())
 
 
-FLUX_GATES_NOT_MET = {}  # gate -> the measured figure, until more pretraining meets it (README, "The toy world")
+# gate -> the measured figure, until more pretraining meets it (README, "The toy world")
+FLUX_GATES_NOT_MET = {"accessory_presence": 0.538}
 
 
 @pytest.mark.slow
