@@ -68,6 +68,11 @@ def test_toy_world_preset_trains_on_its_shipped_data(preset, tmp_path):
         assert result.mask_sources == {"hair": "face_parsing"}
         assert result.foundation_prompts == ["a photo of person with short blonde hair"]
     if preset == "quickstart_flux":  # the FLUX toy model, with its trained T5 window and embedded guidance
-        record = load_personalized(out)._t2i_personal_record
+        from t2i_personal.freecure import FreeCure
+        from t2i_personal.freecure.masks import TOY_FACE_PARSER
+
+        pipe = load_personalized(out)
+        record = pipe._t2i_personal_record
         assert record["family"] == "flux" and record["resolved"]["max_sequence_length"] == 32
         assert record["resolved"]["guidance_scale"] == 3.5
+        assert FreeCure(pipe)._face_parser == TOY_FACE_PARSER  # a toy-world result gets the toy face parser

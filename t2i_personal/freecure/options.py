@@ -26,7 +26,7 @@ class FreeCureOptions:
     otherwise), ``"face_parsing"``, ``"cross_attention"``, or a mask image (path, PIL, array, tensor; white =
     attribute). ``omega`` / ``layers``: FASA's weight and self-attention layers (``None``: the released values for
     the model family). ``apg``: run APG when the prompt has ``expression_words``; ``apg_gamma``: how far to invert.
-    ``face_parser``: hub id, folder or loaded parser (``"auto"``: the toy world's for ``builtin:toy`` results, else
+    ``face_parser``: hub id, folder or loaded parser (``"auto"``: the toy world's for results on its generators, else
     ``jonathandinu/face-parsing``). ``foundation``: ``None`` (derived from the pipeline), a pipeline, or a model
     source. ``concepts``: ``[(identifier, class_noun)]`` (``None``: from the result's record). ``cache_device``:
     where the foundation's keys/values wait between the passes (``None``: beside the model; ``"cpu"`` frees the

@@ -39,6 +39,7 @@ from ..inference.sampling import decode_latents
 from . import apg as apg_module
 from .fasa import FasaState, FoundationAwareSelfAttention, family_defaults, resolve_layers
 from .foundation import build_foundation, denoiser_of
+from ..models.loading import PRETRAINED_BUILTINS
 from .masks import (DEFAULT_FACE_PARSER, FACE_ATTRIBUTES, TOY_FACE_PARSER, CrossAttentionRecorder, FaceParser,
                     attribute_list, cross_attention_mask, face_attribute, face_parsing_mask, find_attributes,
                     is_person, load_face_parser, map_layers, mask_image, token_positions, user_mask)
@@ -176,7 +177,8 @@ class FreeCure:
         face_parser = options.face_parser
         if face_parser == "auto":
             base = record.get("base_model", {}).get("pretrained", "")
-            face_parser = TOY_FACE_PARSER if base == "builtin:toy" else DEFAULT_FACE_PARSER
+            toy = base in ("builtin:" + name for name in PRETRAINED_BUILTINS)  # the toy world's generators
+            face_parser = TOY_FACE_PARSER if toy else DEFAULT_FACE_PARSER
         self._face_parser = face_parser
         self.foundation = build_foundation(pipe, options.foundation, options.allow_pickle)
 
