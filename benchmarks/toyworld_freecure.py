@@ -91,7 +91,9 @@ def main(argv=None) -> int:
     for colour in world.HAIR_COLOURS:
         prompt = f"a photo of {identifier} {class_noun} with short {colour} hair"
         for seed in range(args.seeds):
-            out = cure(prompt, seed=seed, num_inference_steps=args.steps, guidance_scale=args.guidance, compare=True)
+            # the toy size, explicitly: FluxPipeline's default is 512 px whatever the model was trained at
+            out = cure(prompt, seed=seed, num_inference_steps=args.steps, guidance_scale=args.guidance, compare=True,
+                       height=64, width=64)
             images = {"personalized": out.personalized_images[0], "foundation": out.foundation_images[0],
                       "FreeCure": out.images[0]}
             for k, image in images.items():
