@@ -48,8 +48,10 @@ def test_world_tokenizers_tokenize_alike_after_a_save_and_load(tokenizers, tmp_p
         assert again.model_max_length == tokenizer.model_max_length
 
 
-def test_the_flux_family_reads_a_short_t5_window_from_the_tokenizer(comps):
-    c = comps("tiny-flux")
+def test_the_flux_family_reads_a_short_t5_window_from_the_tokenizer():
+    from t2i_personal.models.loading import load_components
+
+    c = load_components("builtin:tiny-flux")  # its own copy: this test changes the tokenizer and extras
     assert c.family.max_sequence_length(c) == 512  # FLUX's default with a full-size tokenizer
     c.tokenizer_2.model_max_length = 32
     assert c.family.max_sequence_length(c) == 32
