@@ -44,7 +44,8 @@ BASES = {
     "builtin:toy": [],
     "builtin:toy-flux": ["model.pretrained=builtin:toy-flux", "training.snr_gamma=",
                          "training.flow_matching.timestep_sampling=logit_normal",
-                         "training.flow_matching.shift=resolution", "data.class_generation_guidance=3.5"],
+                         "training.flow_matching.shift=resolution", "training.guidance_scale=3.5",
+                         "data.class_generation_guidance=3.5"],
 }
 
 

@@ -12,7 +12,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 GPU_PRESETS = ["textual_inversion", "custom_diffusion", "classdiffusion", "dreambooth_lora_spl", "styleforge_single",
                "styleforge_multi"]
-TOY_PRESETS = ["quickstart_classdiffusion", "quickstart_styleforge", "quickstart_face", "quickstart_flux"]
+TOY_PRESETS = ["quickstart_classdiffusion", "quickstart_styleforge", "quickstart_face", "quickstart_flux",
+               "quickstart_face_flux", "quickstart_styleforge_flux"]
+FLUX_VARIANTS = {"quickstart_flux": "quickstart", "quickstart_face_flux": "quickstart_face",
+                 "quickstart_styleforge_flux": "quickstart_styleforge"}
 CPU = ["training.max_train_steps=2", "training.mixed_precision=no", "training.report_to=none",
        "training.progress_bar=false", "validation.prompts=[]", "training.checkpointing_steps=1000",
        "data.class_generation_steps=2", "data.class_generation_batch_size=2"]
@@ -68,11 +71,26 @@ def test_toy_world_preset_trains_on_its_shipped_data(preset, tmp_path):
         assert result.mask_sources == {"hair": "face_parsing"}
         assert result.foundation_prompts == ["a photo of person with short blonde hair"]
     if preset == "quickstart_flux":  # the FLUX toy model, with its trained T5 window and embedded guidance
+        record = load_personalized(out)._t2i_personal_record
+        assert record["family"] == "flux" and record["resolved"]["max_sequence_length"] == 32
+        assert record["resolved"]["guidance_scale"] == 3.5
+    if preset == "quickstart_face_flux":
         from t2i_personal.freecure import FreeCure
         from t2i_personal.freecure.masks import TOY_FACE_PARSER
 
-        pipe = load_personalized(out)
-        record = pipe._t2i_personal_record
-        assert record["family"] == "flux" and record["resolved"]["max_sequence_length"] == 32
-        assert record["resolved"]["guidance_scale"] == 3.5
-        assert FreeCure(pipe)._face_parser == TOY_FACE_PARSER  # a toy-world result gets the toy face parser
+        assert FreeCure(load_personalized(out))._face_parser == TOY_FACE_PARSER  # any toy-world result: toy parser
+
+
+@pytest.mark.parametrize("flux_preset", FLUX_VARIANTS)
+def test_flux_presets_are_their_sd_preset_on_the_flux_base(flux_preset):
+    """The FLUX presets a user runs are exactly what the toy-world benchmarks measure on ``--base builtin:toy-flux``
+    (the SD preset plus ``BASES``): the two cannot drift apart."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from toyworld_methods import BASES
+
+    flux = load_config(ROOT / "configs" / f"{flux_preset}.yaml")
+    as_benchmarked = load_config(ROOT / "configs" / f"{FLUX_VARIANTS[flux_preset]}.yaml",
+                                 BASES["builtin:toy-flux"] + [f"training.output_dir={flux.training.output_dir}"])
+    assert flux == as_benchmarked
