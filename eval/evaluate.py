@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     fc.add_argument("--freecure-mask-source", default=None,
                     help="auto (default), face_parsing, cross_attention, or a mask image")
     fc.add_argument("--freecure-omega", type=float, default=None, help="FASA weight (default per family)")
+    fc.add_argument("--freecure-fasa-start", type=float, default=None,
+                    help="fraction of the sampling steps before FASA acts (default per family)")
     fc.add_argument("--freecure-face-parser", default=None, help="face-parsing model (hub id or folder)")
     met = p.add_argument_group("metrics")
     met.add_argument("--metrics", default=None,
@@ -109,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
 
         state = PartialState(cpu=args.device == "cpu")
         given = {"attributes": args.freecure_attributes, "mask_source": args.freecure_mask_source,
-                 "omega": args.freecure_omega, "face_parser": args.freecure_face_parser}
+                 "omega": args.freecure_omega, "fasa_start": args.freecure_fasa_start,
+                 "face_parser": args.freecure_face_parser}
         freecure = FreeCureOptions(**{k: v for k, v in given.items() if v is not None})  # the rest: defaults
         cfg = EvalConfig(
             models=args.model, images=args.images, prompts=args.prompts, images_per_prompt=args.images_per_prompt,

@@ -115,6 +115,11 @@ def test_foundation_pass_is_plain_and_caches_the_plain_keys(pipe):
     assert np.abs(_array(out.foundation_images[0]) - foundation).max() <= 1.5 / 255
     assert np.array_equal(recorded, foundation)
     assert len(keys) == STEPS and sorted(k[1] for k in state.cache) == list(range(STEPS))
+    late = FasaState(omega=1.0, batch=1, first_step=STEPS - 1)  # fasa_start: nothing kept before its first step
+    late.start("record")
+    with FreeCure._processors(pipe.unet, {f"{name}.processor": FoundationAwareSelfAttention(name, late)}, late):
+        _plain(pipe, "a dog wearing a red hat")
+    assert sorted(late.cache) == [(name, STEPS - 1)]
     for step, k in enumerate(keys):
         cached = state.cache[(name, step)][0]  # [B, heads, N, d]
         torch.testing.assert_close(cached.transpose(1, 2).reshape(k.shape), k)
@@ -183,6 +188,8 @@ def test_foundation_prompt_and_bad_options(pipe):
         FreeCure(pipe, mask_source="segment")
     with pytest.raises(ConfigError, match="apg_gamma"):
         FreeCure(pipe, apg_gamma=1.5)
+    with pytest.raises(ConfigError, match=r"fasa_start must be in \[0, 1\)"):
+        FreeCure(pipe, fasa_start=1.0)
     with pytest.raises(ConfigError, match="does not occur in the prompt"):
         _run(FreeCure(pipe, concepts=[("sks", "dog")], attributes=["scarf"]))
     with pytest.raises(ConfigError, match="empty"):

@@ -60,6 +60,8 @@ def test_lora_result_uses_the_same_pipeline_as_foundation(pipe):
     cure = FreeCure(pipe)
     assert cure.joint and isinstance(cure.foundation, SharedFoundation)
     assert cure.omega == 1.0 and cure.layers == default_joint_layers(pipe.transformer)
+    flux = type(pipe).__name__.startswith("Flux")
+    assert cure.fasa_start == (0.25 if flux else 0.0)  # calibrated on the FLUX toy model; SD3 as released
     assert cure.concepts == [("sks", "person")]
 
 
@@ -90,6 +92,11 @@ def test_whole_image_mask_pulls_toward_the_foundation(pipe):
     # starves the text keys, joint_fasa's docstring; test_freecure_joint checks the pull at the attention level)
     stronger = FreeCure(pipe, mask_source=np.ones((SIZE, SIZE)), omega=2.0)(PROMPT, seed=0, **KW)
     assert not np.array_equal(np.asarray(stronger.images[0]), np.asarray(out.images[0]))
+    # a later start: the recorded first step, and a repair that differs from one acting from the first step
+    late = FreeCure(pipe, mask_source=np.ones((SIZE, SIZE)), fasa_start=0.5)(PROMPT, seed=0, **KW)
+    early = FreeCure(pipe, mask_source=np.ones((SIZE, SIZE)), fasa_start=0.0)(PROMPT, seed=0, **KW)
+    assert late.settings["first_step"] == KW["num_inference_steps"] // 2 and early.settings["first_step"] == 0
+    assert not np.array_equal(np.asarray(late.images[0]), np.asarray(early.images[0]))
     # LoRA is back on after the call
     assert np.array_equal(np.asarray(_plain(pipe, [PROMPT], [0])[0]), np.asarray(out.personalized_images[0]))
 

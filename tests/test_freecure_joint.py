@@ -78,7 +78,7 @@ def everywhere(model, state, **kwargs):
 
 def test_default_layers_and_token_geometry():
     f, s = flux(0), sd3(0)
-    assert default_joint_layers(f) == ["single_transformer_blocks.1.attn"]
+    assert default_joint_layers(f) == ["single_transformer_blocks.0.attn", "single_transformer_blocks.1.attn"]
     assert default_map_layers(f) == ["transformer_blocks.0.attn"]
     assert default_joint_layers(s) == ["transformer_blocks.1.attn"]
     assert default_map_layers(s) == ["transformer_blocks.0.attn"]
@@ -242,6 +242,29 @@ def test_sd3_cfg_batch_leaves_the_unconditional_rows():
     assert not torch.allclose(repaired[2:], stock[2:], atol=1e-4)
 
 
+@pytest.mark.parametrize("make, inputs", [(flux, flux_inputs), (sd3, sd3_inputs)])
+def test_fasa_starts_at_first_step(make, inputs):
+    """Before ``first_step`` (fasa_start · steps) the foundation pass keeps nothing and the repair pass is the stock
+    model; from it on FASA acts as without a start."""
+    foundation, model, x = make(0), lora_tuned(make), inputs(1)
+    stock = run(model, x, steps=3)
+    state = JointFasaState.for_transformer(model, batch=1, omega=8.0, first_step=2)
+    state.start("record")
+    run(foundation, x, state, everywhere(foundation, state), steps=3)
+    assert {step for _, step in state.cache} == {2}
+    state.masks = torch.ones(1, 1, LATENT, LATENT)
+    state.start("repair")
+    late = run(model, x, state, everywhere(model, state), steps=3)
+    assert torch.equal(late[0], stock[0]) and torch.equal(late[1], stock[1])
+    from_start = JointFasaState.for_transformer(model, batch=1, omega=8.0)
+    from_start.start("record")
+    run(foundation, x, from_start, everywhere(foundation, from_start), steps=3)
+    from_start.masks = state.masks
+    from_start.start("repair")
+    assert torch.equal(run(model, x, from_start, everywhere(model, from_start), steps=3)[2], late[2])
+    assert not torch.allclose(late[2], stock[2], atol=1e-4)
+
+
 def test_repeated_timestep_is_an_extra_plain_call():
     """FLUX true CFG calls the transformer twice per step (the negative prompt second, same timestep): the second
     call neither advances the step nor is repaired."""
@@ -252,7 +275,7 @@ def test_repeated_timestep_is_an_extra_plain_call():
     with torch.no_grad(), installed(foundation, joint_fasa_processors(foundation, state), state):
         foundation(**x)
         foundation(**negative)
-    assert state.step == 0 and len(state.cache) == 1
+    assert state.step == 0 and sorted(state.cache) == [(n, 0) for n in default_joint_layers(foundation)]
     state.masks = torch.ones(1, 1, LATENT, LATENT)
     state.start("repair")
     with torch.no_grad(), installed(model, joint_fasa_processors(model, state), state):

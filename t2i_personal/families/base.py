@@ -43,6 +43,10 @@ class FreeCureDefaults:
     #: text-image attention, ``freecure/joint_fasa.py``: layers from ``default_joint_layers``, attribute maps from
     #: ``default_map_layers``; ``fasa_decoder_blocks`` and ``map_factor`` do not apply)
     attention: str = "self"
+    #: FASA acts from this fraction of the sampling steps on (0: every step, as the released code). A
+    #: flow-matching transformer fixes the layout in its first steps, and a repair there can redraw the whole
+    #: picture (FLUX toy world, README); later steps still change the attribute
+    fasa_start: float = 0.0
 
 
 @dataclass

@@ -42,7 +42,8 @@ class Flux(TransformerFamily):
     token_file_keys = {"text_encoder": "clip_l", "text_encoder_2": "t5"}
     default_max_sequence_length = 512
     default_guidance_scale = DEFAULT_GUIDANCE
-    freecure = FreeCureDefaults(omega=1.0, attention="joint")  # freecure/joint_fasa.py (DEFAULT_JOINT_OMEGA)
+    # freecure/joint_fasa.py: ω (DEFAULT_JOINT_OMEGA), layers and the start calibrated on the FLUX toy model
+    freecure = FreeCureDefaults(omega=1.0, attention="joint", fasa_start=0.25)
     latent_patch = 2
     # diffusers' FLUX script: every attention projection and feed-forward of the double-stream blocks; the names
     # also match the single-stream blocks' attention (attn.to_q/k/v), as they do there

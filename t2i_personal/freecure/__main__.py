@@ -42,7 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--face-parser", default="auto",
                    help="face-parsing model: hub id or folder (default jonathandinu/face-parsing; the toy world's "
                         "own parser for builtin:toy results)")
-    p.add_argument("--omega", type=float, default=None, help="FASA weight (default 0.5 for SD-1.x, 1.5 for SDXL)")
+    p.add_argument("--omega", type=float, default=None,
+                   help="FASA weight (default 0.5 for SD-1.x, 1.5 for SDXL, 1.0 for FLUX and SD3)")
+    p.add_argument("--fasa-start", type=float, default=None,
+                   help="fraction of the sampling steps before FASA acts (default 0; 0.25 for FLUX)")
     p.add_argument("--layers", default=None,
                    help="comma-separated attn1 module names or globs (default: the released code's layers)")
     p.add_argument("--no-apg", action="store_true", help="never run APG (expression restoration)")
@@ -64,7 +67,7 @@ def options_from_args(args) -> FreeCureOptions:
     from .options import FreeCureOptions
 
     return FreeCureOptions(attributes=args.attributes, mask_source=args.mask_source, omega=args.omega,
-                           layers=args.layers.split(",") if args.layers else None, apg=not args.no_apg,
+                           fasa_start=args.fasa_start, layers=args.layers.split(",") if args.layers else None, apg=not args.no_apg,
                            apg_gamma=args.apg_gamma, face_parser=args.face_parser, foundation=args.foundation,
                            cache_device=args.cache_device, allow_pickle=args.allow_pickle)
 

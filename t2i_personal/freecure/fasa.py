@@ -115,6 +115,7 @@ class FasaState:
     cache_device: str | torch.device | None = None  # None: beside the model
     mode: str = "off"
     step: int = -1
+    first_step: int = 0  # FASA records and repairs from this sampling step on (fasa_start · steps)
     cache: dict = field(default_factory=dict)
     _bias: dict = field(default_factory=dict)
 
@@ -123,6 +124,11 @@ class FasaState:
 
     def start(self, mode: str) -> None:
         self.mode, self.step = mode, -1
+
+    @property
+    def acting(self) -> bool:
+        """Whether this step records (foundation pass) or repairs (personalized pass): from ``first_step`` on."""
+        return self.step >= self.first_step
 
     def conditional_rows(self, rows: int) -> slice:
         if rows == 2 * self.batch:
@@ -190,7 +196,7 @@ class FoundationAwareSelfAttention:
             key = attn.norm_k(key)
 
         cond = state.conditional_rows(hidden_states.shape[0])
-        if state.mode == "repair" and state.masks is not None:
+        if state.mode == "repair" and state.masks is not None and state.acting:
             found_key, found_value = (t.to(device=key.device, dtype=key.dtype, non_blocking=True)
                                       for t in state.cache[(self.name, state.step)])
             bias = state.key_bias(key.shape[2], tuple(state.masks.shape[-2:]), query.dtype, query.device)
@@ -201,7 +207,7 @@ class FoundationAwareSelfAttention:
             out = torch.cat([plain, repaired])  # unconditional rows first, as the pipeline stacked them
         else:
             out = F.scaled_dot_product_attention(query, key, value)
-            if state.mode == "record":
+            if state.mode == "record" and state.acting:
                 kept = (key[cond].detach(), value[cond].detach())
                 if state.cache_device is not None:
                     kept = tuple(t.to(state.cache_device) for t in kept)

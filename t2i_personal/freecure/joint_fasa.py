@@ -18,22 +18,30 @@ conditional rows' image K/V of the chosen layers are cached per ``(layer, step)`
 with ``state.start("repair")``. A forward pre-hook on the transformer (:meth:`JointFasaState.attach`) counts steps
 and reads the text length the single-stream blocks need.
 
-Layers (this project's choice; the released FreeCure code has no DiT version, and the paper's FLUX settings are not
-public). FreeCure repairs appearance at the end of the UNet decoder (SDXL: the last 20 of 70 transformer blocks, at
-the two highest resolutions). A DiT has no resolution hierarchy, so the analogue is depth:
+Layers and steps (this project's choice; the released FreeCure code has no DiT version, and the paper's FLUX
+settings are not public). FreeCure repairs appearance at the end of the UNet decoder (SDXL: the last 20 of 70
+transformer blocks, at the two highest resolutions). A DiT has no resolution hierarchy, so the analogue is depth:
 
-* FLUX.1: the single-stream blocks of the second half (19 of 38: 19 of the 57 blocks, about SDXL's 20 of 70). By
-  then layout is fixed by the double-stream blocks and the late blocks form texture and colour, which is what an
-  attribute repair (hair colour, glasses, a hat's look) needs. Single blocks attend over [text; image] in one
-  sequence; the image part is the last ``N_image`` tokens.
-* SD3/3.5: the last third of the joint blocks (8 of 24 for SD3-medium, 13 of 38 for SD3.5-large), for the same
-  reason. SD3.5's second image-only self-attention (``attn2``, dual attention) is left alone.
+* FLUX.1: every single-stream block (38 of the 57 blocks). Single blocks attend over [text; image] in one sequence;
+  the image part is the last ``N_image`` tokens. Calibrated on the toy world's FLUX model
+  (``benchmarks/toyworld_freecure.py --base builtin:toy-flux``, 2 double + 4 single blocks): FASA on the second
+  half of the single blocks (the first guess, by analogy with SDXL's 20 of 70) left the subject's hair in every
+  image at ω = 1 and 3, on the double blocks alone it repaired 1 in 10, on all single blocks 7–9 in 10.
+* FLUX.1, steps: from a quarter of the sampling steps on (``FreeCureDefaults.fasa_start`` = 0.25; the released code
+  acts at every step). On the toy model a repair from the first step redrew the whole picture (a city street
+  became a wooden floor: mean change outside the mask 32 of 255 at ω = 2); from step 6 of 25 the hair was repaired
+  as often and the outside changed half as much (17; 9 at ω = 1). A flow-matching model sets the layout in its
+  first, high-noise steps; the attribute's colour and shape still form after them.
+* SD3/3.5: the last third of the joint blocks (8 of 24 for SD3-medium, 13 of 38 for SD3.5-large), at every step:
+  no toy SD3 model to calibrate on, so the first guess stands. SD3.5's second image-only self-attention
+  (``attn2``, dual attention) is left alone.
 
-Cache size: per image, layer and step 2·N·C values (K and V). FLUX.1 at 1024² (N = 4096, C = 3072, bf16) is 50 MB,
-×19 layers ×28 steps ≈ 27 GB: pass ``cache_device="cpu"`` unless the accelerator has room. SD3-medium (C = 1536,
-8 layers) ≈ 5.6 GB; SD3.5-large (C = 2432, 13 layers) ≈ 14.5 GB.
+Cache size: per image, layer and step 2·N·C values (K and V); nothing is kept for the steps before ``fasa_start``.
+FLUX.1 at 1024² (N = 4096, C = 3072, bf16) is 50 MB, ×38 layers ×21 of 28 steps ≈ 40 GB: pass
+``cache_device="cpu"`` unless the accelerator has room. SD3-medium (C = 1536, 8 layers, 28 steps) ≈ 5.6 GB;
+SD3.5-large (C = 2432, 13 layers) ≈ 14.5 GB.
 
-ω (:data:`DEFAULT_JOINT_OMEGA` = 1.0, also a guess to calibrate by a sweep over 0.5-2): a foundation key inside
+ω (:data:`DEFAULT_JOINT_OMEGA` = 1.0, calibrated on the toy FLUX model only): a foundation key inside
 the mask weighs e^ω times a personalized key of the same similarity, so for a query whose own key and the
 foundation's key at the same position match equally, ω = 1 gives the foundation about 73 % of that pair (0.5: 62 %,
 1.5: 82 %). The released values are 0.5 (SD-1.4, 6 layers) and 1.5 (SDXL, 20 layers); 1.0 sits between them for a
@@ -123,11 +131,9 @@ def _blocks(transformer, group: str) -> list[str]:
 
 
 def default_joint_layers(transformer) -> list[str]:
-    """FASA's layers (module docstring): FLUX, the single-stream blocks of the second half; SD3, the last third of
-    the joint blocks."""
+    """FASA's layers (module docstring): FLUX, every single-stream block; SD3, the last third of the joint blocks."""
     if model_kind(transformer) == "flux":
-        single = _blocks(transformer, "single_transformer_blocks")
-        return single[len(single) // 2:]
+        return _blocks(transformer, "single_transformer_blocks")
     joint = _blocks(transformer, "transformer_blocks")
     return joint[len(joint) - math.ceil(len(joint) / 3):]
 
@@ -328,9 +334,9 @@ class _JointFasaProcessor:
         has_cond = cond.start < cond.stop
         if self.maps is not None and has_cond:
             self.maps.add(self.name, query[cond, :, image], key[cond], text)
-        if self.fasa and state.mode == "record" and has_cond:
+        if self.fasa and state.mode == "record" and has_cond and state.acting:
             state.keep(self.name, key[cond, :, image], value[cond, :, image])
-        repairing = self.fasa and state.mode == "repair" and has_cond
+        repairing = self.fasa and state.mode == "repair" and has_cond and state.acting
         samples = state.repaired_samples(len(range(query.shape[2])[image])) if repairing else []
         if not samples:
             return self._plain(query, key, value, attention_mask)

@@ -25,7 +25,8 @@ class FreeCureOptions:
     comma-separated). ``mask_source``: ``"auto"`` (face parsing for face parts of a person, cross-attention
     otherwise), ``"face_parsing"``, ``"cross_attention"``, or a mask image (path, PIL, array, tensor; white =
     attribute). ``omega`` / ``layers``: FASA's weight and self-attention layers (``None``: the released values for
-    the model family). ``apg``: run APG when the prompt has ``expression_words``; ``apg_gamma``: how far to invert.
+    the model family). ``fasa_start``: the fraction of the sampling steps before FASA starts acting (``None``: the
+    family's, 0 on SD/SDXL as released, 0.25 on FLUX). ``apg``: run APG when the prompt has ``expression_words``; ``apg_gamma``: how far to invert.
     ``face_parser``: hub id, folder or loaded parser (``"auto"``: the toy world's for results on its generators, else
     ``jonathandinu/face-parsing``). ``foundation``: ``None`` (derived from the pipeline), a pipeline, or a model
     source. ``concepts``: ``[(identifier, class_noun)]`` (``None``: from the result's record). ``cache_device``:
@@ -38,6 +39,7 @@ class FreeCureOptions:
     mask_source: Any = "auto"
     omega: float | None = None
     layers: str | list[str] | None = None
+    fasa_start: float | None = None
     apg: bool = True
     apg_gamma: float = 0.5
     expression_words: tuple[str, ...] = EXPRESSION_WORDS
@@ -65,6 +67,11 @@ class FreeCureOptions:
                               "below 0 the foundation's attribute counts for less, which weakens the repair and "
                               "never reverses it (0.5 for SD-1.x and 1.5 for SDXL are the released values; "
                               "attributes=[] turns it off)")
+        start = self.fasa_start
+        if start is not None and not (math.isfinite(float(start)) and 0.0 <= float(start) < 1.0):
+            raise ConfigError(f"fasa_start must be in [0, 1) (the fraction of the sampling steps before FASA acts), "
+                              f"not {start}: 0 repairs from the first step, 0.25 leaves the first quarter, which "
+                              "sets the layout, to the personalized model")
         return replace(self, mask_source=mask_source)
 
     def given(self) -> dict[str, str]:

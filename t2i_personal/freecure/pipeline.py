@@ -161,6 +161,7 @@ class FreeCure:
             defaults = family_defaults(pipe.unet)
             self.layers = resolve_layers(pipe.unet, options.layers)
         self.omega = defaults.omega if options.omega is None else float(options.omega)
+        self.fasa_start = defaults.fasa_start if options.fasa_start is None else float(options.fasa_start)
         self.attributes = options.attributes
         self.mask_source = options.mask_source
         self.apg, self.apg_gamma = options.apg, options.apg_gamma
@@ -387,11 +388,12 @@ class FreeCure:
         plan, applies, positions = self._plan_attributes(foundation_prompts,
                                                          self.attributes if attributes is None else attributes)
 
+        first_step = int(self.fasa_start * num_inference_steps)
         if self.joint:
             state = JointFasaState.for_transformer(pipe.transformer, batch, omega=self.omega,
-                                                   cache_device=self.cache_device)
+                                                   cache_device=self.cache_device, first_step=first_step)
         else:
-            state = FasaState(omega=self.omega, batch=batch, cache_device=self.cache_device)
+            state = FasaState(omega=self.omega, batch=batch, cache_device=self.cache_device, first_step=first_step)
 
         def run(target, texts):  # every pass starts from the same generator state: the same initial latent
             return self._run(target, texts, generators, states, kwargs)
@@ -431,7 +433,8 @@ class FreeCure:
             mask=[mask_image(union[i], size) for i in range(batch)], attributes=list(plan),
             mask_sources=sources, prompts=prompts, foundation_prompts=foundation_prompts,
             apg_applied=before_apg is not None, before_apg=before_apg, personalized_images=personalized,
-            settings={"omega": self.omega, "layers": list(self.layers), "apg_gamma": self.apg_gamma,
+            settings={"omega": self.omega, "layers": list(self.layers), "fasa_start": self.fasa_start,
+                      "first_step": first_step, "apg_gamma": self.apg_gamma,
                       "steps": num_inference_steps, "guidance_scale": guidance_scale, "height": height,
                       "width": width})
 
