@@ -25,7 +25,6 @@ writes ``--out``/panels.png (foundation | mask | personalized | FreeCure at each
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
