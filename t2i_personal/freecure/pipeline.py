@@ -171,6 +171,8 @@ class FreeCure:
         from ..inference.pipeline import personalization_record  # diffusers: loaded when a FreeCure is made
 
         record = personalization_record(pipe) or {}
+        # the default size: what the result trained at (a FLUX pipeline's own default is 1024 px whatever the model)
+        self.resolution = ((record.get("config") or {}).get("data") or {}).get("resolution")
         concepts = options.concepts
         if concepts is None:
             concepts = [(c["identifier"], c["class_noun"]) for c in record.get("concepts", [])]
@@ -355,6 +357,8 @@ class FreeCure:
 
         ``seed`` (one for the batch, or one per prompt) or ``generator``: both passes start from the same generator
         state. ``foundation_prompt``: default, the prompt with each identifier removed and its class noun kept.
+        ``height``/``width``: default, the size the result trained at (its record's ``data.resolution``), else the
+        pipeline's own default.
         ``attributes`` overrides the constructor's for this call. ``compare=True`` also renders the plain
         personalized images (one pass more). Other keyword arguments (``num_images_per_prompt``, ``eta``, ...) go
         to the pipeline.
@@ -368,14 +372,14 @@ class FreeCure:
         generators = self._generators(seed, generator, batch)
         states = [g.get_state() for g in generators]
         pipe = self.pipe
-        if self.joint:  # the pipeline's own default size; masks at latent resolution, whole tokens
+        if self.joint:  # masks at latent resolution, whole tokens
             self._check_joint_call(prompts)
             sample = pipe.default_sample_size
         else:
             sample = pipe.unet.config.sample_size
             sample = sample if isinstance(sample, int) else sample[0]
-        height = height or sample * pipe.vae_scale_factor
-        width = width or sample * pipe.vae_scale_factor
+        height = height or self.resolution or sample * pipe.vae_scale_factor  # trained size, else the pipeline's
+        width = width or self.resolution or sample * pipe.vae_scale_factor
         latent_shape = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
         if self.joint:
             grid = token_grid(pipe.transformer, height, width, pipe.vae_scale_factor)
