@@ -1,35 +1,53 @@
-"""Personalization methods compared on the toy world, read by the oracle (CPU, no downloads).
+"""Personalization methods compared on the toy world, read by the oracle (CPU, no downloads), with intervals.
 
-    python benchmarks/toyworld_methods.py [--out outputs/methods] [--runs dreambooth-lora lora-token-spl ...]
+    python benchmarks/toyworld_methods.py                              # five runs x 3 training seeds, about an hour
+    python benchmarks/toyworld_methods.py --quick                      # one training seed: a smoke run
     python benchmarks/toyworld_methods.py --base builtin:toy-flux      # the same runs on the FLUX toy model
+    python benchmarks/toyworld_methods.py --runs dreambooth-lora diffusers-script \\
+        --diffusers-script train_dreambooth_lora.py                    # diffusers' own example script beside ours
 
-Each run trains one preset on the personal teal dog (or reuses a finished output folder), then generates
-"a photo of {V} dog <where>" for the 8 scenes x 4 seeds and "a photo of a dog <where>" (no identifier) for the
-same scenes. Printed per run:
+Each run trains one preset on the personal teal dog once per training seed (``training.seed``; a finished output
+folder is reused), then generates "a photo of {V} dog <where>" for the 8 scenes x ``--images-per-scene`` noise
+seeds and "a photo of a dog <where>" (no identifier) for the same scenes and seeds. Read by the oracle, per image:
 
-- subject: the oracle recognises the personal dog in the personalized images (fidelity);
+- subject: the oracle recognises the personal dog in the personalized image (fidelity);
 - scene: the scene the prompt asked for (composition: what SPL is meant to keep);
-- drift: the plain class prompt shows the personal dog (the class has collapsed onto the subject);
-plus each figure's ratio to the first run. Grids of every run go to ``--out``, and ``methods.png`` shows seed 0 of
-every scene for every run (the README's picture).
+- drift: the plain class prompt shows the personal dog (the class has collapsed onto the subject).
+
+Printed per run and figure: the mean over training seeds and images with its 95 % interval (a two-level bootstrap:
+training seeds, then images within each; :mod:`t2i_personal.evaluation.intervals`), and the paired difference from
+the first run (same training seeds, same prompts and noise) with its interval; "~0" marks a difference whose
+interval contains 0. ``--out``/methods.json keeps every image's outcome, the intervals, the command, the commit
+and the date (``benchmarks/readme_tables.py`` writes the README's table from it); ``methods.png`` shows seed 0 of
+every scene for every run (training seed 0).
 
 ``--base builtin:toy-flux`` trains each preset on the toy world's FLUX model with what the family changes
 (:data:`BASES`: flow matching with FLUX's logit-normal timesteps and resolution shift, its embedded guidance 3.5,
-no min-SNR) and everything else the same; generation reads it at embedded guidance 5 (the CFG scale of the SD runs).
+no min-SNR; ``configs/*_flux.yaml`` are exactly these) and everything else the same; generation reads it at
+embedded guidance 5 (the CFG scale of the SD runs).
+
+``diffusers-script`` is the reference recipe: diffusers' own ``examples/dreambooth/train_dreambooth_lora.py`` (pass
+its path; it is not part of the pip package) run on builtin:toy's folder with its own defaults (LoRA rank 4, lr
+5e-4, no min-SNR, no flip, 100 class images at the pipeline's 50 steps and CFG 7.5) and only what the task sets:
+the photos, the prompts, prior preservation, 64 px, the quickstart's 400 steps, the seed.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
 TOKEN = ["concepts.0.identifier=<new1>", "concepts.0.initializer_token=dog"]
-RUNS = {  # name -> (preset, overrides)
+RUNS = {  # name -> (preset, overrides); None: diffusers' own script (--diffusers-script)
     "dreambooth-lora": ("configs/quickstart.yaml", []),
     "lora-token": ("configs/quickstart.yaml", TOKEN),
     "lora-token-spl": ("configs/quickstart.yaml", TOKEN + ["method.spl.weight=1.0"]),
@@ -37,8 +55,13 @@ RUNS = {  # name -> (preset, overrides)
     "classdiffusion": ("configs/quickstart_classdiffusion.yaml", []),
     "classdiffusion-0.3": ("configs/quickstart_classdiffusion.yaml", ["method.spl.weight=0.3"]),
     "classdiffusion-0.1": ("configs/quickstart_classdiffusion.yaml", ["method.spl.weight=0.1"]),
+    "diffusers-script": None,
 }
-SEEDS = 4
+DEFAULT_RUNS = ["dreambooth-lora", "lora-token", "lora-token-spl", "custom-diffusion", "classdiffusion"]
+METRICS = ("subject", "scene", "drift")
+TRAIN_SEEDS = 3
+IMAGES_PER_SCENE = 8
+SEEDS = 4  # images per scene of one-off readings (benchmarks/toyworld_real_photos.py)
 # base model -> overrides every preset gets on it (the toy presets are written for builtin:toy)
 BASES = {
     "builtin:toy": [],
@@ -49,79 +72,178 @@ BASES = {
 }
 
 
-def train_or_reuse(name: str, out_root: Path, base: str = "builtin:toy") -> Path:
-    from t2i_personal.config import load_config
-    from t2i_personal.training.trainer import train
-
-    path, overrides = RUNS[name]
-    out = out_root / name
+def train_or_reuse(name: str, out_root: Path, base: str = "builtin:toy", seed: int = 0,
+                   diffusers_script: Path | None = None) -> Path:
+    out = out_root / name / f"seed-{seed}"
+    if RUNS[name] is None:
+        return run_diffusers_script(diffusers_script, out, seed, base)
     if not (out / "personalization.json").exists():
-        cfg = load_config(path, BASES[base] + overrides + [f"training.output_dir={out}", "training.report_to=none",
-                                                           "validation.prompts=[]"])
-        train(cfg)
+        from t2i_personal.config import load_config
+        from t2i_personal.training.trainer import train
+
+        path, overrides = RUNS[name]
+        train(load_config(ROOT / path, BASES[base] + overrides + [
+            f"training.output_dir={out}", f"training.seed={seed}", "training.report_to=none", "validation.prompts=[]",
+            "training.progress_bar=false"]))
     return out
 
 
+def run_diffusers_script(script: Path | None, out: Path, seed: int, base: str) -> Path:
+    """diffusers' ``train_dreambooth_lora.py``, as its README runs it, with its defaults (module docstring)."""
+    if script is None or not Path(script).is_file():
+        raise SystemExit("the diffusers-script run needs --diffusers-script PATH: diffusers' "
+                         "examples/dreambooth/train_dreambooth_lora.py from a checkout of the diffusers version "
+                         "installed here")
+    if base != "builtin:toy":
+        raise SystemExit("the diffusers-script run is the SD-1.x script (train_dreambooth_lora.py): --base builtin:toy")
+    if (out / "pytorch_lora_weights.safetensors").exists():
+        return out
+    from t2i_personal.models.loading import PRETRAINED_BUILTINS
+
+    command = [sys.executable, str(script), f"--pretrained_model_name_or_path={PRETRAINED_BUILTINS['toy']}",
+               f"--instance_data_dir={ROOT / 't2i_personal/toyworld/assets/subjects/dog'}",
+               "--instance_prompt=a photo of sks dog", "--with_prior_preservation",
+               f"--class_data_dir={out / 'class_images'}", "--class_prompt=a photo of a dog",
+               "--resolution=64", "--max_train_steps=400", f"--seed={seed}", f"--output_dir={out}"]
+    (out.parent).mkdir(parents=True, exist_ok=True)
+    subprocess.run(command, check=True)
+    (out / "command.json").write_text(json.dumps({"command": command}, indent=2) + "\n")
+    return out
+
+
+def load_for_reading(out: Path):
+    """(pipeline, identifier) of a finished run: our results through load_personalized, the diffusers script's
+    LoRA file through diffusers' own ``load_lora_weights`` on the base model."""
+    if (out / "personalization.json").exists():
+        from t2i_personal.inference.pipeline import load_personalized
+
+        record = json.loads((out / "personalization.json").read_text())
+        return load_personalized(out), record["concepts"][0]["identifier"]
+    from diffusers import StableDiffusionPipeline
+
+    from t2i_personal.models.loading import PRETRAINED_BUILTINS
+
+    pipe = StableDiffusionPipeline.from_pretrained(PRETRAINED_BUILTINS["toy"], safety_checker=None)
+    pipe.load_lora_weights(out)
+    return pipe, "sks"
+
+
 @torch.no_grad()
-def evaluate(out: Path) -> tuple[dict, np.ndarray]:
+def evaluate(out: Path, images_per_scene: int = SEEDS) -> tuple[dict, np.ndarray]:
+    """Per-image outcomes of one finished run (``metrics["outcomes"][name]``: 0/1 per image, scene-major) and their
+    means, plus the images (personalized, then plain)."""
     from t2i_personal.families import call_defaults
-    from t2i_personal.inference.pipeline import load_personalized
     from t2i_personal.toyworld import world
     from t2i_personal.toyworld.oracle import Oracle
 
-    record = json.loads((out / "personalization.json").read_text())
-    identifier = record["concepts"][0]["identifier"]
-    pipe = load_personalized(out)
+    pipe, identifier = load_for_reading(out)
     pipe.set_progress_bar_config(disable=True)
     scenes = list(world.SCENES)
-    personal = [f"a photo of {identifier} dog {world.WHERE[s]}" for s in scenes for _ in range(SEEDS)]
-    plain = [f"a photo of a dog {world.WHERE[s]}" for s in scenes for _ in range(SEEDS)]
-    asked = [s for s in scenes for _ in range(SEEDS)]
+    personal = [f"a photo of {identifier} dog {world.WHERE[s]}" for s in scenes for _ in range(images_per_scene)]
+    plain = [f"a photo of a dog {world.WHERE[s]}" for s in scenes for _ in range(images_per_scene)]
+    asked = [s for s in scenes for _ in range(images_per_scene)]
     images = []
     for prompts in (personal, plain):
-        gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+        gens = [torch.Generator().manual_seed(i % images_per_scene) for i in range(len(prompts))]
         batch = pipe(prompts, num_inference_steps=25, guidance_scale=5.0, generator=gens, height=64, width=64,
                      output_type="np", **call_defaults(pipe)).images
         images.append(np.clip(np.rint(batch * 255), 0, 255).astype(np.uint8))
     oracle = Oracle.from_pretrained()
     read_personal, read_plain = oracle.read(images[0]), oracle.read(images[1])
-    metrics = {
-        "subject": float(np.mean([r["subject"] == "dog" for r in read_personal])),
-        "scene": float(np.mean([r["scene"] == s for r, s in zip(read_personal, asked)])),
-        "drift": float(np.mean([r["subject"] == "dog" for r in read_plain])),
-        "plain_scene": float(np.mean([r["scene"] == s for r, s in zip(read_plain, asked)])),
+    outcomes = {
+        "subject": [int(r["subject"] == "dog") for r in read_personal],
+        "scene": [int(r["scene"] == s) for r, s in zip(read_personal, asked)],
+        "drift": [int(r["subject"] == "dog") for r in read_plain],
+        "plain_scene": [int(r["scene"] == s) for r, s in zip(read_plain, asked)],
     }
+    metrics = {k: float(np.mean(v)) for k, v in outcomes.items()}
+    metrics["outcomes"] = outcomes
     return metrics, np.concatenate(images)
 
 
-def main() -> None:
+def summarize(per_run: dict[str, list[dict]], baseline: str) -> dict:
+    """Intervals per run and figure, and paired differences from ``baseline`` (same training seeds and images)."""
+    from t2i_personal.evaluation.intervals import bootstrap_interval, paired_difference
+
+    grids = {name: {k: np.array([m["outcomes"][k] for m in seeds]) for k in METRICS}
+             for name, seeds in per_run.items()}
+    summary = {}
+    for name, grid in grids.items():
+        entry = {k: bootstrap_interval(grid[k]).as_dict() for k in METRICS}
+        if name != baseline and baseline in grids and grids[baseline]["subject"].shape == grid["subject"].shape:
+            entry["difference"] = {k: paired_difference(grid[k], grids[baseline][k]).as_dict() for k in METRICS}
+        summary[name] = entry
+    return summary
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _cell(stats: dict, signed: bool = False) -> str:
+    from t2i_personal.evaluation.intervals import Interval
+
+    interval = Interval(**stats)
+    return interval.text(signed=signed) + (" ~0" if signed and not interval.excludes_zero else "")
+
+
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None, help="default: outputs/methods (outputs/methods-flux)")
-    parser.add_argument("--runs", nargs="+", default=list(RUNS)[:5], choices=list(RUNS))
+    parser.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, choices=list(RUNS),
+                        help="the first is the baseline of the paired differences")
     parser.add_argument("--base", default="builtin:toy", choices=list(BASES))
-    args = parser.parse_args()
-    args.out = args.out or Path("outputs/methods" + ("-flux" if args.base != "builtin:toy" else ""))
+    parser.add_argument("--train-seeds", type=int, default=TRAIN_SEEDS, help="training seeds per run (0, 1, ...)")
+    parser.add_argument("--images-per-scene", type=int, default=IMAGES_PER_SCENE,
+                        help="noise seeds per scene and prompt (8 scenes)")
+    parser.add_argument("--quick", action="store_true", help="one training seed and 4 images per scene")
+    parser.add_argument("--diffusers-script", type=Path, default=None,
+                        help="diffusers' examples/dreambooth/train_dreambooth_lora.py, for the diffusers-script run")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.train_seeds, args.images_per_scene = 1, 4
+    args.out = args.out or ROOT / ("outputs/methods" + ("-flux" if args.base != "builtin:toy" else ""))
+    from t2i_personal.atomic import write_json_atomic
+    from t2i_personal.toyworld import world
     from t2i_personal.toyworld.reports import image_grid, labelled_rows
 
-    results, seed0 = {}, {}
+    per_run, seed0, seconds = {}, {}, {}
+    n = len(world.SCENES) * args.images_per_scene
     for name in args.runs:
-        started = time.perf_counter()
-        out = train_or_reuse(name, args.out, args.base)
-        metrics, images = evaluate(out)
-        metrics["seconds"] = time.perf_counter() - started
-        results[name] = metrics
-        image_grid(images, columns=SEEDS * 4, scale=2).save(args.out / f"{name}.png")
-        seed0[name] = [images[:len(images) // 2:SEEDS], images[len(images) // 2::SEEDS]]  # personal | plain, seed 0
-    from t2i_personal.toyworld import world
-
+        started, per_run[name] = time.perf_counter(), []
+        for seed in range(args.train_seeds):
+            out = train_or_reuse(name, args.out, args.base, seed, args.diffusers_script)
+            metrics, images = evaluate(out, args.images_per_scene)
+            per_run[name].append(metrics)
+            image_grid(images, columns=args.images_per_scene * 4, scale=2).save(args.out / name / f"seed-{seed}.png")
+            if seed == 0:
+                seed0[name] = [images[:n:args.images_per_scene], images[n::args.images_per_scene]]
+            print(f"{name} seed {seed}: " + ", ".join(f"{k} {metrics[k]:.2f}" for k in METRICS), flush=True)
+        seconds[name] = time.perf_counter() - started
     labelled_rows(seed0, [f"a photo of [V] dog <{', '.join(world.SCENES)}>", "a photo of a dog <same scenes> (drift?)"]
                   ).save(args.out / "methods.png")
-    first = results[args.runs[0]]
-    print(f"{'run':24s} {'subject':>8s} {'scene':>8s} {'drift':>8s} {'plain scene':>12s}   ratios to {args.runs[0]}")
-    for name, m in results.items():
-        ratios = " ".join(f"{k} x{m[k] / first[k]:.2f}" if first[k] else f"{k} -" for k in ("subject", "scene"))
-        print(f"{name:24s} {m['subject']:8.3f} {m['scene']:8.3f} {m['drift']:8.3f} {m['plain_scene']:12.3f}   {ratios}")
-    (args.out / "methods.json").write_text(json.dumps(results, indent=2) + "\n")
+    baseline = args.runs[0]
+    summary = summarize(per_run, baseline)
+    print(f"\n{args.train_seeds} training seeds x {n} images per cell; mean [95% interval]; "
+          f"difference from {baseline} on paired seeds and images (~0: the interval contains 0)")
+    print(f"{'run':22s} " + " ".join(f"{k:>20s}" for k in METRICS))
+    for name, entry in summary.items():
+        print(f"{name:22s} " + " ".join(f"{_cell(entry[k]):>20s}" for k in METRICS))
+        if "difference" in entry:
+            print(f"{'  vs ' + baseline:22s} " + " ".join(f"{_cell(entry['difference'][k], True):>20s}"
+                                                          for k in METRICS))
+    command = "python benchmarks/toyworld_methods.py " + " ".join(
+        arg if " " not in arg else repr(arg) for arg in (argv if argv is not None else sys.argv[1:]))
+    write_json_atomic(args.out / "methods.json", {
+        "command": command.strip(), "base": args.base, "train_seeds": args.train_seeds,
+        "images_per_cell": n, "baseline": baseline, "date": datetime.date.today().isoformat(), "commit": _commit(),
+        "seconds": seconds, "summary": summary,
+        "outcomes": {name: [m["outcomes"] for m in seeds] for name, seeds in per_run.items()}})
+    print(f"wrote {args.out / 'methods.json'} and {args.out / 'methods.png'}")
 
 
 if __name__ == "__main__":
