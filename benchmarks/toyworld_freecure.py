@@ -79,6 +79,8 @@ def main(argv=None) -> int:
                    help="FASA weights, one FreeCure row each (default: the family's, SD-1.x 0.5, FLUX 1.0)")
     p.add_argument("--layers", nargs="+", default=None,
                    help="FASA layers: module names or patterns (default: the family's)")
+    p.add_argument("--fasa-start", type=float, default=None,
+                   help="fraction of the steps before FASA acts (default: the family's, FLUX 0.25)")
     p.add_argument("--out", default=None, help="default: outputs/freecure[-flux]")
     args = p.parse_args(argv)
     suffix = "-flux" if args.base != "builtin:toy" else ""
@@ -103,7 +105,7 @@ def main(argv=None) -> int:
     pipe = load_personalized(args.model)
     pipe.set_progress_bar_config(disable=True)
     cures = [FreeCure(pipe, attributes=["hair"], mask_source="face_parsing", apg=False, omega=omega,
-                      layers=args.layers) for omega in args.omega]
+                      layers=args.layers, fasa_start=args.fasa_start) for omega in args.omega]
     rows = ["personalized", "foundation"] + [f"FreeCure, omega {c.omega:g}" for c in cures]
     parser = load_face_parser(TOY_FACE_PARSER)
     hair_palette = {**world.HAIR_COLOURS, "purple (subject)": SUBJECT_HAIR}
@@ -132,7 +134,8 @@ def main(argv=None) -> int:
                 panels.append(side_by_side([outs[0].panel()] + [last_tile(o.panel()) for o in outs[1:]]))
     elapsed = time.perf_counter() - start
     print(f"{n} prompts x seeds ({len(world.HAIR_COLOURS)} hair colours x {args.seeds} seeds), {args.steps} steps, "
-          f"guidance {args.guidance}, FASA layers {', '.join(cures[0].layers)}, {elapsed:.0f} s")
+          f"guidance {args.guidance}, FASA layers {', '.join(cures[0].layers)} from step "
+          f"{int(cures[0].fasa_start * args.steps)}, {elapsed:.0f} s")
     print(f"{'':20s} {'hair as asked':>14s} {'change inside / outside the mask (0-255)':>42s}")
     summary = {}
     for row in rows:
@@ -147,6 +150,7 @@ def main(argv=None) -> int:
     write_json_atomic(out_dir / "summary.json", {
         "model": str(Path(args.model).resolve()), "base": args.base, "n": n, "steps": args.steps,
         "guidance": args.guidance, "omegas": [c.omega for c in cures], "layers": list(cures[0].layers),
+        "fasa_start": cures[0].fasa_start,
         "rows": summary})
     print(f"wrote {out_dir / 'panels.png'}")
     return 0

@@ -187,8 +187,7 @@ def _commit() -> str:
 def _cell(stats: dict, signed: bool = False) -> str:
     from t2i_personal.evaluation.intervals import Interval
 
-    interval = Interval(**stats)
-    return interval.text(signed=signed) + (" ~0" if signed and not interval.excludes_zero else "")
+    return Interval(**stats).text(signed=signed)
 
 
 def main(argv=None) -> None:

@@ -47,6 +47,7 @@ def test_paired_difference_cancels_the_shared_luck():
 def test_text_and_refusals():
     iv = bootstrap_interval([[1, 0, 1, 1]], resamples=200)
     assert iv.text().startswith("0.75 [") and paired_difference([[1, 0]], [[0, 0]]).text(signed=True)[0] == "+"
+    assert paired_difference([[1, 0]], [[0, 1]]).text(signed=True).endswith("~0")
     with pytest.raises(ValueError, match="same training seeds and images"):
         paired_difference(np.ones((3, 8)), np.ones((2, 8)))
     with pytest.raises(ValueError, match="NaN"):

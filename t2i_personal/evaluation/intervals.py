@@ -37,9 +37,11 @@ class Interval:
         return self.low > 0 or self.high < 0
 
     def text(self, digits: int = 2, signed: bool = False) -> str:
-        """``0.72 [0.61, 0.83]``; signed (a difference): ``+0.12 [-0.03, +0.27]``."""
+        """``0.72 [0.61, 0.83]``; signed (a difference): ``+0.12 [-0.03, +0.27]``, with `` ~0`` appended when the
+        interval contains 0 (no evidence of a difference)."""
         f = f"{{:+.{digits}f}}" if signed else f"{{:.{digits}f}}"
-        return f"{f.format(self.mean)} [{f.format(self.low)}, {f.format(self.high)}]"
+        text = f"{f.format(self.mean)} [{f.format(self.low)}, {f.format(self.high)}]"
+        return text + (" ~0" if signed and not self.excludes_zero else "")
 
     def as_dict(self) -> dict:
         return {"mean": self.mean, "low": self.low, "high": self.high, "seeds": self.seeds, "images": self.images}
