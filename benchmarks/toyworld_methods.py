@@ -177,9 +177,12 @@ def summarize(per_run: dict[str, list[dict]], baseline: str) -> dict:
 
 
 def _commit() -> str:
+    """The commit the run measured, marked when tracked files had changes on top of it."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return git("rev-parse", "--short", "HEAD") + (" + uncommitted changes" if git("status", "--porcelain",
+                                                                                     "--untracked-files=no") else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
