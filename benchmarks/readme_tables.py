@@ -77,7 +77,31 @@ def methods_table(results: dict[str, dict]) -> str:
             cells = [_cell(results[g]["summary"].get(run, {}).get("difference", {}).get(f), signed=True)
                      for g in gens for f in FIGURES]
             differences.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines + [""] + figures + [""] + differences)
+    return "\n".join(lines + [""] + figures + [""] + differences + [""] + spl_table(results))
+
+
+SPL_PAIRS = {"lora-token-spl": "lora-token", "classdiffusion": "custom-diffusion"}  # with SPL -> the same without
+
+
+def spl_table(results: dict[str, dict]) -> list[str]:
+    """What SPL adds: each SPL run against the same run without it, paired, from the recorded outcomes."""
+    from t2i_personal.evaluation.intervals import paired_difference
+
+    gens = list(results)
+    rows = []
+    for with_spl, without in SPL_PAIRS.items():
+        cells = []
+        for g in gens:
+            outcomes = results[g]["outcomes"]
+            for f in FIGURES:
+                if with_spl in outcomes and without in outcomes:
+                    diff = paired_difference([o[f] for o in outcomes[with_spl]], [o[f] for o in outcomes[without]])
+                    cells.append(diff.text(signed=True))
+                else:
+                    cells.append("–")
+        rows.append(f"| {RUN_LABELS[with_spl]} − {RUN_LABELS[without]} | " + " | ".join(cells) + " |")
+    header = "| what SPL adds (paired) | " + " | ".join(f"{FIGURES[f]} ({g})" for g in gens for f in FIGURES) + " |"
+    return [header, "|---|" + "---|" * (len(gens) * len(FIGURES))] + rows
 
 
 def _baseline(results: dict[str, dict]) -> str:
