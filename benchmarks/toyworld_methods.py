@@ -105,7 +105,7 @@ def run_diffusers_script(script: Path | None, out: Path, seed: int, base: str) -
                "--instance_prompt=a photo of sks dog", "--with_prior_preservation",
                f"--class_data_dir={out / 'class_images'}", "--class_prompt=a photo of a dog",
                "--resolution=64", "--max_train_steps=400", f"--seed={seed}", f"--output_dir={out}"]
-    (out.parent).mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run(command, check=True)
     (out / "command.json").write_text(json.dumps({"command": command}, indent=2) + "\n")
     return out

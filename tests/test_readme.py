@@ -37,13 +37,13 @@ def test_readme_methods_table_is_the_recorded_results():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import readme_tables
 
+    from t2i_personal.evaluation.intervals import bootstrap_interval
+
     assert readme_tables.main(["--check"]) == 0
     for path in sorted((ROOT / "docs" / "results").glob("methods-*.json")):
         data = json.loads(path.read_text())
         for run, seeds in data["outcomes"].items():  # the intervals are what the recorded outcomes give
             assert len(seeds) == data["train_seeds"] and all(len(o["subject"]) == data["images_per_cell"]
                                                               for o in seeds)
-            from t2i_personal.evaluation.intervals import bootstrap_interval
-
             recomputed = bootstrap_interval([o["subject"] for o in seeds])
             assert recomputed.as_dict() == data["summary"][run]["subject"]
