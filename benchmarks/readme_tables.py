@@ -1,14 +1,17 @@
-"""Write the README's toy-world methods table from the benchmark's JSON, so the table is what was measured.
+"""Write the README's toy-world tables from the benchmarks' result files, so that each table is what was measured.
 
-    python benchmarks/toyworld_methods.py [--base builtin:toy-flux]            # writes outputs/methods*/methods.json
-    python benchmarks/readme_tables.py outputs/methods/methods.json outputs/methods-flux/methods.json
-    python benchmarks/readme_tables.py --check                                 # README == docs/results (a test)
+    python benchmarks/toyworld_methods.py [--base builtin:toy-flux]      # outputs/methods*/methods.json
+    python benchmarks/toyworld_style.py [--base builtin:toy-flux]        # outputs/style*/style.json
+    python benchmarks/toyworld_freecure.py [--base builtin:toy-flux]     # outputs/freecure*/freecure.json
+    python benchmarks/readme_tables.py outputs/methods/methods.json ...  # take them in, rewrite the README
+    python benchmarks/readme_tables.py --check                           # README == docs/results (a test)
 
-Each given ``methods.json`` is copied to ``docs/results/methods-<base>.json`` (its per-image outcomes included, so
-anyone can recompute the intervals), then the README's block between ``<!-- generated: methods -->`` and
-``<!-- end generated: methods -->`` is rewritten from every file in ``docs/results/``: one column group per
-generator, the mean and 95 % interval of each figure, the paired difference from the baseline run (``~0``: its
-interval contains 0), and per generator the command, training seeds, images per cell, date and commit.
+Each given file is copied to ``docs/results/<benchmark>-<generator>.json`` (every image's outcome included, so
+anyone can recompute the intervals; ``benchmarks/_results.py`` says what a file holds), then each README block
+between ``<!-- generated: <benchmark> -->`` and ``<!-- end generated: <benchmark> -->`` is rewritten from every
+file of that benchmark: the provenance of each (command, training seeds, images per cell, date, commit), one column
+group per generator with the mean and 95 % interval of each figure, and the paired differences :data:`TABLES`
+names for it (``~0``: the interval contains 0). Everything is recomputed from the outcomes.
 """
 
 from __future__ import annotations
@@ -17,17 +20,32 @@ import argparse
 import json
 import shutil
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from t2i_personal.evaluation.intervals import Interval  # noqa: E402
+from t2i_personal.evaluation.intervals import bootstrap_interval, paired_difference  # noqa: E402
+
 RESULTS = ROOT / "docs" / "results"
 README = ROOT / "README.md"
-START, END = "<!-- generated: methods -->", "<!-- end generated: methods -->"
 GENERATORS = {"builtin:toy": "toy-sd", "builtin:toy-flux": "toy-flux"}  # column order
-FIGURES = {"subject": "subject", "scene": "scene", "drift": "drift"}
-RUN_LABELS = {
+
+
+@dataclass
+class Table:
+    """How one benchmark's results are shown: its figures (outcome key -> column title, decimals) and row labels, and
+    the paired differences, as titled groups of (row, minus row) computed from the rows a result file has."""
+    figures: dict[str, tuple[str, int]]
+    row_title: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    differences: callable = None  # (rows, baseline) -> [(title, [(row, other), ...]), ...]
+
+    def label(self, row: str) -> str:
+        return self.labels.get(row, row)
+
+
+METHOD_LABELS = {
     "dreambooth-lora": "DreamBooth-LoRA, `sks` (the quickstart)",
     "lora-token": "LoRA + learned `<new1>`",
     "lora-token-spl": "LoRA + `<new1>` + SPL (λ = 1)",
@@ -36,104 +54,137 @@ RUN_LABELS = {
     "classdiffusion-0.3": "ClassDiffusion, λ = 0.3",
     "classdiffusion-0.1": "ClassDiffusion, λ = 0.1",
     "diffusers-script": "diffusers' `train_dreambooth_lora.py`, its defaults",
+    "dreambooth-lora-600": "DreamBooth-LoRA, `sks`, 600 steps",
+    "lora-token-250": "LoRA + learned `<new1>`, 250 steps",
+}
+SPL_PAIRS = {"lora-token-spl": "lora-token", "classdiffusion": "custom-diffusion",  # with SPL -> the same without
+             "classdiffusion-0.3": "custom-diffusion", "classdiffusion-0.1": "custom-diffusion"}
+
+
+def _method_differences(rows: list[str], baseline: str):
+    return [(f"difference from {METHOD_LABELS.get(baseline, baseline)}", [(r, baseline) for r in rows if r != baseline]),
+            ("what SPL adds (paired)", [(a, b) for a, b in SPL_PAIRS.items() if a in rows and b in rows])]
+
+
+def _style_differences(rows: list[str], baseline: str):
+    tuned = [r for r in rows if r.startswith("tuned")]
+    return [("difference (paired: same contents, same noise)",
+             [(r, baseline) for r in tuned] + ([tuple(tuned)] if len(tuned) == 2 else []))]
+
+
+def _freecure_differences(rows: list[str], baseline: str):
+    return [(f"difference from the {baseline} image (paired: same prompt, same noise)",
+             [(r, baseline) for r in rows if r != baseline])]
+
+
+TABLES = {
+    "methods": Table({"subject": ("subject", 2), "scene": ("scene", 2), "drift": ("drift", 2)}, "run", METHOD_LABELS,
+                     _method_differences),
+    "style": Table({"palette": ("palette adherence", 2), "class": ("class read", 2)}, "images",
+                   {"tuned, style prompt": "tuned, `zwx style` prompt", "tuned, plain prompt": "tuned, plain prompt"},
+                   _style_differences),
+    "freecure": Table({"hair": ("hair as asked", 2), "change_inside": ("change inside the mask", 1),
+                       "change_outside": ("change outside", 1)}, "images", {}, _freecure_differences),
 }
 
 
-def _cell(stats: dict | None, signed: bool = False) -> str:
-    return "–" if stats is None else Interval(**stats).text(signed=signed)
-
-
-def load_results(folder: Path = RESULTS) -> dict[str, dict]:
-    """generator label -> methods.json, in :data:`GENERATORS` order."""
+def load_results(benchmark: str, folder: Path = RESULTS) -> dict[str, dict]:
+    """generator label -> result file, in :data:`GENERATORS` order."""
     found = {}
-    for path in sorted(folder.glob("methods-*.json")):
+    for path in sorted(folder.glob(f"{benchmark}-*.json")):
         data = json.loads(path.read_text())
         found[GENERATORS.get(data["base"], data["base"])] = data
     order = list(GENERATORS.values())
     return dict(sorted(found.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
 
 
-def methods_table(results: dict[str, dict]) -> str:
-    """The markdown block: provenance lines, the figures table, the differences table."""
+def _scores(data: dict, row: str, figure: str):
+    seeds = data["outcomes"].get(row)
+    if not seeds or not all(figure in s for s in seeds):
+        return None
+    return [s[figure] for s in seeds]
+
+
+def render(benchmark: str, results: dict[str, dict]) -> str:
+    """The markdown block: provenance lines, the figures table, each group of paired differences."""
     if not results:
-        raise SystemExit(f"no methods-*.json in {RESULTS}: run benchmarks/toyworld_methods.py and pass its JSON")
-    gens = list(results)
-    runs = []
-    for data in results.values():
-        runs += [r for r in data["summary"] if r not in runs]
-    lines = []
-    for gen, data in results.items():
-        lines.append(f"- {gen}: `{data['command']}` — {data['train_seeds']} training seed(s) × "
-                     f"{data['images_per_cell']} images per cell, {data['date']}, commit {data['commit']}")
-    header = "| run | " + " | ".join(f"{FIGURES[f]} ({g})" for g in gens for f in FIGURES) + " |"
-    rule = "|---|" + "---|" * (len(gens) * len(FIGURES))
-    figures = [header, rule]
-    differences = [header.replace("| run |", f"| difference from {RUN_LABELS.get(_baseline(results), '')} |"), rule]
-    for run in runs:
-        label = RUN_LABELS.get(run, run)
-        cells = [_cell(results[g]["summary"].get(run, {}).get(f)) for g in gens for f in FIGURES]
-        figures.append(f"| {label} | " + " | ".join(cells) + " |")
-        if any("difference" in results[g]["summary"].get(run, {}) for g in gens):
-            cells = [_cell(results[g]["summary"].get(run, {}).get("difference", {}).get(f), signed=True)
-                     for g in gens for f in FIGURES]
-            differences.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines + [""] + figures + [""] + differences + [""] + spl_table(results))
-
-
-SPL_PAIRS = {"lora-token-spl": "lora-token", "classdiffusion": "custom-diffusion"}  # with SPL -> the same without
-
-
-def spl_table(results: dict[str, dict]) -> list[str]:
-    """What SPL adds: each SPL run against the same run without it, paired, from the recorded outcomes."""
-    from t2i_personal.evaluation.intervals import paired_difference
-
+        raise SystemExit(f"no {benchmark}-*.json in {RESULTS}: run the benchmark and pass its result file")
+    table = TABLES[benchmark]
     gens = list(results)
     rows = []
-    for with_spl, without in SPL_PAIRS.items():
-        cells = []
-        for g in gens:
-            outcomes = results[g]["outcomes"]
-            for f in FIGURES:
-                if with_spl in outcomes and without in outcomes:
-                    diff = paired_difference([o[f] for o in outcomes[with_spl]], [o[f] for o in outcomes[without]])
-                    cells.append(diff.text(signed=True))
+    for data in results.values():
+        rows += [r for r in data["outcomes"] if r not in rows]
+    lines = [f"- {gen}: `{data['command']}` — {data['train_seeds']} training seed(s) × {data['images_per_cell']} "
+             f"images per cell, {data['date']}, commit {data['commit']}" for gen, data in results.items()]
+    columns = [(g, f) for g in gens for f in table.figures]
+    header = " | ".join(f"{table.figures[f][0]} ({g})" for g, f in columns) + " |"
+    rule = "|---|" + "---|" * len(columns)
+
+    lines += ["", f"| {table.row_title} | {header}", rule]
+    for row in rows:
+        values = []
+        for g, f in columns:
+            scores = _scores(results[g], row, f)
+            values.append("–" if scores is None else bootstrap_interval(scores).text(table.figures[f][1]))
+        lines.append(f"| {table.label(row)} | " + " | ".join(values) + " |")
+    baseline = next(iter(results.values()))["baseline"]
+    for title, pairs in table.differences(rows, baseline):
+        if not pairs:
+            continue
+        lines += ["", f"| {title} | {header}", rule]
+        for a, b in pairs:
+            values = []
+            for g, f in columns:
+                mine, theirs = _scores(results[g], a, f), _scores(results[g], b, f)
+                if mine is None or theirs is None or [len(s) for s in mine] != [len(s) for s in theirs]:
+                    values.append("–")
                 else:
-                    cells.append("–")
-        rows.append(f"| {RUN_LABELS[with_spl]} − {RUN_LABELS[without]} | " + " | ".join(cells) + " |")
-    header = "| what SPL adds (paired) | " + " | ".join(f"{FIGURES[f]} ({g})" for g in gens for f in FIGURES) + " |"
-    return [header, "|---|" + "---|" * (len(gens) * len(FIGURES))] + rows
+                    values.append(paired_difference(mine, theirs).text(table.figures[f][1], signed=True))
+            label = table.label(a) if b == baseline and title.startswith("difference from") else \
+                f"{table.label(a)} − {table.label(b)}"
+            lines.append(f"| {label} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
 
 
-def _baseline(results: dict[str, dict]) -> str:
-    return next(iter(results.values()))["baseline"]
+def render_readme(text: str, benchmark: str, block: str) -> str:
+    start, end = f"<!-- generated: {benchmark} -->", f"<!-- end generated: {benchmark} -->"
+    if start not in text or end not in text:
+        raise SystemExit(f"README.md has no {start} ... {end} block")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{block}\n{end}{tail}"
 
 
-def render_readme(text: str, block: str) -> str:
-    if START not in text or END not in text:
-        raise SystemExit(f"README.md has no {START} ... {END} block")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{block}\n{END}{tail}"
+def take_in(path: Path) -> Path:
+    data = json.loads(path.read_text())
+    benchmark, base = data.get("benchmark", "methods"), data["base"]
+    if benchmark not in TABLES:
+        raise SystemExit(f"{path}: unknown benchmark {benchmark!r}; known: {', '.join(TABLES)}")
+    target = RESULTS / f"{benchmark}-{GENERATORS.get(base, base.replace(':', '-'))}.json"
+    shutil.copyfile(path, target)
+    return target
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("json", nargs="*", type=Path, help="methods.json files to take into docs/results first")
-    parser.add_argument("--check", action="store_true", help="exit 1 if the README's block is not up to date")
+    parser.add_argument("json", nargs="*", type=Path, help="result files to take into docs/results first")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a README block is not up to date")
     args = parser.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     for path in args.json:
-        base = json.loads(path.read_text())["base"]
-        shutil.copyfile(path, RESULTS / f"methods-{GENERATORS.get(base, base.replace(':', '-'))}.json")
-    text = README.read_text()
-    updated = render_readme(text, methods_table(load_results()))
+        print(f"{path} -> {take_in(path).relative_to(ROOT)}")
+    text = updated = README.read_text()
+    for benchmark in TABLES:
+        results = load_results(benchmark)
+        if results:
+            updated = render_readme(updated, benchmark, render(benchmark, results))
     if args.check:
         if updated != text:
-            print("README.md's methods table differs from docs/results: run python benchmarks/readme_tables.py")
+            print("README.md's toy-world tables differ from docs/results: run python benchmarks/readme_tables.py")
             return 1
         return 0
     README.write_text(updated)
-    print(f"README.md: methods table from {', '.join(p.name for p in sorted(RESULTS.glob('methods-*.json')))}")
+    print("README.md: tables rewritten from " + ", ".join(p.name for p in sorted(RESULTS.glob("*.json"))))
     return 0
 
 

@@ -7,7 +7,7 @@
         --diffusers-script train_dreambooth_lora.py                    # diffusers' own example script beside ours
 
 Each run trains one preset on the personal teal dog once per training seed (``training.seed``; a finished output
-folder is reused), then generates "a photo of {V} dog <where>" for the 8 scenes x ``--images-per-scene`` noise
+folder is reused, and so is its reading unless ``--reread``), then generates "a photo of {V} dog <where>" for the 8 scenes x ``--images-per-scene`` noise
 seeds and "a photo of a dog <where>" (no identifier) for the same scenes and seeds. Read by the oracle, per image:
 
 - subject: the oracle recognises the personal dog in the personalized image (fidelity);
@@ -35,7 +35,6 @@ the photos, the prompts, prior preservation, 64 px, the quickstart's 400 steps, 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import subprocess
 import sys
@@ -46,6 +45,8 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _results import print_summary, record  # noqa: E402
 TOKEN = ["concepts.0.identifier=<new1>", "concepts.0.initializer_token=dog"]
 RUNS = {  # name -> (preset, overrides); None: diffusers' own script (--diffusers-script)
     "dreambooth-lora": ("configs/quickstart.yaml", []),
@@ -56,6 +57,9 @@ RUNS = {  # name -> (preset, overrides); None: diffusers' own script (--diffuser
     "classdiffusion-0.3": ("configs/quickstart_classdiffusion.yaml", ["method.spl.weight=0.3"]),
     "classdiffusion-0.1": ("configs/quickstart_classdiffusion.yaml", ["method.spl.weight=0.1"]),
     "diffusers-script": None,
+    # quickstart candidates (issue 18: the preset chosen from several training seeds, not from one run)
+    "dreambooth-lora-600": ("configs/quickstart.yaml", ["training.max_train_steps=600"]),
+    "lora-token-250": ("configs/quickstart.yaml", TOKEN + ["training.max_train_steps=250"]),
 }
 DEFAULT_RUNS = ["dreambooth-lora", "lora-token", "lora-token-spl", "custom-diffusion", "classdiffusion"]
 METRICS = ("subject", "scene", "drift")
@@ -128,6 +132,23 @@ def load_for_reading(out: Path):
     return pipe, "sks"
 
 
+def evaluate_or_reuse(out: Path, images_per_scene: int, reread: bool = False) -> tuple[dict, np.ndarray]:
+    """:func:`evaluate`, kept in ``out``/reading-<images per scene>.npz: a rerun that adds runs or seeds reads only
+    what is new. A reading older than the run's weights (a retrained folder) is read again."""
+    cache = out / f"reading-{images_per_scene}.npz"
+    weights = [p for p in out.iterdir() if p.suffix in (".json", ".safetensors")]
+    if not reread and cache.exists() and all(p.stat().st_mtime <= cache.stat().st_mtime for p in weights):
+        saved = np.load(cache)
+        outcomes = {k[len("outcome_"):]: saved[k].tolist() for k in saved.files if k.startswith("outcome_")}
+        metrics = {k: float(np.mean(v)) for k, v in outcomes.items()}
+        return {**metrics, "outcomes": outcomes}, saved["images"]
+    metrics, images = evaluate(out, images_per_scene)
+    tmp = cache.with_name(cache.stem + ".tmp.npz")
+    np.savez_compressed(tmp, images=images, **{f"outcome_{k}": np.asarray(v) for k, v in metrics["outcomes"].items()})
+    tmp.replace(cache)
+    return metrics, images
+
+
 @torch.no_grad()
 def evaluate(out: Path, images_per_scene: int = SEEDS) -> tuple[dict, np.ndarray]:
     """Per-image outcomes of one finished run (``metrics["outcomes"][name]``: 0/1 per image, scene-major) and their
@@ -161,38 +182,6 @@ def evaluate(out: Path, images_per_scene: int = SEEDS) -> tuple[dict, np.ndarray
     return metrics, np.concatenate(images)
 
 
-def summarize(per_run: dict[str, list[dict]], baseline: str) -> dict:
-    """Intervals per run and figure, and paired differences from ``baseline`` (same training seeds and images)."""
-    from t2i_personal.evaluation.intervals import bootstrap_interval, paired_difference
-
-    grids = {name: {k: np.array([m["outcomes"][k] for m in seeds]) for k in METRICS}
-             for name, seeds in per_run.items()}
-    summary = {}
-    for name, grid in grids.items():
-        entry = {k: bootstrap_interval(grid[k]).as_dict() for k in METRICS}
-        if name != baseline and baseline in grids and grids[baseline]["subject"].shape == grid["subject"].shape:
-            entry["difference"] = {k: paired_difference(grid[k], grids[baseline][k]).as_dict() for k in METRICS}
-        summary[name] = entry
-    return summary
-
-
-def _commit() -> str:
-    """The commit the run measured, marked when tracked files had changes on top of it."""
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    try:
-        return git("rev-parse", "--short", "HEAD") + (" + uncommitted changes" if git("status", "--porcelain",
-                                                                                     "--untracked-files=no") else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _cell(stats: dict, signed: bool = False) -> str:
-    from t2i_personal.evaluation.intervals import Interval
-
-    return Interval(**stats).text(signed=signed)
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None, help="default: outputs/methods (outputs/methods-flux)")
@@ -205,6 +194,8 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="one training seed and 4 images per scene")
     parser.add_argument("--diffusers-script", type=Path, default=None,
                         help="diffusers' examples/dreambooth/train_dreambooth_lora.py, for the diffusers-script run")
+    parser.add_argument("--reread", action="store_true",
+                        help="read every run again (default: reuse each finished run's saved reading)")
     args = parser.parse_args(argv)
     if args.quick:
         args.train_seeds, args.images_per_scene = 1, 4
@@ -219,7 +210,7 @@ def main(argv=None) -> None:
         started, per_run[name] = time.perf_counter(), []
         for seed in range(args.train_seeds):
             out = train_or_reuse(name, args.out, args.base, seed, args.diffusers_script)
-            metrics, images = evaluate(out, args.images_per_scene)
+            metrics, images = evaluate_or_reuse(out, args.images_per_scene, args.reread)
             per_run[name].append(metrics)
             image_grid(images, columns=args.images_per_scene * 4, scale=2).save(args.out / name / f"seed-{seed}.png")
             if seed == 0:
@@ -229,22 +220,11 @@ def main(argv=None) -> None:
     labelled_rows(seed0, [f"a photo of [V] dog <{', '.join(world.SCENES)}>", "a photo of a dog <same scenes> (drift?)"]
                   ).save(args.out / "methods.png")
     baseline = args.runs[0]
-    summary = summarize(per_run, baseline)
-    print(f"\n{args.train_seeds} training seeds x {n} images per cell; mean [95% interval]; "
-          f"difference from {baseline} on paired seeds and images (~0: the interval contains 0)")
-    print(f"{'run':22s} " + " ".join(f"{k:>20s}" for k in METRICS))
-    for name, entry in summary.items():
-        print(f"{name:22s} " + " ".join(f"{_cell(entry[k]):>20s}" for k in METRICS))
-        if "difference" in entry:
-            print(f"{'  vs ' + baseline:22s} " + " ".join(f"{_cell(entry['difference'][k], True):>20s}"
-                                                          for k in METRICS))
-    command = "python benchmarks/toyworld_methods.py " + " ".join(
-        arg if " " not in arg else repr(arg) for arg in (argv if argv is not None else sys.argv[1:]))
-    write_json_atomic(args.out / "methods.json", {
-        "command": command.strip(), "base": args.base, "train_seeds": args.train_seeds,
-        "images_per_cell": n, "baseline": baseline, "date": datetime.date.today().isoformat(), "commit": _commit(),
-        "seconds": seconds, "summary": summary,
-        "outcomes": {name: [m["outcomes"] for m in seeds] for name, seeds in per_run.items()}})
+    result = record(benchmark="methods", base=args.base, script="benchmarks/toyworld_methods.py", argv=argv,
+                    outcomes={name: [m["outcomes"] for m in seeds] for name, seeds in per_run.items()},
+                    baseline=baseline, train_seeds=args.train_seeds, images_per_cell=n, seconds=seconds)
+    print_summary(result, list(METRICS))
+    write_json_atomic(args.out / "methods.json", result)
     print(f"wrote {args.out / 'methods.json'} and {args.out / 'methods.png'}")
 
 

@@ -1,15 +1,24 @@
 """StyleForge on the toy world: does "zwx style" paint the personal outline-poster style, and only when asked?
 
-    python benchmarks/toyworld_style.py [--model outputs/quickstart-styleforge] [--out outputs/style] [key=value ...]
-    python benchmarks/toyworld_style.py --base builtin:toy-flux     # on the FLUX toy model (outputs/*-flux)
+    python benchmarks/toyworld_style.py                              # 3 training seeds (outputs/style/train/seed-k)
+    python benchmarks/toyworld_style.py --quick                      # one training seed: a smoke run
+    python benchmarks/toyworld_style.py --base builtin:toy-flux      # on the FLUX toy model (outputs/style-flux)
+    python benchmarks/toyworld_style.py --model outputs/quickstart-styleforge    # one finished result as it is
+    python benchmarks/toyworld_style.py --out outputs/style-lr training.learning_rate=5e-4   # a variant of the preset
 
-Trains ``configs/quickstart_styleforge.yaml`` first when ``--model`` has no finished result (on ``--base``, with
-``toyworld_methods.py``'s overrides for that base). The style statistic is
-**palette adherence**: the fraction of pixels whose three channels all lie within 30 of the outline-poster
-palette's levels (20, 130, 245) or on its outline colour; the StyleRef images score 1, ordinary world images
-far less, and the StyleRef images passed through the toy VAE show the most any generator on it can reach. Printed for the StyleRef images, the base model, the tuned model with "a photo of zwx style, <content>"
-and the tuned model with the plain content prompt (style leaking into prompts that do not ask for it), plus the
-oracle's class accuracy on the styled images (the content survives) and the styled/base ratio.
+Trains ``configs/quickstart_styleforge.yaml`` once per training seed (``training.seed``; on ``--base``, with
+``toyworld_methods.py``'s overrides for that base; a finished folder is reused). The style statistic is **palette
+adherence**: per image, the fraction of pixels whose three channels all lie within 30 of the outline-poster
+palette's levels (20, 130, 245) or on its outline colour; the StyleRef images score 1, ordinary world images far
+less, and the StyleRef images passed through the toy VAE show the most any generator on it can reach. Read for
+the StyleRef images, the base model, the tuned model with "a photo of zwx style, <content>" and the tuned model
+with the plain content prompt (style leaking into prompts that do not ask for it), plus the oracle's class read on
+each generated image (the content survives). ``--n`` contents (the six content classes in turn), noise seed i for
+content i, the same for every model, so differences pair image by image.
+
+Printed and written to ``--out``/style.json (``benchmarks/_results.py``; ``benchmarks/readme_tables.py`` writes the
+README's table from it): per row the mean with its 95 % interval over training seeds and images, and each tuned
+row's paired difference from the base model; ``--out``/style.png shows training seed 0 (rows: base, styled, plain).
 """
 
 from __future__ import annotations
@@ -18,12 +27,15 @@ import argparse
 import json
 import random
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _results import print_summary, record  # noqa: E402
 from toyworld_methods import BASES  # noqa: E402  -- what each toy base changes in a preset
 
 LEVELS = np.array([20, 130, 245])
@@ -31,12 +43,12 @@ OUTLINE = np.array([15, 10, 30])
 CONTENT_CLASSES = ("face", "dog", "cat", "car", "vase", "teddy bear")
 
 
-def palette_adherence(images: np.ndarray) -> float:
-    """Mean fraction of pixels drawn from the outline-poster palette (uint8 N x H x W x 3)."""
+def palette_adherence(images: np.ndarray) -> np.ndarray:
+    """Per image, the fraction of its pixels drawn from the outline-poster palette (uint8 N x H x W x 3 -> N)."""
     x = images.astype(np.int32)
     on_level = (np.abs(x[..., None] - LEVELS).min(-1) <= 30).all(-1)
     on_outline = (np.abs(x - OUTLINE) <= 30).all(-1)
-    return float((on_level | on_outline).mean())
+    return (on_level | on_outline).mean(axis=(1, 2))
 
 
 def contents(n: int, seed: int = 0):
@@ -66,19 +78,35 @@ def sample(pipe, prompts: list[str]) -> np.ndarray:
     return np.clip(np.rint(out * 255), 0, 255).astype(np.uint8)
 
 
-def main() -> None:
+def train_or_reuse(out: Path, base: str, seed: int, overrides: list[str]) -> Path:
+    if not (out / "personalization.json").exists():
+        from t2i_personal.config import load_config
+        from t2i_personal.training.trainer import train
+
+        train(load_config(ROOT / "configs" / "quickstart_styleforge.yaml", BASES[base] + overrides + [
+            f"training.output_dir={out}", f"training.seed={seed}", "training.report_to=none",
+            "validation.prompts=[]", "training.progress_bar=false"]))
+    return out
+
+
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="builtin:toy", choices=list(BASES))
-    parser.add_argument("--model", type=Path, default=None, help="default: outputs/quickstart-styleforge[-flux]")
+    parser.add_argument("--train-seeds", type=int, default=3, help="training seeds (0, 1, ...)")
+    parser.add_argument("--quick", action="store_true", help="one training seed and 12 contents")
+    parser.add_argument("--model", type=Path, default=None, help="read this finished result only (no training)")
     parser.add_argument("--out", type=Path, default=None, help="default: outputs/style[-flux]")
-    parser.add_argument("--n", type=int, default=36)
-    parser.add_argument("overrides", nargs="*", help="config overrides for the training run, e.g. training.learning_rate=5e-4")
-    args = parser.parse_args()
-    suffix = "-flux" if args.base != "builtin:toy" else ""
-    args.model = args.model or Path(f"outputs/quickstart-styleforge{suffix}")
-    args.out = args.out or Path(f"outputs/style{suffix}")
+    parser.add_argument("--n", type=int, default=48, help="contents per model (noise seed i for content i)")
+    parser.add_argument("overrides", nargs="*", help="config overrides for the training runs, e.g. "
+                                                     "training.learning_rate=5e-4")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.train_seeds, args.n = 1, 12
+    if args.model is not None:
+        args.train_seeds = 1
+    args.out = args.out or ROOT / ("outputs/style" + ("-flux" if args.base != "builtin:toy" else ""))
 
-    from t2i_personal.config import load_config
+    from t2i_personal.atomic import write_json_atomic
     from t2i_personal.data.images import load_image_folder
     from t2i_personal.inference.pipeline import load_personalized
     from t2i_personal.methods.styleforge import style_prompt
@@ -86,36 +114,49 @@ def main() -> None:
     from t2i_personal.toyworld.assets import style_dirs
     from t2i_personal.toyworld.oracle import Oracle
     from t2i_personal.toyworld.reports import image_grid
-    from t2i_personal.training.trainer import train
 
-    if not (args.model / "personalization.json").exists():
-        train(load_config("configs/quickstart_styleforge.yaml", BASES[args.base] + args.overrides + [
-            f"training.output_dir={args.model}", "training.report_to=none"]))
-    token = json.loads((args.model / "personalization.json").read_text())["concepts"][0]["identifier"]
     scenes, texts = contents(args.n)
+    oracle = Oracle.from_pretrained()
+
+    def class_read(images):
+        return [int(r["cls"] == s.cls) for r, s in zip(oracle.read(images), scenes)]
+
     refs = np.stack([np.asarray(img) for folder in style_dirs().values() for _, img in load_image_folder(folder)])
     base_components = load_components(args.base)
     base = sample(base_components.pipeline(), [f"a photo of {t}" for t in texts])
-    tuned = load_personalized(args.model)
-    styled = sample(tuned, [style_prompt(t, token) for t in texts])
-    plain = sample(tuned, [f"a photo of {t}" for t in texts])
-    oracle = Oracle.from_pretrained()
-    accuracy = {name: float(np.mean([r["cls"] == s.cls for r, s in zip(oracle.read(images), scenes)]))
-                for name, images in (("base", base), ("styled", styled), ("plain", plain))}
-    styled_key = f"tuned, '{token} style' prompt"
-    rows = {"StyleRef images": palette_adherence(refs),
-            "StyleRef through the VAE (ceiling)": palette_adherence(reconstruct(base_components.vae, refs)),
-            "base model": palette_adherence(base),
-            styled_key: palette_adherence(styled), "tuned, plain prompt": palette_adherence(plain)}
-    print(f"{'images':36s} {'palette adherence':>18s}")
-    for name, value in rows.items():
-        print(f"{name:36s} {value:18.3f}")
-    print(f"styled / base adherence: x{rows[styled_key] / rows['base model']:.2f}")
-    print(f"oracle class accuracy: base {accuracy['base']:.3f}, styled {accuracy['styled']:.3f}, plain {accuracy['plain']:.3f}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    image_grid(np.concatenate([base[:12], styled[:12], plain[:12]]), columns=12, scale=2).save(args.out / "style.png")
-    (args.out / "style.json").write_text(json.dumps({"palette_adherence": rows, "class_accuracy": accuracy}, indent=2) + "\n")
+    fixed = {"StyleRef images": {"palette": palette_adherence(refs).tolist()},
+             "StyleRef through the VAE (ceiling)": {
+                 "palette": palette_adherence(reconstruct(base_components.vae, refs)).tolist()},
+             "base model": {"palette": palette_adherence(base).tolist(), "class": class_read(base)}}
+    outcomes = {row: [] for row in [*fixed, "tuned, style prompt", "tuned, plain prompt"]}
+    started = time.perf_counter()
+    for seed in range(args.train_seeds):
+        model = args.model or train_or_reuse(args.out / "train" / f"seed-{seed}", args.base, seed, args.overrides)
+        token = json.loads((model / "personalization.json").read_text())["concepts"][0]["identifier"]
+        tuned = load_personalized(model)
+        styled = sample(tuned, [style_prompt(t, token) for t in texts])
+        plain = sample(tuned, [f"a photo of {t}" for t in texts])
+        for row, reading in fixed.items():  # the same for every training seed: recorded per seed so rows pair
+            outcomes[row].append(reading)
+        outcomes["tuned, style prompt"].append({"palette": palette_adherence(styled).tolist(),
+                                                "class": class_read(styled)})
+        outcomes["tuned, plain prompt"].append({"palette": palette_adherence(plain).tolist(),
+                                                "class": class_read(plain)})
+        print(f"training seed {seed}: palette styled {np.mean(outcomes['tuned, style prompt'][-1]['palette']):.3f}, "
+              f"plain {np.mean(outcomes['tuned, plain prompt'][-1]['palette']):.3f}", flush=True)
+        if seed == 0:
+            args.out.mkdir(parents=True, exist_ok=True)
+            image_grid(np.concatenate([base[:12], styled[:12], plain[:12]]), columns=12, scale=2).save(
+                args.out / "style.png")
+    result = record(benchmark="style", base=args.base, script="benchmarks/toyworld_style.py", argv=argv,
+                    outcomes=outcomes, baseline="base model", train_seeds=args.train_seeds, images_per_cell=args.n,
+                    seconds=time.perf_counter() - started, model=str(args.model) if args.model else None,
+                    overrides=args.overrides)
+    print_summary(result, ["palette", "class"])
+    write_json_atomic(args.out / "style.json", result)
+    print(f"wrote {args.out / 'style.json'} and {args.out / 'style.png'}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

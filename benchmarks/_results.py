@@ -1,0 +1,95 @@
+"""What a toy-world benchmark records, so that every figure it reports can be recomputed and its README table written.
+
+A benchmark's result file holds, per row (a method, a model, a FreeCure weight) and training seed, every image's
+outcome for every figure it reads::
+
+    {"benchmark": "style", "base": "builtin:toy", "command": "python benchmarks/toyworld_style.py ...",
+     "train_seeds": 3, "images_per_cell": 48, "baseline": "base model", "date": "2026-12-06", "commit": "abc1234",
+     "seconds": {...}, "summary": {row: {figure: interval, "difference": {figure: interval}}},
+     "outcomes": {row: [{figure: [one value per image]} for each training seed]}}
+
+``summary`` is :func:`summarize` of ``outcomes`` (a test recomputes it); ``benchmarks/readme_tables.py`` writes the
+README's tables from these files. Rows that do not depend on training (the base model, the reference images) are
+recorded once per training seed all the same, so that differences against them pair seed by seed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from t2i_personal.evaluation.intervals import bootstrap_interval, paired_difference  # noqa: E402
+
+
+def commit() -> str:
+    """The commit a run measured, marked when tracked files had changes on top of it."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        return git("rev-parse", "--short", "HEAD") + (" + uncommitted changes" if git("status", "--porcelain",
+                                                                                     "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    args = argv if argv is not None else sys.argv[1:]
+    return " ".join(["python", script] + [a if " " not in a else repr(a) for a in args])
+
+
+def figures_of(seeds: list[dict]) -> list[str]:
+    return [k for k in seeds[0] if all(k in s for s in seeds)]
+
+
+def summarize(outcomes: dict[str, list[dict]], baseline: str | None = None) -> dict:
+    """Per row and figure the mean with its two-level 95 % interval and, for rows shaped like ``baseline``, the paired
+    difference from it on every figure both have."""
+    summary = {}
+    for row, seeds in outcomes.items():
+        entry = {f: bootstrap_interval([s[f] for s in seeds]).as_dict() for f in figures_of(seeds)}
+        if baseline is not None and row != baseline and baseline in outcomes:
+            shared = [f for f in entry if f in figures_of(outcomes[baseline])]
+            if shared and _same_shape(seeds, outcomes[baseline], shared[0]):
+                entry["difference"] = {f: paired_difference([s[f] for s in seeds],
+                                                            [s[f] for s in outcomes[baseline]]).as_dict()
+                                       for f in shared}
+        summary[row] = entry
+    return summary
+
+
+def _same_shape(a: list[dict], b: list[dict], figure: str) -> bool:
+    return len(a) == len(b) and all(len(x[figure]) == len(y[figure]) for x, y in zip(a, b))
+
+
+def record(*, benchmark: str, base: str, script: str, argv: list[str] | None, outcomes: dict[str, list[dict]],
+           baseline: str | None, train_seeds: int, images_per_cell: int, **extra) -> dict:
+    """The result file's content (module docstring); ``extra`` keys are kept as given."""
+    return {"benchmark": benchmark, "command": command_line(script, argv), "base": base, "train_seeds": train_seeds,
+            "images_per_cell": images_per_cell, "baseline": baseline, "date": datetime.date.today().isoformat(),
+            "commit": commit(), **extra, "summary": summarize(outcomes, baseline),
+            "outcomes": {row: [{f: list(v) for f, v in s.items()} for s in seeds] for row, seeds in outcomes.items()}}
+
+
+def print_summary(result: dict, figures: list[str], digits: int = 2) -> None:
+    """The summary as a plain-text table: per row the mean [95 % interval] of each figure, then its paired
+    difference from the baseline ("~0": the interval contains 0)."""
+    from t2i_personal.evaluation.intervals import Interval
+
+    def cell(stats, signed=False):
+        return "-" if stats is None else Interval(**stats).text(digits, signed=signed)
+
+    width = max(len(row) for row in result["summary"]) + 2
+    print(f"\n{result['train_seeds']} training seed(s) x {result['images_per_cell']} images per cell; mean [95% "
+          f"interval]; difference from {result['baseline']} on paired seeds and images (~0: the interval contains 0)")
+    print(f"{'':{width}s} " + " ".join(f"{f:>22s}" for f in figures))
+    for row, entry in result["summary"].items():
+        print(f"{row:{width}s} " + " ".join(f"{cell(entry.get(f)):>22s}" for f in figures))
+        if "difference" in entry:
+            print(f"{'  - ' + str(result['baseline']):{width}s} "
+                  + " ".join(f"{cell(entry['difference'].get(f), True):>22s}" for f in figures))
