@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from t2i_personal.evaluation.intervals import bootstrap_interval, paired_difference  # noqa: E402
+from t2i_personal.evaluation.intervals import (bootstrap_interval, one_run_interval,  # noqa: E402
+                                               paired_difference)
 
 
 def commit() -> str:
@@ -48,23 +49,31 @@ def figures_of(seeds: list[dict]) -> list[str]:
 
 
 def summarize(outcomes: dict[str, list[dict]], baseline: str | None = None) -> dict:
-    """Per row and figure the mean with its two-level 95 % interval and, for rows shaped like ``baseline``, the paired
-    difference from it on every figure both have."""
+    """Per row and figure the mean with its two-level 95 % interval, where one more training run should land
+    (``one_run``), and the paired difference from ``baseline`` on every figure both rows have (:func:`paired`)."""
     summary = {}
     for row, seeds in outcomes.items():
         entry = {f: bootstrap_interval([s[f] for s in seeds]).as_dict() for f in figures_of(seeds)}
+        entry["one_run"] = {f: one_run_interval([s[f] for s in seeds]).as_dict() for f in figures_of(seeds)}
         if baseline is not None and row != baseline and baseline in outcomes:
-            shared = [f for f in entry if f in figures_of(outcomes[baseline])]
-            if shared and _same_shape(seeds, outcomes[baseline], shared[0]):
-                entry["difference"] = {f: paired_difference([s[f] for s in seeds],
-                                                            [s[f] for s in outcomes[baseline]]).as_dict()
-                                       for f in shared}
+            differences = {f: paired(outcomes, row, baseline, f) for f in figures_of(seeds)}
+            if any(d is not None for d in differences.values()):
+                entry["difference"] = {f: d.as_dict() for f, d in differences.items() if d is not None}
         summary[row] = entry
     return summary
 
 
-def _same_shape(a: list[dict], b: list[dict], figure: str) -> bool:
-    return len(a) == len(b) and all(len(x[figure]) == len(y[figure]) for x, y in zip(a, b))
+def paired(outcomes: dict[str, list[dict]], row: str, other: str, figure: str):
+    """``row − other`` on ``figure`` over the training seeds both have (seeds 0..k-1 of each), or None where they
+    do not pair (a figure one lacks, different images)."""
+    a, b = outcomes.get(row), outcomes.get(other)
+    if not a or not b or not all(figure in s for s in a + b):
+        return None
+    k = min(len(a), len(b))
+    a, b = [s[figure] for s in a[:k]], [s[figure] for s in b[:k]]
+    if any(len(x) != len(y) for x, y in zip(a, b)):
+        return None
+    return paired_difference(a, b)
 
 
 def record(*, benchmark: str, base: str, script: str, argv: list[str] | None, outcomes: dict[str, list[dict]],

@@ -25,7 +25,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from t2i_personal.evaluation.intervals import bootstrap_interval, paired_difference  # noqa: E402
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _results import paired  # noqa: E402
+from t2i_personal.evaluation.intervals import bootstrap_interval, one_run_interval  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results"
 README = ROOT / "README.md"
@@ -40,6 +42,7 @@ class Table:
     row_title: str = ""
     labels: dict[str, str] = field(default_factory=dict)
     differences: callable = None  # (rows, baseline) -> [(title, [(row, other), ...]), ...]
+    one_run: tuple[str, ...] = ()  # rows whose single-run range is stated: what a user's rerun should land in
 
     def label(self, row: str) -> str:
         return self.labels.get(row, row)
@@ -79,10 +82,19 @@ def _freecure_differences(rows: list[str], baseline: str):
 
 TABLES = {
     "methods": Table({"subject": ("subject", 2), "scene": ("scene", 2), "drift": ("drift", 2)}, "run", METHOD_LABELS,
-                     _method_differences),
+                     _method_differences, one_run=("dreambooth-lora",)),
     "style": Table({"palette": ("palette adherence", 2), "class": ("class read", 2)}, "images",
                    {"tuned, style prompt": "tuned, `zwx style` prompt", "tuned, plain prompt": "tuned, plain prompt"},
                    _style_differences),
+    "real_photos": Table({"subject": ("subject", 2), "scene": ("scene", 2), "drift": ("drift", 2)}, "run",
+                         {"square": "square center crop", "buckets": "`data.buckets`", "masks": "`data.masks: files`",
+                          "buckets+masks": "buckets + masks",
+                          "auto-masks": "masks from `builtin:toy-segmenter` (`python -m t2i_personal.mask`)"},
+                         lambda rows, baseline: [("difference from the square center crop (paired)",
+                                                  [(r, baseline) for r in rows if r != baseline]),
+                                                 ("what buckets add to masks (paired)",
+                                                  [("buckets+masks", "masks")] if {"buckets+masks", "masks"} <=
+                                                  set(rows) else [])]),
     "freecure": Table({"hair": ("hair as asked", 2), "change_inside": ("change inside the mask", 1),
                        "change_outside": ("change outside", 1)}, "images", {}, _freecure_differences),
 }
@@ -114,8 +126,10 @@ def render(benchmark: str, results: dict[str, dict]) -> str:
     rows = []
     for data in results.values():
         rows += [r for r in data["outcomes"] if r not in rows]
-    lines = [f"- {gen}: `{data['command']}` — {data['train_seeds']} training seed(s) × {data['images_per_cell']} "
-             f"images per cell, {data['date']}, commit {data['commit']}" for gen, data in results.items()]
+    lines = [f"- {gen}: `{data['command']}` — {data['train_seeds']} training seed(s)"
+             + "".join(f" ({table.label(r)}: {k})" for r, k in data.get("run_seeds", {}).items())
+             + f" × {data['images_per_cell']} images per cell, {data['date']}, commit {data['commit']}"
+             for gen, data in results.items()]
     columns = [(g, f) for g in gens for f in table.figures]
     header = " | ".join(f"{table.figures[f][0]} ({g})" for g, f in columns) + " |"
     rule = "|---|" + "---|" * len(columns)
@@ -127,6 +141,17 @@ def render(benchmark: str, results: dict[str, dict]) -> str:
             scores = _scores(results[g], row, f)
             values.append("–" if scores is None else bootstrap_interval(scores).text(table.figures[f][1]))
         lines.append(f"| {table.label(row)} | " + " | ".join(values) + " |")
+    for row in table.one_run:
+        ranges = []
+        for g, data in results.items():
+            seeds = data["outcomes"].get(row)
+            if seeds:
+                ranges.append(f"{g}: " + ", ".join(
+                    f"{table.figures[f][0]} {_range(one_run_interval([s[f] for s in seeds]), table.figures[f][1])}"
+                    for f in table.figures if all(f in s for s in seeds)) + f" (from {len(seeds)} training seeds)")
+        if ranges:
+            lines += ["", f"One more run of {table.label(row)} (yours, on another machine; 95 % of single runs, "
+                      f"drawn from the recorded ones) should land in: " + "; ".join(ranges) + "."]
     baseline = next(iter(results.values()))["baseline"]
     for title, pairs in table.differences(rows, baseline):
         if not pairs:
@@ -135,15 +160,16 @@ def render(benchmark: str, results: dict[str, dict]) -> str:
         for a, b in pairs:
             values = []
             for g, f in columns:
-                mine, theirs = _scores(results[g], a, f), _scores(results[g], b, f)
-                if mine is None or theirs is None or [len(s) for s in mine] != [len(s) for s in theirs]:
-                    values.append("–")
-                else:
-                    values.append(paired_difference(mine, theirs).text(table.figures[f][1], signed=True))
+                diff = paired(results[g]["outcomes"], a, b, f)
+                values.append("–" if diff is None else diff.text(table.figures[f][1], signed=True))
             label = table.label(a) if b == baseline and title.startswith("difference from") else \
                 f"{table.label(a)} − {table.label(b)}"
             lines.append(f"| {label} | " + " | ".join(values) + " |")
     return "\n".join(lines)
+
+
+def _range(interval, digits: int) -> str:
+    return f"{interval.low:.{digits}f}–{interval.high:.{digits}f}"
 
 
 def render_readme(text: str, benchmark: str, block: str) -> str:

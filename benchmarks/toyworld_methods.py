@@ -194,11 +194,21 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="one training seed and 4 images per scene")
     parser.add_argument("--diffusers-script", type=Path, default=None,
                         help="diffusers' examples/dreambooth/train_dreambooth_lora.py, for the diffusers-script run")
+    parser.add_argument("--run-seeds", nargs="+", default=[], metavar="RUN=K",
+                        help="more training seeds for some runs, e.g. dreambooth-lora=8 (where one more run of the "
+                             "quickstart lands needs more than 3); differences pair on the seeds both runs have")
     parser.add_argument("--reread", action="store_true",
                         help="read every run again (default: reuse each finished run's saved reading)")
     args = parser.parse_args(argv)
     if args.quick:
         args.train_seeds, args.images_per_scene = 1, 4
+    run_seeds = {name: args.train_seeds for name in args.runs}
+    for item in args.run_seeds:
+        name, _, count = item.partition("=")
+        if name not in run_seeds or not count.isdigit() or int(count) < 1:
+            parser.error(f"--run-seeds {item!r}: expected RUN=K with RUN one of --runs ({', '.join(args.runs)}) "
+                         "and K a positive whole number")
+        run_seeds[name] = int(count)
     args.out = args.out or ROOT / ("outputs/methods" + ("-flux" if args.base != "builtin:toy" else ""))
     from t2i_personal.atomic import write_json_atomic
     from t2i_personal.toyworld import world
@@ -208,7 +218,7 @@ def main(argv=None) -> None:
     n = len(world.SCENES) * args.images_per_scene
     for name in args.runs:
         started, per_run[name] = time.perf_counter(), []
-        for seed in range(args.train_seeds):
+        for seed in range(run_seeds[name]):
             out = train_or_reuse(name, args.out, args.base, seed, args.diffusers_script)
             metrics, images = evaluate_or_reuse(out, args.images_per_scene, args.reread)
             per_run[name].append(metrics)
@@ -222,7 +232,8 @@ def main(argv=None) -> None:
     baseline = args.runs[0]
     result = record(benchmark="methods", base=args.base, script="benchmarks/toyworld_methods.py", argv=argv,
                     outcomes={name: [m["outcomes"] for m in seeds] for name, seeds in per_run.items()},
-                    baseline=baseline, train_seeds=args.train_seeds, images_per_cell=n, seconds=seconds)
+                    baseline=baseline, train_seeds=args.train_seeds, images_per_cell=n, seconds=seconds,
+                    run_seeds={k: v for k, v in run_seeds.items() if v != args.train_seeds})
     print_summary(result, list(METRICS))
     write_json_atomic(args.out / "methods.json", result)
     print(f"wrote {args.out / 'methods.json'} and {args.out / 'methods.png'}")

@@ -1,7 +1,7 @@
 """Real-photo features on the toy world: a subject folder of mixed aspect ratios with cluttered backgrounds, trained
 as a square center crop, with aspect-ratio buckets, with the masked loss, and with both (CPU, no downloads).
 
-    python benchmarks/toyworld_real_photos.py [--out outputs/real-photos] [--train-seeds 0 1 2] [--runs square ...]
+    python benchmarks/toyworld_real_photos.py [--out outputs/real-photos] [--train-seeds 3] [--runs square ...]
 
 The folder is made by the world: six views of the personal teal dog, each pasted over a scene of another object
 with a second object beside it, on portrait (64x96), landscape (96x64) and square (80x80) canvases; every photo
@@ -10,14 +10,15 @@ whose masks ``python -m t2i_personal.mask --class-noun dog --model builtin:toy-s
 with the exact masks is printed). Each run is the quickstart recipe
 (``configs/quickstart.yaml``) on that folder; the evaluation is ``toyworld_methods.py``'s: subject (the oracle sees
 the personal dog in "a photo of sks dog <where>"), scene (the scene asked for) and drift (the plain class prompt
-shows the personal dog), over 8 scenes x 4 seeds, for each training seed; printed per run: the mean over training
-seeds and each seed's figure (a difference smaller than the seeds' spread is not evidence).
+shows the personal dog), over 8 scenes x ``--images-per-scene`` noise seeds, for each training seed. Printed and
+written to ``--out``/real_photos.json (``benchmarks/_results.py``; ``benchmarks/readme_tables.py`` writes the
+README's table from it): per run the mean with its 95 % interval over training seeds and images, and its paired
+difference from the square center crop.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -27,7 +28,8 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from toyworld_methods import evaluate  # noqa: E402  -- the same oracle readings as the methods table
+from _results import print_summary, record  # noqa: E402
+from toyworld_methods import IMAGES_PER_SCENE, METRICS, evaluate_or_reuse  # noqa: E402  -- the methods' readings
 
 RUNS = {
     "square": [],
@@ -108,39 +110,45 @@ def train_or_reuse(name: str, photos: Path, out_root: Path, steps: int, seed: in
     return out
 
 
-def main() -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("outputs/real-photos"))
     parser.add_argument("--steps", type=int, default=400, help="optimizer steps per run (the quickstart's 400)")
-    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
-    parser.add_argument("--train-seeds", nargs="+", type=int, default=[0, 1, 2])
-    args = parser.parse_args()
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS),
+                        help="the first is the baseline of the paired differences")
+    parser.add_argument("--train-seeds", type=int, default=3, help="training seeds per run (0, 1, ...)")
+    parser.add_argument("--images-per-scene", type=int, default=IMAGES_PER_SCENE)
+    args = parser.parse_args(argv)
+    from t2i_personal.atomic import write_json_atomic
     from t2i_personal.toyworld.reports import image_grid
 
     photos = cluttered_photos(args.out / "photos")
     photo_sheet(photos).save(args.out / "photos.png")
-    results, mask_ious = {}, None
+    outcomes, seconds, mask_ious = {}, {}, None
     if "auto-masks" in args.runs:
         auto_photos, mask_ious = auto_masked_copy(photos, args.out / "photos-auto-masks")
         photo_sheet(auto_photos).save(args.out / "photos-auto-masks.png")
         print(f"automatic masks: IoU with the exact masks {np.mean(mask_ious):.3f} "
               f"({', '.join(f'{v:.2f}' for v in mask_ious)})", flush=True)
     for name in args.runs:
-        per_seed = []
-        for seed in args.train_seeds:
-            started = time.perf_counter()
+        started, outcomes[name] = time.perf_counter(), []
+        for seed in range(args.train_seeds):
             folder = args.out / "photos-auto-masks" if name == "auto-masks" else photos
-            metrics, images = evaluate(train_or_reuse(name, folder, args.out, args.steps, seed))
-            metrics["seconds"] = time.perf_counter() - started
-            per_seed.append(metrics)
-            image_grid(images, columns=16, scale=2).save(args.out / f"{name}-seed{seed}.png")
-        results[name] = per_seed
-        summary = "  ".join(f"{k} {np.mean([m[k] for m in per_seed]):.3f} ({', '.join(f'{m[k]:.2f}' for m in per_seed)})"
-                            for k in ("subject", "scene", "drift"))
-        print(f"{name:14s} {summary}", flush=True)
-    (args.out / "real_photos.json").write_text(json.dumps({"steps": args.steps, "train_seeds": args.train_seeds,
-                                                           "runs": results, "auto_mask_iou": mask_ious}, indent=2) + "\n")
+            metrics, images = evaluate_or_reuse(train_or_reuse(name, folder, args.out, args.steps, seed),
+                                                args.images_per_scene)
+            outcomes[name].append(metrics["outcomes"])
+            image_grid(images, columns=args.images_per_scene * 4, scale=2).save(args.out / f"{name}-seed{seed}.png")
+            print(f"{name} seed {seed}: " + ", ".join(f"{k} {metrics[k]:.2f}" for k in METRICS), flush=True)
+        seconds[name] = time.perf_counter() - started
+    result = record(benchmark="real_photos", base="builtin:toy", script="benchmarks/toyworld_real_photos.py",
+                    argv=argv, outcomes=outcomes, baseline=args.runs[0], train_seeds=args.train_seeds,
+                    images_per_cell=len(outcomes[args.runs[0]][0]["subject"]), steps=args.steps,
+                    auto_mask_iou=mask_ious, seconds=seconds)
+    print_summary(result, list(METRICS))
+    write_json_atomic(args.out / "real_photos.json", result)
+    print(f"wrote {args.out / 'real_photos.json'}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -30,7 +30,7 @@ def _style_result(seeds=3, n=40, plain_shift=0.0):
 def test_record_summarizes_every_figure_and_pairs_only_rows_shaped_alike():
     result = _style_result()
     summary = result["summary"]
-    assert set(summary["tuned, style prompt"]) == {"palette", "class", "difference"}
+    assert set(summary["tuned, style prompt"]) == {"palette", "class", "difference", "one_run"}
     assert summary["tuned, style prompt"]["difference"]["palette"]["low"] > 0.1  # styled clearly above the base
     assert "difference" not in summary["StyleRef images"]  # 6 reference images do not pair with 40 generations
     assert summary["StyleRef images"]["palette"]["mean"] == 1.0
@@ -50,15 +50,19 @@ def test_tables_print_no_difference_as_such_and_a_real_one_signed(tmp_path):
     assert "| StyleRef images | 1.00 [1.00, 1.00] | – |" in leak
 
 
-def test_methods_table_lists_what_spl_adds_for_each_spl_run():
+def test_methods_table_lists_what_spl_adds_and_where_one_more_quickstart_lands():
     outcomes = {run: [{"subject": [1, 0] * 8, "scene": [1] * 16, "drift": [0] * 16}] * 2
                 for run in ("dreambooth-lora", "custom-diffusion", "classdiffusion", "classdiffusion-0.1")}
+    outcomes["dreambooth-lora"] = outcomes["dreambooth-lora"] + [{"subject": [1] * 16, "scene": [1] * 16,
+                                                                  "drift": [0] * 16}]  # a third seed: pairs on two
     result = _results.record(benchmark="methods", base="builtin:toy-flux", script="x.py", argv=[],
                              outcomes=outcomes, baseline="dreambooth-lora", train_seeds=2, images_per_cell=16)
     table = readme_tables.render("methods", {"toy-flux": result})
     assert "| what SPL adds (paired) |" in table
     assert "| ClassDiffusion, λ = 0.1 − Custom Diffusion + `<new1>` |" in table
     assert "| ClassDiffusion (Custom Diffusion + `<new1>` + SPL, λ = 1) − Custom Diffusion + `<new1>` |" in table
+    assert "| Custom Diffusion + `<new1>` | +0.00 [+0.00, +0.00] ~0 |" in table  # paired on the two shared seeds
+    assert "should land in: toy-flux: subject 0.31–1.00" in table and "(from 3 training seeds)" in table
 
 
 def test_take_in_refuses_an_unknown_benchmark(tmp_path):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from t2i_personal.evaluation.intervals import bootstrap_interval, paired_difference
+from t2i_personal.evaluation.intervals import bootstrap_interval, one_run_interval, paired_difference
 
 
 def simulate(rng, seeds, images, mean, seed_spread):
@@ -54,3 +54,13 @@ def test_text_and_refusals():
         bootstrap_interval([[1.0, float("nan")]])
     with pytest.raises(ValueError, match="at least one"):
         bootstrap_interval(np.zeros((0, 4)))
+
+
+def test_one_run_interval_holds_most_new_runs_where_the_mean_interval_does_not():
+    rng = np.random.default_rng(3)
+    seen = simulate(rng, 8, 64, 0.6, 0.15)
+    mean, one_run = bootstrap_interval(seen), one_run_interval(seen)
+    assert one_run.high - one_run.low > 1.5 * (mean.high - mean.low)
+    new_runs = simulate(rng, 400, 64, 0.6, 0.15).mean(axis=1)  # other machines' runs: other seeds, same recipe
+    inside = np.mean((one_run.low <= new_runs) & (new_runs <= one_run.high))
+    assert inside >= 0.85 and np.mean((mean.low <= new_runs) & (new_runs <= mean.high)) < 0.6

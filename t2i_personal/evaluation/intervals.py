@@ -12,6 +12,10 @@ read on the same prompts and noise seeds, so one resample draws seed and image i
 both; the interval of the mean difference is far narrower than the two intervals side by side suggest, because
 the shared luck (an easy seed, an easy prompt) cancels.
 
+The interval of the mean says where the figure of *these* runs lies; where *one more* run (a user's, on another
+machine) should land is wider: :func:`one_run_interval` draws a single training seed, then its images, so it
+spans the run-to-run spread itself. Seen through few seeds it is still too narrow (it knows only their spread).
+
 ``scores`` are ``[seeds, images]`` arrays (0/1 outcomes or any per-image score), one row per training seed.
 """
 
@@ -87,3 +91,13 @@ def paired_difference(scores, baseline, *, resamples: int = RESAMPLES, seed: int
                          f"{a.shape} and {b.shape}")
     mine, theirs = _resampled_means([a, b], resamples, seed)
     return _interval(a.mean() - b.mean(), mine - theirs, a.shape)
+
+
+def one_run_interval(scores, *, resamples: int = RESAMPLES, seed: int = 0) -> Interval:
+    """Where one more training run's figure (read on as many images) should land: the 2.5 / 97.5 percentiles of
+    the mean of one drawn training seed's images, drawn with replacement. ``mean`` is the mean of ``scores``."""
+    grid = _as_grid(scores)
+    seeds, images = grid.shape
+    rng = np.random.default_rng(seed)
+    drawn = grid[rng.integers(0, seeds, size=(resamples, 1)), rng.integers(0, images, size=(resamples, images))]
+    return _interval(grid.mean(), drawn.mean(axis=1), grid.shape)
