@@ -5,6 +5,7 @@ outcome for every figure it reads::
 
     {"benchmark": "style", "base": "builtin:toy", "command": "python benchmarks/toyworld_style.py ...",
      "train_seeds": 3, "images_per_cell": 48, "baseline": "base model", "date": "2026-12-06", "commit": "abc1234",
+     "machine": {"cpu_capability": "AVX512", "threads": 2, ...},
      "seconds": {...}, "summary": {row: {figure: interval, "difference": {figure: interval}}},
      "outcomes": {row: [{figure: [one value per image]} for each training seed]}}
 
@@ -76,12 +77,22 @@ def paired(outcomes: dict[str, list[dict]], row: str, other: str, figure: str):
     return paired_difference(a, b)
 
 
+def machine() -> dict:
+    """What the floating point of a run depended on: a rerun elsewhere differs through these."""
+    import platform
+
+    import torch
+
+    return {"cpu": platform.processor() or platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
+
+
 def record(*, benchmark: str, base: str, script: str, argv: list[str] | None, outcomes: dict[str, list[dict]],
            baseline: str | None, train_seeds: int, images_per_cell: int, **extra) -> dict:
     """The result file's content (module docstring); ``extra`` keys are kept as given."""
     return {"benchmark": benchmark, "command": command_line(script, argv), "base": base, "train_seeds": train_seeds,
             "images_per_cell": images_per_cell, "baseline": baseline, "date": datetime.date.today().isoformat(),
-            "commit": commit(), **extra, "summary": summarize(outcomes, baseline),
+            "commit": commit(), "machine": machine(), **extra, "summary": summarize(outcomes, baseline),
             "outcomes": {row: [{f: list(v) for f, v in s.items()} for s in seeds] for row, seeds in outcomes.items()}}
 
 

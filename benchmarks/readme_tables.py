@@ -129,6 +129,8 @@ def render(benchmark: str, results: dict[str, dict]) -> str:
     lines = [f"- {gen}: `{data['command']}` — {data['train_seeds']} training seed(s)"
              + "".join(f" ({table.label(r)}: {k})" for r, k in data.get("run_seeds", {}).items())
              + f" × {data['images_per_cell']} images per cell, {data['date']}, commit {data['commit']}"
+             + (f", {data['machine']['cpu_capability']} CPU, {data['machine']['threads']} threads"
+                if "machine" in data else "")
              for gen, data in results.items()]
     columns = [(g, f) for g in gens for f in table.figures]
     header = " | ".join(f"{table.figures[f][0]} ({g})" for g, f in columns) + " |"
