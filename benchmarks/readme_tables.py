@@ -11,7 +11,8 @@ anyone can recompute the intervals; ``benchmarks/_results.py`` says what a file 
 between ``<!-- generated: <benchmark> -->`` and ``<!-- end generated: <benchmark> -->`` is rewritten from every
 file of that benchmark: the provenance of each (command, training seeds, images per cell, date, commit), one column
 group per generator with the mean and 95 % interval of each figure, and the paired differences :data:`TABLES`
-names for it (``~0``: the interval contains 0). Everything is recomputed from the outcomes.
+names for it (``~0``: the interval contains 0). Everything is recomputed from the outcomes; the differences are
+also drawn (``docs/toyworld-<benchmark>-differences.png``, a forest plot).
 """
 
 from __future__ import annotations
@@ -174,6 +175,53 @@ def _range(interval, digits: int) -> str:
     return f"{interval.low:.{digits}f}–{interval.high:.{digits}f}"
 
 
+def comparisons(benchmark: str, results: dict[str, dict]) -> list[tuple[str, str, str]]:
+    """Every paired difference the tables show: (title of its group, row, minus row)."""
+    rows = []
+    for data in results.values():
+        rows += [r for r in data["outcomes"] if r not in rows]
+    baseline = next(iter(results.values()))["baseline"]
+    return [(title, a, b) for title, pairs in TABLES[benchmark].differences(rows, baseline) for a, b in pairs]
+
+
+def plot_differences(benchmark: str, results: dict[str, dict], path: Path) -> None:
+    """A forest plot of the paired differences: one panel per figure, a line per comparison and generator, its 95 %
+    interval as a bar; a bar that crosses the dashed zero line is no evidence of a difference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = TABLES[benchmark]
+    pairs = comparisons(benchmark, results)
+    fig, axes = plt.subplots(1, len(table.figures), figsize=(3.4 * len(table.figures) + 2.4, 0.45 * len(pairs) + 1.6),
+                             sharey=True, squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, figure in zip(axes[0], table.figures):
+        for j, (gen, data) in enumerate(results.items()):
+            for i, (_, a, b) in enumerate(pairs):
+                diff = paired(data["outcomes"], a, b, figure)
+                if diff is None:
+                    continue
+                y = i + (j - (len(results) - 1) / 2) * 0.25
+                ax.errorbar(diff.mean, y, xerr=[[diff.mean - diff.low], [diff.high - diff.mean]], fmt="o", ms=4,
+                            color=colours[j % len(colours)], label=gen if i == 0 else None,
+                            alpha=1.0 if diff.excludes_zero else 0.45)
+        ax.axvline(0, color="grey", ls="--", lw=1)
+        ax.set_title(f"{table.figures[figure][0]}: difference")
+        ax.grid(axis="x", alpha=0.3)
+    labels = [f"{a} − {b}" for _, a, b in pairs]  # the short row names: the README's tables give the long ones
+    axes[0][0].set_yticks(range(len(pairs)), labels, fontsize=8)
+    axes[0][0].invert_yaxis()
+    axes[0][-1].legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 def render_readme(text: str, benchmark: str, block: str) -> str:
     start, end = f"<!-- generated: {benchmark} -->", f"<!-- end generated: {benchmark} -->"
     if start not in text or end not in text:
@@ -206,6 +254,8 @@ def main(argv=None) -> int:
         results = load_results(benchmark)
         if results:
             updated = render_readme(updated, benchmark, render(benchmark, results))
+            if not args.check:
+                plot_differences(benchmark, results, ROOT / "docs" / f"toyworld-{benchmark}-differences.png")
     if args.check:
         if updated != text:
             print("README.md's toy-world tables differ from docs/results: run python benchmarks/readme_tables.py")
