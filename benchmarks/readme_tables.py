@@ -46,7 +46,7 @@ class Table:
     one_run: tuple[str, ...] = ()  # rows whose single-run range is stated: what a user's rerun should land in
 
     def label(self, row: str) -> str:
-        return self.labels.get(row, row)
+        return self.labels.get(row, row.replace("omega ", "ω = "))
 
 
 METHOD_LABELS = {
@@ -97,7 +97,9 @@ TABLES = {
                                                   [("buckets+masks", "masks")] if {"buckets+masks", "masks"} <=
                                                   set(rows) else [])]),
     "freecure": Table({"hair": ("hair as asked", 2), "change_inside": ("change inside the mask", 1),
-                       "change_outside": ("change outside", 1)}, "images", {}, _freecure_differences),
+                       "change_outside": ("change outside", 1)}, "images",
+                      {"personalized": "personalized (`configs/quickstart_face[_flux].yaml`)",
+                       "foundation": "foundation (LoRA off)"}, _freecure_differences),
 }
 
 
