@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from _results import print_summary, record  # noqa: E402
-from toyworld_methods import BASES  # noqa: E402  -- what each toy base changes in a preset
+from toyworld_methods import BASES, train_preset  # noqa: E402  -- the toy bases, one training
 
 SUBJECT_HAIR = (135, 60, 200)  # the personal face's purple bob (_draw_face in t2i_personal/toyworld/drawing.py)
 
@@ -71,17 +71,6 @@ def side_by_side(images):
         canvas.paste(image, (x, 0))
         x += image.width
     return canvas
-
-
-def train_or_reuse(out: Path, base: str, seed: int, overrides: list[str]) -> Path:
-    if not (out / "personalization.json").exists():
-        from t2i_personal.config import load_config
-        from t2i_personal.training.trainer import train
-
-        train(load_config(ROOT / "configs" / "quickstart_face.yaml", BASES[base] + overrides + [
-            f"training.output_dir={out}", f"training.seed={seed}", "training.report_to=none",
-            "validation.prompts=[]", "training.progress_bar=false"]))
-    return out
 
 
 def read_one_model(model: Path, args, parser, panels: list | None) -> tuple[dict[str, dict[str, list]], list]:
@@ -153,7 +142,8 @@ def main(argv=None) -> int:
     parser = load_face_parser(TOY_FACE_PARSER)
     outcomes, panels, start = {}, [], time.perf_counter()
     for seed in range(args.train_seeds):
-        model = args.model or train_or_reuse(args.out / "train" / f"seed-{seed}", args.base, seed, args.overrides)
+        model = args.model or train_preset("configs/quickstart_face.yaml", args.out / "train" / f"seed-{seed}",
+                                                     args.base, seed, args.overrides)
         per_row, cures = read_one_model(model, args, parser, panels if seed == 0 else None)
         for row, figures in per_row.items():
             outcomes.setdefault(row, []).append(figures)

@@ -81,12 +81,18 @@ def train_or_reuse(name: str, out_root: Path, base: str = "builtin:toy", seed: i
     out = out_root / name / f"seed-{seed}"
     if RUNS[name] is None:
         return run_diffusers_script(diffusers_script, out, seed, base)
+    path, overrides = RUNS[name]
+    return train_preset(path, out, base, seed, overrides)
+
+
+def train_preset(preset: str, out: Path, base: str, seed: int, overrides: list[str] = ()) -> Path:
+    """Train ``preset`` (a path under the repository) on ``base`` with ``training.seed=seed`` into ``out``, without
+    validation or a progress bar, unless a finished result is already there."""
     if not (out / "personalization.json").exists():
         from t2i_personal.config import load_config
         from t2i_personal.training.trainer import train
 
-        path, overrides = RUNS[name]
-        train(load_config(ROOT / path, BASES[base] + overrides + [
+        train(load_config(ROOT / preset, BASES[base] + list(overrides) + [
             f"training.output_dir={out}", f"training.seed={seed}", "training.report_to=none", "validation.prompts=[]",
             "training.progress_bar=false"]))
     return out

@@ -29,7 +29,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import print_summary, record  # noqa: E402
-from toyworld_methods import IMAGES_PER_SCENE, METRICS, evaluate_or_reuse  # noqa: E402  -- the methods' readings
+from toyworld_methods import (IMAGES_PER_SCENE, METRICS, evaluate_or_reuse,  # noqa: E402  -- the methods'
+                              train_preset)  # readings and training
 
 RUNS = {
     "square": [],
@@ -98,16 +99,8 @@ def photo_sheet(folder: Path) -> Image.Image:
 
 
 def train_or_reuse(name: str, photos: Path, out_root: Path, steps: int, seed: int) -> Path:
-    from t2i_personal.config import load_config
-    from t2i_personal.training.trainer import train
-
-    out = out_root / f"{name}-seed{seed}"
-    if not (out / "personalization.json").exists():
-        overrides = RUNS[name] + [f"concepts.0.instance_dir={photos}", f"training.output_dir={out}",
-                                  f"training.max_train_steps={steps}", f"training.seed={seed}",
-                                  "training.report_to=none", "validation.prompts=[]"]
-        train(load_config("configs/quickstart.yaml", overrides))
-    return out
+    return train_preset("configs/quickstart.yaml", out_root / f"{name}-seed{seed}", "builtin:toy", seed,
+                        RUNS[name] + [f"concepts.0.instance_dir={photos}", f"training.max_train_steps={steps}"])
 
 
 def main(argv=None) -> int:

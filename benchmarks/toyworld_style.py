@@ -36,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from _results import print_summary, record  # noqa: E402
-from toyworld_methods import BASES  # noqa: E402  -- what each toy base changes in a preset
+from toyworld_methods import BASES, train_preset  # noqa: E402  -- the toy bases, one training
 
 LEVELS = np.array([20, 130, 245])
 OUTLINE = np.array([15, 10, 30])
@@ -76,17 +76,6 @@ def sample(pipe, prompts: list[str]) -> np.ndarray:
     out = pipe(prompts, num_inference_steps=25, guidance_scale=5.0, generator=gens, height=64, width=64,
                output_type="np", **call_defaults(pipe)).images
     return np.clip(np.rint(out * 255), 0, 255).astype(np.uint8)
-
-
-def train_or_reuse(out: Path, base: str, seed: int, overrides: list[str]) -> Path:
-    if not (out / "personalization.json").exists():
-        from t2i_personal.config import load_config
-        from t2i_personal.training.trainer import train
-
-        train(load_config(ROOT / "configs" / "quickstart_styleforge.yaml", BASES[base] + overrides + [
-            f"training.output_dir={out}", f"training.seed={seed}", "training.report_to=none",
-            "validation.prompts=[]", "training.progress_bar=false"]))
-    return out
 
 
 def main(argv=None) -> int:
@@ -131,7 +120,8 @@ def main(argv=None) -> int:
     outcomes = {row: [] for row in [*fixed, "tuned, style prompt", "tuned, plain prompt"]}
     started = time.perf_counter()
     for seed in range(args.train_seeds):
-        model = args.model or train_or_reuse(args.out / "train" / f"seed-{seed}", args.base, seed, args.overrides)
+        model = args.model or train_preset("configs/quickstart_styleforge.yaml", args.out / "train" / f"seed-{seed}",
+                                                     args.base, seed, args.overrides)
         token = json.loads((model / "personalization.json").read_text())["concepts"][0]["identifier"]
         tuned = load_personalized(model)
         styled = sample(tuned, [style_prompt(t, token) for t in texts])
