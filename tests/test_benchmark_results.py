@@ -90,3 +90,31 @@ def test_toy_benchmark_records_every_image_and_feeds_its_table(benchmark, tmp_pa
     assert len(data["outcomes"][tuned][0][figure]) == data["images_per_cell"] > 0
     table = readme_tables.render(benchmark, {"toy-sd": data})
     assert table.count("\n|---|") >= 2  # the figures and the paired differences
+
+
+def test_a_reading_is_reused_until_the_run_is_trained_again(tmp_path, monkeypatch):
+    import os
+
+    import toyworld_methods
+
+    calls = []
+
+    def fake_evaluate(out, images_per_scene):
+        calls.append(out)
+        outcomes = {"subject": [len(calls) % 2] * 8, "scene": [1] * 8, "drift": [0] * 8}
+        return {**{k: float(np.mean(v)) for k, v in outcomes.items()}, "outcomes": outcomes}, \
+            np.full((16, 4, 4, 3), len(calls), np.uint8)
+
+    monkeypatch.setattr(toyworld_methods, "evaluate", fake_evaluate)
+    run = tmp_path / "seed-0"
+    run.mkdir()
+    (run / "personalization.json").write_text("{}")
+    first, images = toyworld_methods.evaluate_or_reuse(run, 1)
+    again, images_again = toyworld_methods.evaluate_or_reuse(run, 1)
+    assert len(calls) == 1 and again == first and (images_again == images).all()
+    assert toyworld_methods.evaluate_or_reuse(run, 2)[0]["subject"] == 0.0 and len(calls) == 2  # other image count
+    later = (run / "reading-1.npz").stat().st_mtime + 10
+    os.utime(run / "personalization.json", (later, later))  # retrained since it was read
+    assert toyworld_methods.evaluate_or_reuse(run, 1)[0]["subject"] == 1.0 and len(calls) == 3
+    toyworld_methods.evaluate_or_reuse(run, 1, reread=True)
+    assert len(calls) == 4
