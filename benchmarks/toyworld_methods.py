@@ -88,14 +88,37 @@ def train_or_reuse(name: str, out_root: Path, base: str = "builtin:toy", seed: i
 def train_preset(preset: str, out: Path, base: str, seed: int, overrides: list[str] = ()) -> Path:
     """Train ``preset`` (a path under the repository) on ``base`` with ``training.seed=seed`` into ``out``, without
     validation or a progress bar, unless a finished result is already there."""
-    if not (out / "personalization.json").exists():
-        from t2i_personal.config import load_config
-        from t2i_personal.training.trainer import train
+    from t2i_personal.config import load_config
 
-        train(load_config(ROOT / preset, BASES[base] + list(overrides) + [
-            f"training.output_dir={out}", f"training.seed={seed}", "training.report_to=none", "validation.prompts=[]",
-            "training.progress_bar=false"]))
+    config = load_config(ROOT / preset, BASES[base] + list(overrides) + [
+        f"training.output_dir={out}", f"training.seed={seed}", "training.report_to=none", "validation.prompts=[]",
+        "training.progress_bar=false"])
+    if (out / "personalization.json").exists():
+        changed = _changed_settings(load_config(out / "config.yaml").model_dump(mode="json"),
+                                    config.model_dump(mode="json"))
+        if changed:  # e.g. the preset changed since: reusing the folder would measure the old recipe
+            raise SystemExit(f"{out} was trained with other settings than {preset} gives now ({', '.join(changed)}): "
+                             "delete the folder to train it again, or pass another --out")
+        return out
+    from t2i_personal.training.trainer import train
+
+    train(config)
     return out
+
+
+def _changed_settings(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ (the output folder aside)."""
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        name = f"{prefix}{key}"
+        if name == "training.output_dir":
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _changed_settings(a, b, name + ".")
+        elif a != b:
+            changed.append(f"{name}: {a!r} -> {b!r}")
+    return changed
 
 
 def run_diffusers_script(script: Path | None, out: Path, seed: int, base: str) -> Path:

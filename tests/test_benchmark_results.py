@@ -118,3 +118,22 @@ def test_a_reading_is_reused_until_the_run_is_trained_again(tmp_path, monkeypatc
     assert toyworld_methods.evaluate_or_reuse(run, 1)[0]["subject"] == 1.0 and len(calls) == 3
     toyworld_methods.evaluate_or_reuse(run, 1, reread=True)
     assert len(calls) == 4
+
+
+def test_a_finished_folder_trained_with_other_settings_is_not_reused(tmp_path):
+    import yaml
+
+    import toyworld_methods
+    from t2i_personal.config import load_config
+
+    out = tmp_path / "dreambooth-lora" / "seed-0"
+    out.mkdir(parents=True)
+    old = load_config(ROOT / "configs" / "quickstart.yaml", [
+        "training.max_train_steps=123", f"training.output_dir={out}", "training.seed=0", "training.report_to=none",
+        "validation.prompts=[]", "training.progress_bar=false"])  # what train_preset sets
+    (out / "config.yaml").write_text(yaml.safe_dump(old.model_dump(mode="json")))
+    (out / "personalization.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"training.max_train_steps: 123 -> 400"):
+        toyworld_methods.train_or_reuse("dreambooth-lora", tmp_path)
+    assert toyworld_methods.train_preset("configs/quickstart.yaml", out, "builtin:toy", 0,
+                                         ["training.max_train_steps=123"]) == out  # same settings: reused
