@@ -50,7 +50,8 @@ class Table:
 
 
 METHOD_LABELS = {
-    "dreambooth-lora": "DreamBooth-LoRA, `sks` (the quickstart)",
+    "dreambooth-lora-400": "DreamBooth-LoRA, `sks`, 400 steps",
+    "dreambooth-lora": "DreamBooth-LoRA, `sks`, 600 steps (the quickstart)",
     "lora-token": "LoRA + learned `<new1>`",
     "lora-token-spl": "LoRA + `<new1>` + SPL (λ = 1)",
     "custom-diffusion": "Custom Diffusion + `<new1>`",
@@ -58,7 +59,6 @@ METHOD_LABELS = {
     "classdiffusion-0.3": "ClassDiffusion, λ = 0.3",
     "classdiffusion-0.1": "ClassDiffusion, λ = 0.1",
     "diffusers-script": "diffusers' `train_dreambooth_lora.py`, its defaults",
-    "dreambooth-lora-600": "DreamBooth-LoRA, `sks`, 600 steps",
     "lora-token-250": "LoRA + learned `<new1>`, 250 steps",
 }
 SPL_PAIRS = {"lora-token-spl": "lora-token", "classdiffusion": "custom-diffusion",  # with SPL -> the same without

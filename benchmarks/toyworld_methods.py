@@ -1,14 +1,20 @@
 """Personalization methods compared on the toy world, read by the oracle (CPU, no downloads), with intervals.
 
-    python benchmarks/toyworld_methods.py                              # five runs x 3 training seeds, about an hour
+    python benchmarks/toyworld_methods.py                              # eight runs x 3 training seeds, ~40 minutes
     python benchmarks/toyworld_methods.py --quick                      # one training seed: a smoke run
     python benchmarks/toyworld_methods.py --base builtin:toy-flux      # the same runs on the FLUX toy model
-    python benchmarks/toyworld_methods.py --runs dreambooth-lora diffusers-script \\
+    python benchmarks/toyworld_methods.py --runs dreambooth-lora-400 diffusers-script \\
         --diffusers-script train_dreambooth_lora.py                    # diffusers' own example script beside ours
+    python benchmarks/toyworld_methods.py --run-seeds dreambooth-lora=8   # where one more quickstart run lands
+
+The runs (:data:`RUNS`): the quickstart (``dreambooth-lora``, 600 steps) and, at the 400 steps the methods are
+compared at, DreamBooth-LoRA (the first run: the baseline of the paired differences), LoRA with a learned token
+with and without SPL, Custom Diffusion, ClassDiffusion at SPL weights 1, 0.3 and 0.1; ``lora-token-250`` and
+``diffusers-script`` on request.
 
 Each run trains one preset on the personal teal dog once per training seed (``training.seed``; a finished output
-folder is reused, and so is its reading unless ``--reread``), then generates "a photo of {V} dog <where>" for the 8 scenes x ``--images-per-scene`` noise
-seeds and "a photo of a dog <where>" (no identifier) for the same scenes and seeds. Read by the oracle, per image:
+folder is reused, and so is its reading unless ``--reread``; a folder trained with other settings is refused), then
+generates "a photo of {V} dog <where>" for the 8 scenes x ``--images-per-scene`` noise seeds and "a photo of a dog <where>" (no identifier) for the same scenes and seeds. Read by the oracle, per image:
 
 - subject: the oracle recognises the personal dog in the personalized image (fidelity);
 - scene: the scene the prompt asked for (composition: what SPL is meant to keep);
@@ -29,7 +35,7 @@ embedded guidance 5 (the CFG scale of the SD runs).
 ``diffusers-script`` is the reference recipe: diffusers' own ``examples/dreambooth/train_dreambooth_lora.py`` (pass
 its path; it is not part of the pip package) run on builtin:toy's folder with its own defaults (LoRA rank 4, lr
 5e-4, no min-SNR, no flip, 100 class images at the pipeline's 50 steps and CFG 7.5) and only what the task sets:
-the photos, the prompts, prior preservation, 64 px, the quickstart's 400 steps, the seed.
+the photos, the prompts, prior preservation, 64 px, 400 steps (as the baseline run), the seed.
 """
 
 from __future__ import annotations
@@ -48,20 +54,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from _results import print_summary, record  # noqa: E402
 TOKEN = ["concepts.0.identifier=<new1>", "concepts.0.initializer_token=dog"]
+AT_400 = ["training.max_train_steps=400"]  # the methods are compared at the quickstart's former 400 steps
 RUNS = {  # name -> (preset, overrides); None: diffusers' own script (--diffusers-script)
-    "dreambooth-lora": ("configs/quickstart.yaml", []),
-    "lora-token": ("configs/quickstart.yaml", TOKEN),
-    "lora-token-spl": ("configs/quickstart.yaml", TOKEN + ["method.spl.weight=1.0"]),
+    "dreambooth-lora-400": ("configs/quickstart.yaml", AT_400),
+    "dreambooth-lora": ("configs/quickstart.yaml", []),  # the quickstart: 600 steps, chosen from these runs
+    "lora-token": ("configs/quickstart.yaml", AT_400 + TOKEN),
+    "lora-token-spl": ("configs/quickstart.yaml", AT_400 + TOKEN + ["method.spl.weight=1.0"]),
     "custom-diffusion": ("configs/quickstart_classdiffusion.yaml", ["method.spl="]),
     "classdiffusion": ("configs/quickstart_classdiffusion.yaml", []),
     "classdiffusion-0.3": ("configs/quickstart_classdiffusion.yaml", ["method.spl.weight=0.3"]),
     "classdiffusion-0.1": ("configs/quickstart_classdiffusion.yaml", ["method.spl.weight=0.1"]),
+    "lora-token-250": ("configs/quickstart.yaml", TOKEN + ["training.max_train_steps=250"]),  # a quickstart candidate
     "diffusers-script": None,
-    # quickstart candidates (issue 18: the preset chosen from several training seeds, not from one run)
-    "dreambooth-lora-600": ("configs/quickstart.yaml", ["training.max_train_steps=600"]),
-    "lora-token-250": ("configs/quickstart.yaml", TOKEN + ["training.max_train_steps=250"]),
 }
-DEFAULT_RUNS = ["dreambooth-lora", "lora-token", "lora-token-spl", "custom-diffusion", "classdiffusion"]
+DEFAULT_RUNS = ["dreambooth-lora-400", "dreambooth-lora", "lora-token", "lora-token-spl", "custom-diffusion",
+                "classdiffusion", "classdiffusion-0.3", "classdiffusion-0.1"]
 METRICS = ("subject", "scene", "drift")
 TRAIN_SEEDS = 3
 IMAGES_PER_SCENE = 8
@@ -107,11 +114,11 @@ def train_preset(preset: str, out: Path, base: str, seed: int, overrides: list[s
 
 
 def _changed_settings(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ (the output folder aside)."""
+    """Dotted keys whose values differ, leaving out the output folder and validation (off in these runs)."""
     changed = []
     for key in sorted(set(old) | set(new)):
         name = f"{prefix}{key}"
-        if name == "training.output_dir":
+        if name in ("training.output_dir", "validation"):
             continue
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):

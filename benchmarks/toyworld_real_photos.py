@@ -7,8 +7,8 @@ The folder is made by the world: six views of the personal teal dog, each pasted
 with a second object beside it, on portrait (64x96), landscape (96x64) and square (80x80) canvases; every photo
 gets its exact subject mask (``dog.mask.png``) from the render. The ``auto-masks`` run trains on a copy of the folder
 whose masks ``python -m t2i_personal.mask --class-noun dog --model builtin:toy-segmenter`` wrote instead (their IoU
-with the exact masks is printed). Each run is the quickstart recipe
-(``configs/quickstart.yaml``) on that folder; the evaluation is ``toyworld_methods.py``'s: subject (the oracle sees
+with the exact masks is printed). Each run is the quickstart recipe (``configs/quickstart.yaml``) at ``--steps``
+(400, as the methods compare) on that folder; the evaluation is ``toyworld_methods.py``'s: subject (the oracle sees
 the personal dog in "a photo of sks dog <where>"), scene (the scene asked for) and drift (the plain class prompt
 shows the personal dog), over 8 scenes x ``--images-per-scene`` noise seeds, for each training seed. Printed and
 written to ``--out``/real_photos.json (``benchmarks/_results.py``; ``benchmarks/readme_tables.py`` writes the
@@ -106,7 +106,7 @@ def train_or_reuse(name: str, photos: Path, out_root: Path, steps: int, seed: in
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("outputs/real-photos"))
-    parser.add_argument("--steps", type=int, default=400, help="optimizer steps per run (the quickstart's 400)")
+    parser.add_argument("--steps", type=int, default=400, help="optimizer steps per run (as the methods compare)")
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS),
                         help="the first is the baseline of the paired differences")
     parser.add_argument("--train-seeds", type=int, default=3, help="training seeds per run (0, 1, ...)")

@@ -133,7 +133,7 @@ def test_a_finished_folder_trained_with_other_settings_is_not_reused(tmp_path):
         "validation.prompts=[]", "training.progress_bar=false"])  # what train_preset sets
     (out / "config.yaml").write_text(yaml.safe_dump(old.model_dump(mode="json")))
     (out / "personalization.json").write_text("{}")
-    with pytest.raises(SystemExit, match=r"training.max_train_steps: 123 -> 400"):
+    with pytest.raises(SystemExit, match=r"training.max_train_steps: 123 -> 600"):
         toyworld_methods.train_or_reuse("dreambooth-lora", tmp_path)
     assert toyworld_methods.train_preset("configs/quickstart.yaml", out, "builtin:toy", 0,
                                          ["training.max_train_steps=123"]) == out  # same settings: reused
