@@ -6,7 +6,8 @@ outcome for every figure it reads::
     {"benchmark": "style", "base": "builtin:toy", "command": "python benchmarks/toyworld_style.py ...",
      "train_seeds": 3, "images_per_cell": 48, "baseline": "base model", "date": "2026-12-06", "commit": "abc1234",
      "machine": {"cpu_capability": "AVX512", "threads": 2, ...},
-     "seconds": {...}, "summary": {row: {figure: interval, "difference": {figure: interval}}},
+     "seconds": {...}, "summary": {row: {figure: interval, "one_run": {figure: interval},
+                                         "difference": {figure: interval}}},
      "outcomes": {row: [{figure: [one value per image]} for each training seed]}}
 
 ``summary`` is :func:`summarize` of ``outcomes`` (a test recomputes it); ``benchmarks/readme_tables.py`` writes the
@@ -30,12 +31,13 @@ from t2i_personal.evaluation.intervals import (bootstrap_interval, one_run_inter
 
 
 def commit() -> str:
-    """The commit a run measured, marked when tracked files had changes on top of it."""
+    """The commit a run measured, marked when tracked files other than the README and docs/ (which cannot change a
+    measurement) had changes on top of it."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
     try:
-        return git("rev-parse", "--short", "HEAD") + (" + uncommitted changes" if git("status", "--porcelain",
-                                                                                     "--untracked-files=no") else "")
+        return git("rev-parse", "--short", "HEAD") + (" + uncommitted changes" if git(
+            "status", "--porcelain", "--untracked-files=no", "--", ".", ":!README.md", ":!docs") else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
