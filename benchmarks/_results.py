@@ -47,6 +47,9 @@ def command_line(script: str, argv: list[str] | None) -> str:
     return " ".join(["python", script] + [a if " " not in a else repr(a) for a in args])
 
 
+AT_START = commit()  # the code a benchmark runs is what was there when it started, not when it finishes
+
+
 def figures_of(seeds: list[dict]) -> list[str]:
     return [k for k in seeds[0] if all(k in s for s in seeds)]
 
@@ -94,7 +97,7 @@ def record(*, benchmark: str, base: str, script: str, argv: list[str] | None, ou
     """The result file's content (module docstring); ``extra`` keys are kept as given."""
     return {"benchmark": benchmark, "command": command_line(script, argv), "base": base, "train_seeds": train_seeds,
             "images_per_cell": images_per_cell, "baseline": baseline, "date": datetime.date.today().isoformat(),
-            "commit": commit(), "machine": machine(), **extra, "summary": summarize(outcomes, baseline),
+            "commit": AT_START, "machine": machine(), **extra, "summary": summarize(outcomes, baseline),
             "outcomes": {row: [{f: list(v) for f, v in s.items()} for s in seeds] for row, seeds in outcomes.items()}}
 
 
