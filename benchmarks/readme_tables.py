@@ -77,8 +77,10 @@ def _style_differences(rows: list[str], baseline: str):
 
 
 def _freecure_differences(rows: list[str], baseline: str):
+    cures = sorted((r for r in rows if r.startswith("FreeCure, omega ")), key=lambda r: float(r.split()[-1]))
     return [(f"difference from the {baseline} image (paired: same prompt, same noise)",
-             [(r, baseline) for r in rows if r != baseline])]
+             [(r, baseline) for r in rows if r != baseline]),
+            ("a stronger ω (paired)", list(zip(cures[1:], cures[:-1])))]
 
 
 TABLES = {
