@@ -42,7 +42,7 @@ def test_readme_toy_world_tables_are_the_recorded_results():
 
     assert readme_tables.main(["--check"]) == 0
     files = sorted((ROOT / "docs" / "results").glob("*.json"))
-    assert {p.name.split("-")[0] for p in files} == set(readme_tables.TABLES)
+    assert {"methods", "style", "freecure"} <= {p.name.split("-")[0] for p in files} <= set(readme_tables.TABLES)
     for path in files:
         data = json.loads(path.read_text())
         for row, seeds in data["outcomes"].items():
