@@ -67,7 +67,9 @@ SPL_PAIRS = {"lora-token-spl": "lora-token", "classdiffusion": "custom-diffusion
 
 def _method_differences(rows: list[str], baseline: str):
     return [(f"difference from {METHOD_LABELS.get(baseline, baseline)}", [(r, baseline) for r in rows if r != baseline]),
-            ("what SPL adds (paired)", [(a, b) for a, b in SPL_PAIRS.items() if a in rows and b in rows])]
+            ("what SPL adds (paired)", [(a, b) for a, b in SPL_PAIRS.items() if a in rows and b in rows]),
+            ("what the quickstart's choices buy over diffusers' script (paired)",
+             [("dreambooth-lora", "diffusers-script")] if {"dreambooth-lora", "diffusers-script"} <= set(rows) else [])]
 
 
 def _style_differences(rows: list[str], baseline: str):
