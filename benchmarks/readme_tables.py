@@ -159,8 +159,8 @@ def render(benchmark: str, results: dict[str, dict]) -> str:
                     f"{table.figures[f][0]} {_range(one_run_interval([s[f] for s in seeds]), table.figures[f][1])}"
                     for f in table.figures if all(f in s for s in seeds)) + f" (from {len(seeds)} training seeds)")
         if ranges:
-            lines += ["", f"One more run of {table.label(row)} (yours, on another machine; 95 % of single runs, "
-                      f"drawn from the recorded ones) should land in: " + "; ".join(ranges) + "."]
+            lines += ["", f"Where one more run of {table.label(row)} lands — yours, on another machine: 95 % of "
+                      "single runs (a recorded training seed drawn, then its images) fall in " + "; ".join(ranges) + "."]
     baseline = next(iter(results.values()))["baseline"]
     for title, pairs in table.differences(rows, baseline):
         if not pairs:

@@ -62,7 +62,7 @@ def test_methods_table_lists_what_spl_adds_and_where_one_more_quickstart_lands()
     assert "| ClassDiffusion, λ = 0.1 − Custom Diffusion + `<new1>` |" in table
     assert "| ClassDiffusion (Custom Diffusion + `<new1>` + SPL, λ = 1) − Custom Diffusion + `<new1>` |" in table
     assert "| Custom Diffusion + `<new1>` | +0.00 [+0.00, +0.00] ~0 |" in table  # paired on the two shared seeds
-    assert "should land in: toy-flux: subject 0.31–1.00" in table and "(from 3 training seeds)" in table
+    assert "fall in toy-flux: subject 0.31–1.00" in table and "(from 3 training seeds)" in table
 
 
 def test_take_in_refuses_an_unknown_benchmark(tmp_path):
