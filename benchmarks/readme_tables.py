@@ -133,9 +133,9 @@ def render(benchmark: str, results: dict[str, dict]) -> str:
     rows = []
     for data in results.values():
         rows += [r for r in data["outcomes"] if r not in rows]
-    lines = [f"- {gen}: `{data['command']}` — {data['train_seeds']} training seed(s)"
-             + "".join(f" ({table.label(r)}: {k})" for r, k in data.get("run_seeds", {}).items())
-             + f" × {data['images_per_cell']} images per cell, {data['date']}, commit {data['commit']}"
+    lines = [f"- {gen}: `{data['command']}` — {data['train_seeds']} training seed(s) × {data['images_per_cell']} "
+             "images per cell" + "".join(f" ({k} seeds: {table.label(r)})" for r, k in data.get("run_seeds", {}).items())
+             + f", {data['date']}, commit {data['commit']}"
              + (f", {data['machine']['cpu_capability']} CPU, {data['machine']['threads']} threads"
                 if "machine" in data else "")
              for gen, data in results.items()]
