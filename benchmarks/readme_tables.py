@@ -43,6 +43,7 @@ class Table:
     row_title: str = ""
     labels: dict[str, str] = field(default_factory=dict)
     differences: callable = None  # (rows, baseline) -> [(title, [(row, other), ...]), ...]
+    order: callable = None  # a sort key for the rows (default: as the result files list them)
     one_run: tuple[str, ...] = ()  # rows whose single-run range is stated: what a user's rerun should land in
 
     def label(self, row: str) -> str:
@@ -78,11 +79,15 @@ def _style_differences(rows: list[str], baseline: str):
              [(r, baseline) for r in tuned] + ([tuple(tuned)] if len(tuned) == 2 else []))]
 
 
+def _omega(row: str) -> float:
+    return float(row.split()[-1]) if row.startswith("FreeCure, omega ") else -1.0
+
+
 def _freecure_differences(rows: list[str], baseline: str):
-    cures = sorted((r for r in rows if r.startswith("FreeCure, omega ")), key=lambda r: float(r.split()[-1]))
+    cures = sorted((r for r in rows if _omega(r) >= 0), key=_omega)
     return [(f"difference from the {baseline} image (paired: same prompt, same noise)",
              [(r, baseline) for r in rows if r != baseline]),
-            ("a stronger ω (paired)", list(zip(cures[1:], cures[:-1])))]
+            (f"a stronger ω than {_omega(cures[0]):g} (paired)" if cures else "", [(r, cures[0]) for r in cures[1:]])]
 
 
 TABLES = {
@@ -103,7 +108,7 @@ TABLES = {
     "freecure": Table({"hair": ("hair as asked", 2), "change_inside": ("change inside the mask", 1),
                        "change_outside": ("change outside", 1)}, "images",
                       {"personalized": "personalized (`configs/quickstart_face[_flux].yaml`)",
-                       "foundation": "foundation (LoRA off)"}, _freecure_differences),
+                       "foundation": "foundation (LoRA off)"}, _freecure_differences, order=_omega),
 }
 
 
@@ -133,6 +138,8 @@ def render(benchmark: str, results: dict[str, dict]) -> str:
     rows = []
     for data in results.values():
         rows += [r for r in data["outcomes"] if r not in rows]
+    if table.order is not None:
+        rows.sort(key=table.order)
     lines = [f"- {gen}: `{data['command']}` — {data['train_seeds']} training seed(s) × {data['images_per_cell']} "
              "images per cell" + "".join(f" ({k} seeds: {table.label(r)})" for r, k in data.get("run_seeds", {}).items())
              + f", {data['date']}, commit {data['commit']}"
@@ -186,6 +193,8 @@ def comparisons(benchmark: str, results: dict[str, dict]) -> list[tuple[str, str
     rows = []
     for data in results.values():
         rows += [r for r in data["outcomes"] if r not in rows]
+    if TABLES[benchmark].order is not None:
+        rows.sort(key=TABLES[benchmark].order)
     baseline = next(iter(results.values()))["baseline"]
     return [(title, a, b) for title, pairs in TABLES[benchmark].differences(rows, baseline) for a, b in pairs]
 
