@@ -23,6 +23,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -42,8 +43,8 @@ class Table:
     figures: dict[str, tuple[str, int]]
     row_title: str = ""
     labels: dict[str, str] = field(default_factory=dict)
-    differences: callable = None  # (rows, baseline) -> [(title, [(row, other), ...]), ...]
-    order: callable = None  # a sort key for the rows (default: as the result files list them)
+    differences: Callable[[list[str], str], list] = None  # (rows, baseline) -> [(title, [(row, other), ...]), ...]
+    order: Callable[[str], float] | None = None  # a sort key for the rows (default: as the result files list them)
     one_run: tuple[str, ...] = ()  # rows whose single-run range is stated: what a user's rerun should land in
 
     def label(self, row: str) -> str:
@@ -79,6 +80,12 @@ def _style_differences(rows: list[str], baseline: str):
              [(r, baseline) for r in tuned] + ([tuple(tuned)] if len(tuned) == 2 else []))]
 
 
+def _real_photo_differences(rows: list[str], baseline: str):
+    return [("difference from the square center crop (paired)", [(r, baseline) for r in rows if r != baseline]),
+            ("what buckets add to masks (paired)",
+             [("buckets+masks", "masks")] if {"buckets+masks", "masks"} <= set(rows) else [])]
+
+
 def _omega(row: str) -> float:
     return float(row.split()[-1]) if row.startswith("FreeCure, omega ") else -1.0
 
@@ -100,11 +107,7 @@ TABLES = {
                          {"square": "square center crop", "buckets": "`data.buckets`", "masks": "`data.masks: files`",
                           "buckets+masks": "buckets + masks",
                           "auto-masks": "masks from `builtin:toy-segmenter` (`python -m t2i_personal.mask`)"},
-                         lambda rows, baseline: [("difference from the square center crop (paired)",
-                                                  [(r, baseline) for r in rows if r != baseline]),
-                                                 ("what buckets add to masks (paired)",
-                                                  [("buckets+masks", "masks")] if {"buckets+masks", "masks"} <=
-                                                  set(rows) else [])]),
+                         _real_photo_differences),
     "freecure": Table({"hair": ("hair as asked", 2), "change_inside": ("change inside the mask", 1),
                        "change_outside": ("change outside", 1)}, "images",
                       {"personalized": "personalized (`configs/quickstart_face[_flux].yaml`)",
@@ -122,6 +125,14 @@ def load_results(benchmark: str, folder: Path = RESULTS) -> dict[str, dict]:
     return dict(sorted(found.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
 
 
+def _rows(benchmark: str, results: dict[str, dict]) -> list[str]:
+    """Every row any generator has, in the first file's order (or the table's)."""
+    rows = []
+    for data in results.values():
+        rows += [r for r in data["outcomes"] if r not in rows]
+    return sorted(rows, key=TABLES[benchmark].order) if TABLES[benchmark].order else rows
+
+
 def _scores(data: dict, row: str, figure: str):
     seeds = data["outcomes"].get(row)
     if not seeds or not all(figure in s for s in seeds):
@@ -135,11 +146,7 @@ def render(benchmark: str, results: dict[str, dict]) -> str:
         raise SystemExit(f"no {benchmark}-*.json in {RESULTS}: run the benchmark and pass its result file")
     table = TABLES[benchmark]
     gens = list(results)
-    rows = []
-    for data in results.values():
-        rows += [r for r in data["outcomes"] if r not in rows]
-    if table.order is not None:
-        rows.sort(key=table.order)
+    rows = _rows(benchmark, results)
     lines = [f"- {gen}: `{data['command']}` — {data['train_seeds']} training seed(s) × {data['images_per_cell']} "
              "images per cell" + "".join(f" ({k} seeds: {table.label(r)})" for r, k in data.get("run_seeds", {}).items())
              + f", {data['date']}, commit {data['commit']}"
@@ -190,11 +197,7 @@ def _range(interval, digits: int) -> str:
 
 def comparisons(benchmark: str, results: dict[str, dict]) -> list[tuple[str, str, str]]:
     """Every paired difference the tables show: (title of its group, row, minus row)."""
-    rows = []
-    for data in results.values():
-        rows += [r for r in data["outcomes"] if r not in rows]
-    if TABLES[benchmark].order is not None:
-        rows.sort(key=TABLES[benchmark].order)
+    rows = _rows(benchmark, results)
     baseline = next(iter(results.values()))["baseline"]
     return [(title, a, b) for title, pairs in TABLES[benchmark].differences(rows, baseline) for a, b in pairs]
 
