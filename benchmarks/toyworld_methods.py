@@ -14,7 +14,8 @@ with and without SPL, Custom Diffusion, ClassDiffusion at SPL weights 1, 0.3 and
 
 Each run trains one preset on the personal teal dog once per training seed (``training.seed``; a finished output
 folder is reused, and so is its reading unless ``--reread``; a folder trained with other settings is refused), then
-generates "a photo of {V} dog <where>" for the 8 scenes x ``--images-per-scene`` noise seeds and "a photo of a dog <where>" (no identifier) for the same scenes and seeds. Read by the oracle, per image:
+generates "a photo of {V} dog <where>" for the 8 scenes x ``--images-per-scene`` noise seeds and "a photo of a dog
+<where>" (no identifier) for the same scenes and seeds. Read by the oracle, per image:
 
 - subject: the oracle recognises the personal dog in the personalized image (fidelity);
 - scene: the scene the prompt asked for (composition: what SPL is meant to keep);
